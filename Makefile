@@ -1,0 +1,38 @@
+# Set-up from nothing and the project's commands. `make test` is what CI runs.
+#   CPU-only machine: torch is pinned to the local 2.13.0 CPU build (a newer torch would pull
+#   several GB of CUDA wheels); CUDA machine (nvidia-smi present): the normal torch build.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 1)
+TORCH_SPEC := $(if $(HAS_CUDA),torch,torch==2.13.0)
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test test-fast bench compile-sm90 clean
+
+$(STAMP): pyproject.toml setup.py Makefile
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[test,bench]"
+	touch $@
+
+setup: $(STAMP)
+
+## the whole test suite (what CI runs)
+test: setup
+	$(BIN)/python -m pytest -q
+
+## the quick subset while working: everything but the slow end-to-end runs
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+## benchmark the fused log-prob kernels on this machine; table, CSV and plot in benchmarks/results/
+bench: setup
+	$(BIN)/python -m benchmarks.bench_logprob
+
+## registers / spills / shared memory of every kernel compiled for the H100 (no GPU needed)
+compile-sm90: setup
+	$(BIN)/python tests/kernels/compile_sm90.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

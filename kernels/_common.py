@@ -1,0 +1,226 @@
+"""Pieces shared by the log-prob ops: backend choice, input checks, and the softmax-tile math.
+
+Shape glossary (used in every file of this package):
+    B batch, T sequence, N tokens (= B*T flattened), H hidden, V vocab, G group size,
+    S vocabulary splits of the forward pass.
+
+The log-prob math, for one token with (tempered) logits z over V classes and label y:
+    lse     = log sum_j exp(z_j)
+    logp    = z_y - lse
+    entropy = lse - E_p[z],                     E_p[z] = sum_j p_j z_j
+    d logp    / d z_j = onehot_j - p_j
+    d entropy / d z_j = p_j * (E_p[z] - z_j)
+Both the Triton kernels (tile by tile, `_online_update` / `_dlogits_tile`) and the torch
+path (chunk by chunk, `torch_stats` / `torch_dlogits`) implement exactly these lines.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+# Triton decides at decoration time whether a kernel is compiled or interpreted, so the
+# environment variable must be set before fastrlhf.kernels is imported.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+_IMPLS = ("triton", "torch")
+
+
+def resolve_impl(impl: str | None, tensor: torch.Tensor) -> str:
+    """The explicit backend switch: argument > FASTRLHF_KERNEL_IMPL > device default."""
+    impl = impl or os.environ.get("FASTRLHF_KERNEL_IMPL") or None
+    if impl is None:
+        return "triton" if (tensor.is_cuda or INTERPRET) else "torch"
+    if impl not in _IMPLS:
+        raise ValueError(f"impl must be one of {_IMPLS} or None, got {impl!r}")
+    if impl == "triton" and not tensor.is_cuda and not INTERPRET:
+        raise ValueError(
+            "impl='triton' on a CPU tensor needs the Triton interpreter: set TRITON_INTERPRET=1 "
+            "before importing fastrlhf.kernels, or use impl='torch'"
+        )
+    return impl
+
+
+def check_labels(labels: torch.Tensor, lead_shape: torch.Size, vocab: int, ignore_index: int,
+                 what: str) -> None:
+    """labels must be int64 of shape lead_shape with every non-ignored value in [0, V)."""
+    if labels.dtype != torch.int64:
+        raise ValueError(f"labels must be int64, got {labels.dtype}")
+    if labels.shape != lead_shape:
+        raise ValueError(f"labels shape {tuple(labels.shape)} does not match {what} {tuple(lead_shape)}")
+    valid = labels != ignore_index
+    bad = valid & ((labels < 0) | (labels >= vocab))
+    if labels.numel() and bool(bad.any()):
+        first = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"labels out of range [0, {vocab}) at index {first}: {int(labels[first])} "
+            f"(ignore_index={ignore_index})"
+        )
+
+
+def check_temperature(temperature: float) -> None:
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+def check_float(t: torch.Tensor, name: str) -> None:
+    if t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    block_n: int  # tokens (rows) per tile
+    block_v: int  # vocab columns per tile
+    block_d: int  # hidden slice per tl.dot (0 where there is no matmul)
+    num_warps: int
+    num_stages: int
+
+
+def config_key(t: torch.Tensor) -> str:
+    """Which row of a launch-configuration table applies: "16bit" | "fp32" | "interpret"."""
+    if not t.is_cuda:
+        return "interpret"
+    return "fp32" if t.dtype == torch.float32 else "16bit"
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 matmuls follow torch's own switch: TF32 only when the user allowed it."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+# ----------------------------------------------------------------------------------------
+# Triton tile math
+# ----------------------------------------------------------------------------------------
+
+
+# Two bugs of Triton 3.9's interpreter with bfloat16, worked around only when INTERPRET is
+# set (a constexpr: the compiled GPU code is the plain tl.dot / .to()):
+#   - tl.dot on bf16 tiles returns garbage (errors ~1e10 on a 16x16 product; fp16 is right).
+#     Upcasting to fp32 first is exact: a bf16*bf16 product fits in fp32, as in the GPU MMA.
+#   - fp32 -> bf16 casts truncate (and its "rtne" mode has no carry), which biases sums of
+#     many rounded values. We round to nearest even on the bits instead, as the GPU does.
+
+
+@triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
+    if INTERPRET:
+        if a.dtype == tl.bfloat16:
+            a = a.to(tl.float32)
+        if b.dtype == tl.bfloat16:
+            b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _cast(x, dtype: tl.constexpr, INTERPRET: tl.constexpr):
+    """x (fp32) -> dtype, rounding to nearest even."""
+    if INTERPRET and dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def _online_update(m, s, t, zl, z, cols, col_ok, labels, ENTROPY: tl.constexpr):
+    """Fold one logit tile z (BLOCK_N, BLOCK_V) fp32 into the running row statistics.
+
+    m  running max, s = sum exp(z - m), t = sum exp(z - m) * z (for the entropy),
+    zl the label's logit (0 until its tile is seen). Invalid columns must not count.
+    """
+    z = tl.where(col_ok[None, :], z, 0.0)  # finite everywhere
+    z_max = tl.max(tl.where(col_ok[None, :], z, float("-inf")), axis=1)
+    m_new = tl.maximum(m, z_max)
+    alpha = tl.exp(m - m_new)
+    p = tl.where(col_ok[None, :], tl.exp(z - m_new[:, None]), 0.0)  # (BLOCK_N, BLOCK_V)
+    s = s * alpha + tl.sum(p, axis=1)
+    if ENTROPY:
+        t = t * alpha + tl.sum(p * z, axis=1)
+    is_label = (cols[None, :] == labels[:, None]) & col_ok[None, :]
+    zl += tl.sum(tl.where(is_label, z, 0.0), axis=1)
+    return m_new, s, t, zl
+
+
+@triton.jit
+def _dlogits_tile(z, cols, labels, lse, ez, g_lp, g_ent, inv_temp, ENTROPY: tl.constexpr):
+    """d(loss)/d(raw logits) for a tile: (g_lp*(onehot - p) [+ g_ent*p*(E[z] - z)]) / T."""
+    p = tl.exp(z - lse[:, None])
+    onehot = tl.where(cols[None, :] == labels[:, None], 1.0, 0.0)
+    dz = g_lp[:, None] * (onehot - p)
+    if ENTROPY:
+        dz += g_ent[:, None] * p * (ez[:, None] - z)
+    return dz * inv_temp
+
+
+def combine_splits(m, s, t, zl, valid, want_entropy):
+    """Merge per-split statistics (S, N) into logp, entropy, lse, E[z] (N,), all fp32.
+
+    This is the log-sum-exp of log-sum-exps; it costs O(S*N) and is exact.
+    """
+    mx = m.max(dim=0).values  # (N,)
+    w = torch.exp(m - mx)  # (S, N); 0 for empty splits
+    s_tot = (s * w).sum(dim=0)
+    lse = mx + torch.log(s_tot)
+    logp = torch.where(valid, zl.sum(dim=0) - lse, 0.0)
+    if not want_entropy:
+        return logp, None, lse, None
+    ez = (t * w).sum(dim=0) / s_tot
+    entropy = torch.where(valid, lse - ez, 0.0)
+    return logp, entropy, lse, ez
+
+
+# ----------------------------------------------------------------------------------------
+# torch path: the same math on a (chunk, V) fp32 block
+# ----------------------------------------------------------------------------------------
+
+
+def torch_stats(z: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, want_entropy: bool):
+    """z (n, V) fp32 tempered logits -> logp, entropy | None, lse, E[z] | None, each (n,)."""
+    # as the kernel does: shift by the max, normalise E[z] by the sum actually accumulated
+    m = z.max(dim=-1, keepdim=True).values  # (n, 1)
+    e = torch.exp(z - m)  # (n, V)
+    s = e.sum(dim=-1)
+    lse = m.squeeze(-1) + torch.log(s)
+    zl = z.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    logp = torch.where(valid, zl - lse, 0.0)
+    if not want_entropy:
+        return logp, None, lse, None
+    ez = (e * z).sum(dim=-1) / s
+    return logp, torch.where(valid, lse - ez, 0.0), lse, ez
+
+
+def torch_dlogits(z, labels, valid, lse, ez, g_lp, g_ent, inv_temp):
+    """Gradient w.r.t. the raw logits of a (n, V) fp32 chunk; rows that are not valid get 0."""
+    p = torch.exp(z - lse.unsqueeze(-1))  # (n, V)
+    dz = -p * g_lp.unsqueeze(-1)
+    dz.scatter_add_(-1, labels.clamp(min=0).unsqueeze(-1), g_lp.unsqueeze(-1))
+    if g_ent is not None:
+        dz += g_ent.unsqueeze(-1) * p * (ez.unsqueeze(-1) - z)
+    dz *= inv_temp
+    return dz.masked_fill_(~valid.unsqueeze(-1), 0.0)
+
+
+def cat_stats(parts, like: torch.Tensor, want_entropy: bool):
+    """Concatenate per-chunk (logp, entropy, lse, E[z]) tuples; empty inputs give empty outputs."""
+    if not parts:
+        empty = like.new_zeros(0, dtype=torch.float32)
+        return empty, (empty if want_entropy else None), empty, (empty if want_entropy else None)
+    return tuple(None if p[0] is None else torch.cat(p) for p in zip(*parts))
+
+
+def logprob_ref(logits, labels, temperature, ignore_index, return_entropy):
+    """float64 materialised log-softmax reference shared by both ops' `*_ref` (for tests)."""
+    logp_all = torch.log_softmax(logits.double() / temperature, dim=-1)  # (..., V)
+    valid = labels != ignore_index
+    logp = logp_all.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    logp = torch.where(valid, logp, 0.0)
+    if not return_entropy:
+        return logp
+    return logp, torch.where(valid, -(logp_all.exp() * logp_all).sum(-1), 0.0)

@@ -1,0 +1,474 @@
+"""linear_logprob: per-token log-probabilities (and entropy) straight from hidden states.
+
+    logits  = (hidden @ weight.T + bias) / temperature          (N, V), never stored
+    logp[n] = logits[n, label[n]] - logsumexp(logits[n])
+    ent[n]  = logsumexp(logits[n]) - sum_j softmax(logits[n])_j * logits[n, j]
+
+The memory argument. Eager torch materialises the logits: at N=16384 tokens, V=152064, bf16
+that is N*V*2 B = 5.0 GB, and the fp32 log_softmax on top of it 10 GB more, and autograd
+keeps them for the backward. Here:
+  forward   one kernel, grid (N tiles, S vocab splits). Each program streams its vocab
+            range in (BLOCK_N x BLOCK_V) logit tiles computed with tl.dot over H, and folds
+            each tile into running (max, sum exp, sum exp*z, label logit). It writes 4*S*N
+            floats. Reads: weight once per N tile (from L2), hidden once per vocab tile.
+            FLOPs 2*N*H*V; no (N, V) tensor exists at any point.
+  backward  processes the vocabulary in chunks of Vc columns (N*Vc <= 2^26 elements on GPU):
+            (1) _dlogits kernel recomputes the (N, Vc) logit chunk tile by tile and writes
+                d(logits) for that chunk only, (g_lp*(onehot - p) + g_ent*p*(E[z]-z)) / T;
+            (2) d(weight)[chunk] = dlogits.T @ hidden, one GEMM over all N tokens with fp32
+                accumulation in registers, stored once in the weight's dtype: no fp32 (V, H)
+                buffer and no per-chunk (V, H) temporaries;
+            (3) d(hidden) += dlogits @ weight[chunk], accumulated in an fp32 (N, H) buffer
+                (written straight into d(hidden) when there is a single chunk or fp32 input).
+            FLOPs 6*N*H*V (recompute + two GEMMs): 8*N*H*V for forward+backward, the cost
+            of a composable op whose upstream gradient is only known in the backward.
+            Extra memory: the (N, Vc) chunk (<= 128 MB in bf16) + the fp32 (N, H) buffer
+            (268 MB at N=16k, H=4096) against eager's ~15 GB.
+  where it stops scaling: the forward is a GEMM with a reduction epilogue; with few tokens
+  (N < BLOCK_N * #SMs) the vocab splits keep the GPU busy, and below a few hundred tokens the
+  op is bound by reading the weight (V*H*2 B, 1.25 GB at V=152064, H=4096) like any lm_head.
+
+The torch path (impl="torch") is the same algorithm in chunks of tokens, so it too never
+holds more than a (chunk, V) block of logits; it is the CPU path and the readable reference
+of the algorithm. `linear_logprob_ref` is the float64 materialised version for tests.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (
+    INTERPRET,
+    TileConfig,
+    _cast,
+    _dlogits_tile,
+    _dot,
+    _online_update,
+    check_float,
+    check_labels,
+    cat_stats,
+    check_temperature,
+    combine_splits,
+    config_key,
+    dot_precision,
+    logprob_ref,
+    resolve_impl,
+    torch_dlogits,
+    torch_stats,
+)
+
+# ----------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _linear_logprob_fwd_kernel(
+    # pointers
+    H, W, BIAS, LABELS, STATS,
+    # shapes
+    N, V, D, v_per_split,
+    # strides
+    stride_hn, stride_hd, stride_wv, stride_wd, stride_stat, stride_split,
+    # scalars
+    inv_temp, ignore_index,
+    # flags and tiles
+    HAS_BIAS: tl.constexpr, ENTROPY: tl.constexpr, PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # (BLOCK_N,)
+    row_ok = rows < N
+    labels = tl.load(LABELS + rows, mask=row_ok, other=ignore_index)
+    offs_d = tl.arange(0, BLOCK_D)
+
+    m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    s = tl.zeros((BLOCK_N,), tl.float32)
+    t = tl.zeros((BLOCK_N,), tl.float32)
+    zl = tl.zeros((BLOCK_N,), tl.float32)
+
+    v_start = split * v_per_split
+    v_end = tl.minimum(v_start + v_per_split, V)
+    for v0 in range(v_start, v_end, BLOCK_V):
+        cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)  # (BLOCK_V,)
+        col_ok = cols < v_end
+        h_ptrs = H + rows[:, None] * stride_hn + offs_d[None, :] * stride_hd  # (BLOCK_N, BLOCK_D)
+        w_ptrs = W + cols[None, :] * stride_wv + offs_d[:, None] * stride_wd  # (BLOCK_D, BLOCK_V)
+        acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            d_ok = offs_d < D - d0
+            h = tl.load(h_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=d_ok[:, None] & col_ok[None, :], other=0.0)
+            acc = _dot(h, w, acc, PRECISION, INTERPRET)
+            h_ptrs += BLOCK_D * stride_hd
+            w_ptrs += BLOCK_D * stride_wd
+        if HAS_BIAS:
+            acc += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        m, s, t, zl = _online_update(m, s, t, zl, acc * inv_temp, cols, col_ok, labels, ENTROPY)
+
+    out = STATS + split * stride_split + rows
+    tl.store(out, m, mask=row_ok)
+    tl.store(out + stride_stat, s, mask=row_ok)
+    if ENTROPY:
+        tl.store(out + 2 * stride_stat, t, mask=row_ok)
+    tl.store(out + 3 * stride_stat, zl, mask=row_ok)
+
+
+@triton.jit
+def _linear_logprob_dlogits_kernel(
+    # pointers
+    H, W, BIAS, LABELS, LSE, EZ, G_LP, G_ENT, DZ,
+    # shapes
+    N, Vc, D, v_offset,
+    # strides
+    stride_hn, stride_hd, stride_wv, stride_wd, stride_zn, stride_zv,
+    # scalars
+    inv_temp, ignore_index,
+    # flags and tiles
+    HAS_BIAS: tl.constexpr, ENTROPY: tl.constexpr, PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # (BLOCK_N,)
+    row_ok = rows < N
+    local = (pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)  # column within the chunk
+    col_ok = local < Vc
+    cols = v_offset + local  # column in the vocabulary
+    offs_d = tl.arange(0, BLOCK_D)
+
+    h_ptrs = H + rows[:, None] * stride_hn + offs_d[None, :] * stride_hd
+    w_ptrs = W + cols[None, :] * stride_wv + offs_d[:, None] * stride_wd
+    acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d_ok = offs_d < D - d0
+        h = tl.load(h_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=d_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = _dot(h, w, acc, PRECISION, INTERPRET)
+        h_ptrs += BLOCK_D * stride_hd
+        w_ptrs += BLOCK_D * stride_wd
+    if HAS_BIAS:
+        acc += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+
+    labels = tl.load(LABELS + rows, mask=row_ok, other=ignore_index)
+    lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
+    g_lp = tl.load(G_LP + rows, mask=row_ok, other=0.0)
+    ez = tl.zeros((BLOCK_N,), tl.float32)
+    g_ent = tl.zeros((BLOCK_N,), tl.float32)
+    if ENTROPY:
+        ez = tl.load(EZ + rows, mask=row_ok, other=0.0)
+        g_ent = tl.load(G_ENT + rows, mask=row_ok, other=0.0)
+    dz = _dlogits_tile(acc * inv_temp, cols, labels, lse, ez, g_lp, g_ent, inv_temp, ENTROPY)
+    keep = (row_ok & (labels != ignore_index))[:, None] & col_ok[None, :]
+    dz = tl.where(keep, dz, 0.0)  # ignored tokens: exactly 0, even if their hidden is inf/nan
+    z_ptrs = DZ + rows[:, None] * stride_zn + local[None, :] * stride_zv
+    tl.store(z_ptrs, _cast(dz, DZ.dtype.element_ty, INTERPRET), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _matmul_kernel(
+    # pointers
+    A, B, C,
+    # shapes: C (M, N) [+]= A (M, K) @ B (K, N)
+    M, N, K,
+    # strides
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+    # flags and tiles
+    ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """The two backward GEMMs: fp32 accumulation, optional load-add-store into an fp32 C."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    # grouped ordering: GROUP_M row-tiles share their B columns in L2
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // num_pid_in_group) * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    rk = tl.arange(0, BLOCK_K)
+    a_ptrs = A + rm[:, None] * stride_am + rk[None, :] * stride_ak  # (BLOCK_M, BLOCK_K)
+    b_ptrs = B + rk[:, None] * stride_bk + rn[None, :] * stride_bn  # (BLOCK_K, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = rk < K - k0
+        a = tl.load(a_ptrs, mask=(rm < M)[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & (rn < N)[None, :], other=0.0)
+        acc = _dot(a, b, acc, PRECISION, INTERPRET)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    c_ptrs = C + rm[:, None] * stride_cm + rn[None, :] * stride_cn
+    c_mask = (rm < M)[:, None] & (rn < N)[None, :]
+    if ACCUMULATE:
+        acc += tl.load(c_ptrs, mask=c_mask, other=0.0).to(tl.float32)
+    tl.store(c_ptrs, _cast(acc, C.dtype.element_ty, INTERPRET), mask=c_mask)
+
+
+# ----------------------------------------------------------------------------------------
+# launch configurations (one table; the sm_90 compile test checks these at V=152064, H=4096)
+# ----------------------------------------------------------------------------------------
+
+
+# key: "16bit" | "fp32" | "interpret"
+LOGITS_CONFIGS = {
+    "16bit": TileConfig(128, 128, 64, 8, 3),
+    "fp32": TileConfig(64, 128, 32, 8, 3),
+    "interpret": TileConfig(16, 32, 16, 1, 1),  # small tiles so CPU tests cross every loop
+}
+MATMUL_CONFIGS = {
+    "16bit": TileConfig(128, 128, 64, 8, 4),
+    "fp32": TileConfig(64, 128, 32, 8, 3),
+    "interpret": TileConfig(16, 32, 16, 1, 1),
+}
+GROUP_M = 8
+# Backward vocab chunk: N * Vc elements of d(logits) live at once.
+CHUNK_ELEMS = {"gpu": 1 << 26, "interpret": 2048}
+# SMs assumed by the interpreter when choosing vocab splits (so CPU tests cover S > 1).
+_INTERPRET_SMS = 4
+
+
+def _num_splits(device: torch.device, n_tiles: int, v_tiles: int) -> int:
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" \
+        else _INTERPRET_SMS
+    return max(1, min(v_tiles, triton.cdiv(2 * sms, n_tiles)))
+
+
+def _matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, accumulate: bool) -> None:
+    """c[...] (+)= a @ b with fp32 accumulation; any strides."""
+    M, K = a.shape
+    N = b.shape[1]
+    cfg = MATMUL_CONFIGS[config_key(a)]
+    grid = (triton.cdiv(M, cfg.block_n) * triton.cdiv(N, cfg.block_v),)
+    _matmul_kernel[grid](
+        a, b, c,
+        M, N, K,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
+        ACCUMULATE=accumulate, PRECISION=dot_precision(a.dtype),
+        INTERPRET=INTERPRET,
+        BLOCK_M=cfg.block_n, BLOCK_N=cfg.block_v, BLOCK_K=cfg.block_d, GROUP_M=GROUP_M,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+
+def _fwd_triton(h, w, bias, labels, inv_temp, ignore_index, want_entropy):
+    N, D = h.shape
+    V = w.shape[0]
+    cfg = LOGITS_CONFIGS[config_key(h)]
+    n_tiles, v_tiles = triton.cdiv(N, cfg.block_n), triton.cdiv(V, cfg.block_v)
+    v_per_split = triton.cdiv(v_tiles, _num_splits(h.device, n_tiles, v_tiles)) * cfg.block_v
+    splits = triton.cdiv(V, v_per_split)
+    stats = torch.empty((4, splits, N), device=h.device, dtype=torch.float32)  # m, s, t, zl
+    _linear_logprob_fwd_kernel[(n_tiles, splits)](
+        h, w, bias, labels, stats,
+        N, V, D, v_per_split,
+        h.stride(0), h.stride(1), w.stride(0), w.stride(1), stats.stride(0), stats.stride(1),
+        inv_temp, ignore_index,
+        HAS_BIAS=bias is not None, ENTROPY=want_entropy, PRECISION=dot_precision(h.dtype),
+        INTERPRET=INTERPRET,
+        BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return combine_splits(*stats.unbind(0), labels != ignore_index, want_entropy)
+
+
+def _bwd_triton(h, w, bias, labels, lse, ez, g_lp, g_ent, inv_temp, ignore_index, needs):
+    N, D = h.shape
+    V = w.shape[0]
+    key = config_key(h)
+    cfg = LOGITS_CONFIGS[key]
+    vc = max(cfg.block_v, CHUNK_ELEMS["interpret" if key == "interpret" else "gpu"] // max(N, 1))
+    vc = min(vc // cfg.block_v * cfg.block_v, triton.cdiv(V, cfg.block_v) * cfg.block_v)
+    n_chunks = triton.cdiv(V, vc)
+    need_dh, need_dw, need_db = needs
+
+    dz = torch.empty((N, vc), device=h.device, dtype=h.dtype)  # (N, Vc) d(logits) chunk
+    direct = n_chunks == 1 or h.dtype == torch.float32
+    dh = torch.empty((N, D), device=h.device, dtype=h.dtype if direct else torch.float32) \
+        if need_dh else None
+    dw = torch.empty_like(w) if need_dw else None
+    db = torch.empty(V, device=h.device, dtype=torch.float32) if need_db else None
+    entropy = g_ent is not None
+    for c in range(n_chunks):
+        v0 = c * vc
+        vlen = min(vc, V - v0)
+        dz_c = dz[:, :vlen]  # (N, vlen)
+        _linear_logprob_dlogits_kernel[(triton.cdiv(N, cfg.block_n), triton.cdiv(vlen, cfg.block_v))](
+            h, w, bias, labels, lse, ez if entropy else lse, g_lp, g_ent if entropy else g_lp, dz_c,
+            N, vlen, D, v0,
+            h.stride(0), h.stride(1), w.stride(0), w.stride(1), dz_c.stride(0), dz_c.stride(1),
+            inv_temp, ignore_index,
+            HAS_BIAS=bias is not None, ENTROPY=entropy, PRECISION=dot_precision(h.dtype),
+        INTERPRET=INTERPRET,
+            BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        if need_dw:
+            _matmul(dz_c.t(), h, dw[v0:v0 + vlen], accumulate=False)  # (vlen, D), K = N
+        if need_dh:
+            _matmul(dz_c, w[v0:v0 + vlen], dh, accumulate=c > 0)  # (N, D), K = vlen
+        if need_db:
+            db[v0:v0 + vlen] = dz_c.sum(dim=0, dtype=torch.float32)
+    if dh is not None:
+        dh = dh.to(h.dtype)
+    return dh, dw, db
+
+
+# ----------------------------------------------------------------------------------------
+# torch path: chunks of tokens, at most (chunk, V) fp32 logits at a time
+# ----------------------------------------------------------------------------------------
+
+TORCH_CHUNK_ELEMS = 1 << 22  # 16 MB of fp32 logits per chunk
+
+
+def _torch_rows(V: int) -> int:
+    return max(1, TORCH_CHUNK_ELEMS // V)
+
+
+def _torch_logits(h, w32, b32, inv_temp):
+    z = h.float() @ w32.t() if b32 is None else torch.addmm(b32, h.float(), w32.t())  # (n, V)
+    return z.mul_(inv_temp)
+
+
+def _fwd_torch(h, w, bias, labels, inv_temp, ignore_index, want_entropy):
+    w32, b32 = w.float(), None if bias is None else bias.float()
+    valid = labels != ignore_index
+    rows = _torch_rows(w.shape[0])
+    parts = [
+        torch_stats(_torch_logits(h[i:i + rows], w32, b32, inv_temp), labels[i:i + rows],
+                    valid[i:i + rows], want_entropy)
+        for i in range(0, h.shape[0], rows)
+    ]
+    return cat_stats(parts, h, want_entropy)
+
+
+def _bwd_torch(h, w, bias, labels, lse, ez, g_lp, g_ent, inv_temp, ignore_index, needs):
+    N, D = h.shape
+    V = w.shape[0]
+    need_dh, need_dw, need_db = needs
+    w32, b32 = w.float(), None if bias is None else bias.float()
+    valid = labels != ignore_index
+    dh = torch.empty((N, D), dtype=h.dtype, device=h.device) if need_dh else None
+    dw = torch.zeros((V, D), dtype=torch.float32, device=h.device) if need_dw else None
+    db = torch.zeros(V, dtype=torch.float32, device=h.device) if need_db else None
+    rows = _torch_rows(V)
+    for i in range(0, N, rows):
+        sl = slice(i, i + rows)
+        h32 = h[sl].float()
+        z = _torch_logits(h32, w32, b32, inv_temp)
+        dz = torch_dlogits(z, labels[sl], valid[sl], lse[sl], None if ez is None else ez[sl],
+                           g_lp[sl], None if g_ent is None else g_ent[sl], inv_temp)  # (n, V)
+        if need_dh:
+            dh[sl] = dz @ w32
+        if need_dw:
+            dw.addmm_(dz.t(), h32)
+        if need_db:
+            db += dz.sum(dim=0)
+    return dh, None if dw is None else dw.to(w.dtype), db
+
+
+# ----------------------------------------------------------------------------------------
+# autograd
+# ----------------------------------------------------------------------------------------
+
+
+class LinearLogprobFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, temperature, ignore_index, return_entropy, impl):
+        # hidden (N, H), weight (V, H), bias (V,) | None, labels (N,)
+        fwd = _fwd_triton if impl == "triton" else _fwd_torch
+        logp, entropy, lse, ez = fwd(hidden, weight, bias, labels, 1.0 / temperature,
+                                     ignore_index, return_entropy)
+        ctx.save_for_backward(hidden, weight, bias, labels, lse, ez)
+        ctx.inv_temp, ctx.ignore_index, ctx.impl = 1.0 / temperature, ignore_index, impl
+        ctx.set_materialize_grads(False)
+        return (logp, entropy) if return_entropy else logp
+
+    @staticmethod
+    def backward(ctx, g_lp, g_ent=None):
+        hidden, weight, bias, labels, lse, ez = ctx.saved_tensors
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2])
+        if (g_lp is None and g_ent is None) or not any(needs):
+            return (None,) * 8
+        g_lp = torch.zeros_like(lse) if g_lp is None else g_lp.float().contiguous()
+        g_ent = None if g_ent is None else g_ent.float().contiguous()
+        bwd = _bwd_triton if ctx.impl == "triton" else _bwd_torch
+        dh, dw, db = bwd(hidden, weight, bias, labels, lse, ez, g_lp, g_ent, ctx.inv_temp,
+                         ctx.ignore_index, needs)
+        if db is not None:
+            db = db.to(bias.dtype)
+        return dh, dw, db, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------
+# public op
+# ----------------------------------------------------------------------------------------
+
+
+def linear_logprob(hidden, weight, labels, *, bias=None, temperature=1.0, ignore_index=-100,
+                   return_entropy=False, impl=None):
+    """Log-probabilities of `labels` under softmax((hidden @ weight.T + bias) / temperature).
+
+    Args:
+        hidden: (..., H) float32 / bfloat16 / float16, e.g. the last hidden state (B, T, H).
+        weight: (V, H), the lm_head weight, same dtype and device as hidden.
+        labels: (...) int64, the token whose log-prob is wanted at each position;
+            positions equal to ignore_index give 0 and no gradient.
+        bias: optional (V,).
+        temperature: the sampling temperature (> 0); logits are divided by it.
+        return_entropy: also return the entropy of the full distribution at each position.
+        impl: "triton" | "torch" | None (triton on CUDA or under TRITON_INTERPRET=1, else torch;
+            the environment variable FASTRLHF_KERNEL_IMPL overrides the default).
+
+    Returns:
+        logprobs (...) float32 [, entropy (...) float32]; differentiable w.r.t. hidden, weight
+        and bias through both outputs. The (..., V) logits are never materialised.
+    """
+    if hidden.dim() < 1 or weight.dim() != 2:
+        raise ValueError(f"hidden must be (..., H) and weight (V, H); got hidden "
+                         f"{tuple(hidden.shape)}, weight {tuple(weight.shape)}")
+    check_float(hidden, "hidden")
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"weight dtype {weight.dtype} does not match hidden dtype {hidden.dtype}")
+    V, D = weight.shape
+    if hidden.shape[-1] != D:
+        raise ValueError(f"hidden size mismatch: hidden {tuple(hidden.shape)} has H="
+                         f"{hidden.shape[-1]} but weight {tuple(weight.shape)} has H={D}")
+    if bias is not None:
+        check_float(bias, "bias")
+        if bias.shape != (V,):
+            raise ValueError(f"bias must have shape ({V},), got {tuple(bias.shape)}")
+    tensors = {"hidden": hidden, "weight": weight, "labels": labels}
+    if bias is not None:
+        tensors["bias"] = bias
+    devices = {k: t.device for k, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        raise ValueError(f"tensors on different devices: {devices}")
+    check_labels(labels, hidden.shape[:-1], V, ignore_index, "hidden's leading dims")
+    check_temperature(temperature)
+    impl = resolve_impl(impl, hidden)
+
+    lead = labels.shape
+    out = LinearLogprobFunction.apply(hidden.reshape(-1, D), weight, bias, labels.reshape(-1),
+                                      float(temperature), int(ignore_index), bool(return_entropy),
+                                      impl)
+    if return_entropy:
+        return out[0].view(lead), out[1].view(lead)
+    return out.view(lead)
+
+
+def linear_logprob_ref(hidden, weight, labels, *, bias=None, temperature=1.0, ignore_index=-100,
+                       return_entropy=False):
+    """float64, materialised-logits reference (for tests)."""
+    logits = hidden.double() @ weight.double().t()  # (..., V)
+    if bias is not None:
+        logits = logits + bias.double()
+    return logprob_ref(logits, labels, temperature, ignore_index, return_entropy)

@@ -1,0 +1,161 @@
+"""Compile every Triton kernel for the H100 (sm_90a) with the launches the GPU really makes.
+
+No GPU is needed. The public launchers run on `meta` tensors of the production shapes
+(default N=16384, H=4096, V=152064) with each kernel's `.run` replaced by a recorder, so the
+argument lists, strides, grids and tile configurations are exactly those of a CUDA launch.
+Each recorded launch goes through Triton's own argument binder for an sm_90 target (the same
+specialisation a real launch gets: constexpr 1-strides, 16-divisibility hints), is compiled to
+PTX, and `ptxas-blackwell -arch=sm_90a -v` reports registers and spills.
+
+    python tests/kernels/compile_sm90.py [--n 16384 --h 4096 --v 152064] [--json OUT]
+
+Prints one JSON line per compiled kernel variant: name, dtype, config, registers, spill
+stores/loads, shared memory bytes. Must run WITHOUT TRITON_INTERPRET (compiled kernels).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from contextlib import ExitStack
+from unittest import mock
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import create_function_from_signature
+
+from fastrlhf.kernels import _common
+
+# import_module, not `from ... import`: each module's name is also the name of its public op
+ll = importlib.import_module("fastrlhf.kernels.linear_logprob")
+lfl = importlib.import_module("fastrlhf.kernels.logprob_from_logits")
+
+TARGET = GPUTarget("cuda", 90, 32)
+SM90_SHARED_LIMIT = 227 * 1024  # bytes a block may use on H100
+H100_SMS = 132
+
+
+class _Ptr:
+    """A stand-in for a CUDA tensor argument: 16-byte aligned, with a dtype."""
+
+    def __init__(self, dtype):
+        self.dtype = dtype
+
+    @staticmethod
+    def data_ptr():
+        return 0
+
+
+def _record_launches():
+    """Patch every kernel's `.run` to record (kernel, args, kwargs) instead of launching."""
+    launches = []
+    kernels = [ll._linear_logprob_fwd_kernel, ll._linear_logprob_dlogits_kernel, ll._matmul_kernel,
+               lfl._logprob_fwd_kernel, lfl._logprob_bwd_kernel]
+
+    def recorder(kernel):
+        def run(*args, grid, warmup, **kwargs):
+            launches.append((kernel, args, kwargs))
+        return run
+
+    stack = ExitStack()
+    for k in kernels:
+        stack.enter_context(mock.patch.object(k, "run", recorder(k)))
+    return stack, launches
+
+
+def _ptxas_report(ptx: str, name: str) -> dict:
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                         "ptxas-blackwell")
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        out = subprocess.run([ptxas, "-arch=sm_90a", "-v", src, "-o", os.path.join(d, "k.cubin")],
+                             capture_output=True, text=True)
+    text = out.stdout + out.stderr
+    if out.returncode != 0:
+        raise RuntimeError(f"ptxas failed for {name}:\n{text}")
+    regs = int(re.search(r"Used (\d+) registers", text).group(1))
+    spill_st, spill_ld = map(int, re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads",
+                                            text).groups())
+    return {"registers": regs, "spill_stores": spill_st, "spill_loads": spill_ld}
+
+
+def _compile(kernel, args, kwargs) -> dict:
+    backend = make_backend(TARGET)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    args = [(_Ptr(a.dtype) if isinstance(a, torch.Tensor) else a) for a in args]
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound,
+                                                              specialization, options)
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=TARGET,
+                              options=options.__dict__)
+    report = {"kernel": kernel.__name__, "shared_bytes": compiled.metadata.shared,
+              "num_warps": options.num_warps, "num_stages": options.num_stages,
+              "constexprs": {k: (v if isinstance(v, (int, bool, str)) else str(v))
+                             for k, v in kwargs.items() if k.isupper()}}
+    report.update(_ptxas_report(compiled.asm["ptx"], kernel.__name__))
+    return report
+
+
+def _signature_key(kernel, args, kwargs):
+    dtypes = tuple(str(a.dtype) for a in args if isinstance(a, torch.Tensor))
+    return (kernel.__name__, dtypes, tuple(sorted(kwargs.items())))
+
+
+def collect_launches(N: int, H: int, V: int):
+    """Run the launchers of both ops on meta tensors for bf16, fp16 and fp32."""
+    props = mock.Mock(multi_processor_count=H100_SMS)
+    stack, launches = _record_launches()
+    with stack, mock.patch.object(torch.cuda, "get_device_properties", return_value=props):
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            key = "fp32" if dtype == torch.float32 else "16bit"
+            with mock.patch.object(ll, "config_key", return_value=key), \
+                    mock.patch.object(lfl, "config_key", return_value=key), \
+                    mock.patch.object(ll, "_num_splits",
+                                      side_effect=lambda dev, n, v: max(1, min(v, triton.cdiv(2 * H100_SMS, n)))):
+                meta = dict(device="meta")
+                h = torch.empty(N, H, dtype=dtype, **meta)
+                w = torch.empty(V, H, dtype=dtype, **meta)
+                b = torch.empty(V, dtype=dtype, **meta)
+                labels = torch.empty(N, dtype=torch.int64, **meta)
+                vec = torch.empty(N, dtype=torch.float32, **meta)
+                for bias in (None, b):
+                    for ent in (False, True):
+                        ll._fwd_triton(h, w, bias, labels, 1.0, -100, ent)
+                        ll._bwd_triton(h, w, bias, labels, vec, vec, vec, vec if ent else None,
+                                       1.0, -100, (True, True, bias is not None))
+                logits = torch.empty(N, V, dtype=dtype, **meta)
+                for ent in (False, True):
+                    lfl._fwd_triton(logits, labels, 1.0, -100, ent)
+                    lfl._bwd_triton(logits, labels, vec, vec, vec, vec if ent else None, 1.0, -100)
+    unique = {}
+    for kernel, args, kwargs in launches:
+        unique.setdefault(_signature_key(kernel, args, kwargs), (kernel, args, kwargs))
+    return list(unique.values())
+
+
+def main(argv=None):
+    if _common.INTERPRET:
+        sys.exit("compile_sm90.py must run without TRITON_INTERPRET=1")
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=16384)
+    p.add_argument("--h", type=int, default=4096)
+    p.add_argument("--v", type=int, default=152064)
+    args = p.parse_args(argv)
+    for kernel, kargs, kwargs in collect_launches(args.n, args.h, args.v):
+        report = _compile(kernel, kargs, kwargs)
+        report["dtype"] = str(next(a.dtype for a in kargs if isinstance(a, torch.Tensor)))
+        print(json.dumps(report), flush=True)
+
+
+if __name__ == "__main__":
+    main()

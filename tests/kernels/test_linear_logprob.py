@@ -1,0 +1,200 @@
+"""linear_logprob: Triton (interpreted on CPU) and torch paths against the float64 reference.
+
+Three-way comparison as in flash-attention's tests: kernel vs float64, and the kernel's error
+must stay within a small multiple of eager torch's own error in the same dtype.
+"""
+
+import importlib
+
+import pytest
+import torch
+
+from fastrlhf.kernels import linear_logprob, linear_logprob_ref
+
+from .helpers import assert_within_torch_error, eager_linear_logprob
+
+ll = importlib.import_module("fastrlhf.kernels.linear_logprob")
+common = importlib.import_module("fastrlhf.kernels._common")
+
+IMPLS = ["triton", "torch"]
+
+
+def _inputs(lead, H, V, dtype, device, *, bias=True, ignore_frac=0.2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(*lead, H, generator=g).to(device=device, dtype=dtype)
+    weight = (torch.randn(V, H, generator=g) / H**0.5 * 2).to(device=device, dtype=dtype)
+    b = (torch.randn(V, generator=g) * 0.5).to(device=device, dtype=dtype) if bias else None
+    labels = torch.randint(0, V, lead, generator=g)
+    labels[torch.rand(lead, generator=g) < ignore_frac] = -100
+    return hidden, weight, b, labels.to(device)
+
+
+def _run(fn, hidden, weight, bias, labels, g_lp, g_ent, **kw):
+    """Values and gradients of sum(g_lp*logp + g_ent*entropy) w.r.t. hidden, weight, bias."""
+    leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight)]
+    b = None if bias is None else bias.detach().clone().requires_grad_()
+    logp, ent = fn(*leaves, labels, bias=b, return_entropy=True, **kw)
+    loss = (logp * g_lp.to(logp.dtype)).sum() + (ent * g_ent.to(ent.dtype)).sum()
+    grads = torch.autograd.grad(loss, leaves + ([b] if b is not None else []))
+    return (logp, ent) + tuple(grads)
+
+
+def _ref(hidden, weight, bias, labels, g_lp, g_ent, **kw):
+    """The float64 reference: float64 leaves, so its gradients are float64 too."""
+    d = lambda t: None if t is None else t.double()  # noqa: E731
+    return _run(linear_logprob_ref, d(hidden), d(weight), d(bias), labels, d(g_lp), d(g_ent), **kw)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lead,H,V,bias,temperature", [
+    ((37,), 48, 200, True, 0.7),    # odd sizes: 3 token tiles, 3 hidden tiles, 7 vocab tiles
+    ((2, 19), 64, 131, False, 1.0),  # leading dims (B, T), V not a multiple of the tile
+])
+def test_matches_float64(impl, dtype, lead, H, V, bias, temperature, device, poison_empty):
+    hidden, weight, b, labels = _inputs(lead, H, V, dtype, device, bias=bias)
+    g_lp, g_ent = torch.randn(lead).to(device), torch.randn(lead).to(device)
+    kw = dict(temperature=temperature)
+    ours = _run(linear_logprob, hidden, weight, b, labels, g_lp, g_ent, impl=impl, **kw)
+    ref = _ref(hidden, weight, b, labels, g_lp, g_ent, **kw)
+    eager = _run(eager_linear_logprob, hidden, weight, b, labels, g_lp, g_ent, **kw)
+    names = ["logp", "entropy", "d_hidden", "d_weight", "d_bias"]
+    assert ours[0].dtype == ours[1].dtype == torch.float32
+    for name, o, r, e in zip(names, ours, ref, eager):
+        assert o.dtype == e.dtype, name
+        assert_within_torch_error(o, r, e, name=name)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_ignored_positions_are_exactly_zero(impl, device):
+    hidden, weight, b, labels = _inputs((29,), 32, 96, torch.float32, device, ignore_frac=0.4)
+    ignored = labels == -100
+    assert ignored.any() and (~ignored).any()
+    logp, ent, dh, dw, db = _run(linear_logprob, hidden, weight, b, labels,
+                                 torch.randn(29), torch.randn(29), impl=impl)
+    assert torch.all(logp[ignored] == 0) and torch.all(ent[ignored] == 0)
+    assert torch.all(dh[ignored] == 0)
+    # the weight gradient is that of the kept positions alone
+    keep = ~ignored
+    g_lp, g_ent = torch.randn(29), torch.randn(29)
+    _, _, _, dw_all, _ = _run(linear_logprob, hidden, weight, b, labels, g_lp, g_ent, impl=impl)
+    _, _, _, dw_kept, _ = _run(linear_logprob, hidden[keep], weight, b, labels[keep], g_lp[keep],
+                               g_ent[keep], impl=impl)
+    torch.testing.assert_close(dw_all, dw_kept, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_one_output_gradients(impl, device):
+    """Gradient through logp alone (entropy unused) and through the entropy alone."""
+    hidden, weight, b, labels = _inputs((23,), 32, 80, torch.float32, device)
+    h = hidden.clone().requires_grad_()
+    logp = linear_logprob(h, weight, labels, bias=b, impl=impl)  # no entropy requested
+    g = torch.randn(23)
+    (dh,) = torch.autograd.grad((logp * g).sum(), h)
+    h64 = hidden.double().requires_grad_()
+    (dh_ref,) = torch.autograd.grad((linear_logprob_ref(h64, weight, labels, bias=b) * g).sum(), h64)
+    torch.testing.assert_close(dh.double(), dh_ref, rtol=1e-4, atol=1e-5)
+
+    _, ent = linear_logprob(h, weight, labels, bias=b, return_entropy=True, impl=impl)
+    (dh,) = torch.autograd.grad((ent * g).sum(), h)
+    _, ent_ref = linear_logprob_ref(h64, weight, labels, bias=b, return_entropy=True)
+    (dh_ref,) = torch.autograd.grad((ent_ref * g).sum(), h64)
+    torch.testing.assert_close(dh.double(), dh_ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_non_contiguous_inputs(impl, device):
+    hidden, weight, b, labels = _inputs((21,), 40, 70, torch.float32, device)
+    hidden_t = hidden.t().contiguous().t()  # (N, H) with strides (1, N)
+    weight_big = torch.randn(70, 55)
+    weight_big[:, :40] = weight
+    weight_s = weight_big[:, :40]  # (V, H) with row stride 55
+    assert not hidden_t.is_contiguous() and not weight_s.is_contiguous()
+    g_lp, g_ent = torch.randn(21), torch.randn(21)
+    ours = _run(linear_logprob, hidden_t, weight_s, b, labels, g_lp, g_ent, impl=impl)
+    ref = _ref(hidden, weight, b, labels, g_lp, g_ent)
+    for o, r in zip(ours, ref):
+        torch.testing.assert_close(o.double(), r, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_vocab_over_64k(impl, device, monkeypatch):
+    """V = 65600 (> 2^16, not a power of two), labels above 65535."""
+    if impl == "triton":  # wider interpreter tiles keep this test fast; the loops are the same
+        monkeypatch.setitem(ll.LOGITS_CONFIGS, "interpret", common.TileConfig(16, 1024, 16, 1, 1))
+        monkeypatch.setitem(ll.MATMUL_CONFIGS, "interpret", common.TileConfig(1024, 16, 256, 1, 1))
+        monkeypatch.setitem(ll.CHUNK_ELEMS, "interpret", 6 * 16384)
+    V = 65600
+    hidden, weight, _, labels = _inputs((6,), 16, V, torch.float32, device, bias=False,
+                                        ignore_frac=0.0)
+    labels[:3] = torch.tensor([65535, 65599, 65536])
+    g_lp, g_ent = torch.randn(6), torch.randn(6)
+    ours = _run(linear_logprob, hidden, weight, None, labels, g_lp, g_ent, impl=impl)
+    ref = _ref(hidden, weight, None, labels, g_lp, g_ent)
+    for o, r in zip(ours, ref):
+        torch.testing.assert_close(o.double(), r, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("sms,chunk", [(1, 1 << 20), (64, 2048)])
+def test_triton_split_and_chunk_paths(sms, chunk, monkeypatch, poison_empty):
+    """One vocab split + one backward chunk (bf16 d(hidden) written directly), and many
+    splits + many chunks (fp32 accumulation of d(hidden)) give the same answer."""
+    monkeypatch.setattr(ll, "_INTERPRET_SMS", sms)
+    monkeypatch.setitem(ll.CHUNK_ELEMS, "interpret", chunk)
+    hidden, weight, b, labels = _inputs((33,), 32, 150, torch.bfloat16, "cpu")
+    g_lp, g_ent = torch.randn(33), torch.randn(33)
+    ours = _run(linear_logprob, hidden, weight, b, labels, g_lp, g_ent, impl="triton")
+    ref = _ref(hidden, weight, b, labels, g_lp, g_ent)
+    eager = _run(eager_linear_logprob, hidden, weight, b, labels, g_lp, g_ent)
+    for name, o, r, e in zip(["logp", "entropy", "dh", "dw", "db"], ours, ref, eager):
+        assert_within_torch_error(o, r, e, name=name)
+
+
+def test_default_impl_and_env_switch(monkeypatch):
+    x = torch.zeros(1)
+    assert common.resolve_impl(None, x) == "triton"  # CPU under TRITON_INTERPRET=1
+    monkeypatch.setenv("FASTRLHF_KERNEL_IMPL", "torch")
+    assert common.resolve_impl(None, x) == "torch"
+    assert common.resolve_impl("triton", x) == "triton"  # the argument wins
+    monkeypatch.setattr(common, "INTERPRET", False)
+    monkeypatch.delenv("FASTRLHF_KERNEL_IMPL")
+    assert common.resolve_impl(None, x) == "torch"
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        common.resolve_impl("triton", x)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(hidden=torch.randn(4, 9)), r"hidden size mismatch.*H=9.*H=8"),
+    (dict(labels=torch.tensor([0, 1, 50, 2])), r"labels out of range \[0, 50\) at index \(2,\): 50"),
+    (dict(labels=torch.tensor([0, 1, -5, 2])), r"out of range"),
+    (dict(labels=torch.zeros(4, dtype=torch.int32)), r"labels must be int64, got torch.int32"),
+    (dict(labels=torch.zeros(5, dtype=torch.int64)), r"labels shape \(5,\) does not match"),
+    (dict(weight=torch.randn(50, 8, dtype=torch.bfloat16)), r"weight dtype torch.bfloat16 does not match"),
+    (dict(hidden=torch.zeros(4, 8, dtype=torch.int64)), r"hidden must be float32, bfloat16 or float16"),
+    (dict(bias=torch.randn(49)), r"bias must have shape \(50,\)"),
+    (dict(weight=torch.randn(50, 8, device="meta")), r"different devices"),
+    (dict(temperature=0.0), r"temperature must be > 0"),
+    (dict(impl="cuda"), r"impl must be one of"),
+])
+def test_bad_input_names_the_problem(bad, match):
+    args = dict(hidden=torch.randn(4, 8), weight=torch.randn(50, 8),
+                labels=torch.tensor([0, 1, -100, 49]), bias=None, temperature=1.0, impl=None)
+    args.update(bad)
+    with pytest.raises(ValueError, match=match):
+        linear_logprob(args.pop("hidden"), args.pop("weight"), args.pop("labels"), **args)
+
+
+def test_parity_with_liger_fused_linear_cross_entropy():
+    """Liger's FLCE with reduction='none' is -logp; compare values and gradients."""
+    liger = pytest.importorskip("liger_kernel.transformers.fused_linear_cross_entropy")
+    hidden, weight, _, labels = _inputs((24,), 32, 120, torch.float32, "cpu", bias=False)
+    loss_fn = liger.LigerFusedLinearCrossEntropyLoss(reduction="none")
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    liger_loss = loss_fn(w1, h1, labels)
+    liger_loss.sum().backward()
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    logp = linear_logprob(h2, w2, labels, impl="triton")
+    (-logp).sum().backward()
+    torch.testing.assert_close(-logp, liger_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h2.grad, h1.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(w2.grad, w1.grad, rtol=1e-4, atol=1e-5)
