@@ -30,7 +30,7 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
-from triton.runtime.jit import create_function_from_signature
+from triton.runtime.jit import JITFunction, create_function_from_signature
 
 from fastrlhf.kernels import _common
 
@@ -54,11 +54,23 @@ class _Ptr:
         return 0
 
 
+def all_kernels():
+    """Every @triton.jit kernel (name ending in _kernel) of every module of the package."""
+    import pkgutil
+
+    import fastrlhf.kernels as pkg
+    found = {}
+    for info in pkgutil.iter_modules(pkg.__path__):
+        mod = importlib.import_module(f"fastrlhf.kernels.{info.name}")
+        for name, obj in vars(mod).items():
+            if name.endswith("_kernel") and isinstance(obj, JITFunction):
+                found[name] = obj
+    return found
+
+
 def _record_launches():
     """Patch every kernel's `.run` to record (kernel, args, kwargs) instead of launching."""
     launches = []
-    kernels = [ll._linear_logprob_fwd_kernel, ll._linear_logprob_dlogits_kernel, ll._matmul_kernel,
-               lfl._logprob_fwd_kernel, lfl._logprob_bwd_kernel]
 
     def recorder(kernel):
         def run(*args, grid, warmup, **kwargs):
@@ -66,7 +78,7 @@ def _record_launches():
         return run
 
     stack = ExitStack()
-    for k in kernels:
+    for k in all_kernels().values():
         stack.enter_context(mock.patch.object(k, "run", recorder(k)))
     return stack, launches
 
@@ -111,11 +123,36 @@ def _signature_key(kernel, args, kwargs):
     return (kernel.__name__, dtypes, tuple(sorted(kwargs.items())))
 
 
+def _loss_launches(dtype, B=256, T=4096):
+    """Forward and backward of every loss op at B*T = 1M tokens, all options on and off."""
+    from fastrlhf import kernels as K
+    meta = dict(device="meta")
+    tok = lambda: torch.empty(B, T, dtype=dtype, **meta).requires_grad_()  # noqa: E731
+    mask = torch.empty(B, T, dtype=torch.bool, **meta)
+    for kind in ("k1", "k2", "k3"):
+        K.kl_penalty(tok(), tok(), kind, impl="triton").sum().backward()
+    for full in (False, True):
+        opt = dict(dual_clip=3.0, ref_logprobs=tok(), kl_coef=0.1, entropy=tok(), entropy_coef=0.01,
+                   is_weights=tok()) if full else {}
+        adv = torch.empty(B, dtype=dtype, **meta) if full else tok()
+        K.policy_loss(tok(), tok(), adv, mask, impl="triton", **opt)[0].backward()
+    K.value_loss(tok(), tok(), tok(), mask, impl="triton")[0].backward()
+    pair = lambda: torch.empty(B, dtype=dtype, **meta).requires_grad_()  # noqa: E731
+    for lt in ("sigmoid", "robust", "ipo", "hinge"):
+        K.preference_loss(pair(), pair(), pair(), pair(), loss_type=lt, impl="triton")[0].backward()
+    K.preference_loss(pair(), pair(), loss_type="simpo", impl="triton")[0].backward()
+    for scale, loo in (("std", False), ("none", True)):
+        K.group_advantages(torch.empty(B * 16, dtype=torch.float32, **meta), 16, scale=scale,
+                           leave_one_out=loo, impl="triton")
+    K.gae(tok().detach(), tok().detach(), mask, impl="triton")
+
+
 def collect_launches(N: int, H: int, V: int):
     """Run the launchers of both ops on meta tensors for bf16, fp16 and fp32."""
     props = mock.Mock(multi_processor_count=H100_SMS)
     stack, launches = _record_launches()
-    with stack, mock.patch.object(torch.cuda, "get_device_properties", return_value=props):
+    with stack, mock.patch.object(torch.cuda, "get_device_properties", return_value=props), \
+            mock.patch.object(_common, "INTERPRET", True):  # lets impl="triton" through resolve_impl
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
             key = "fp32" if dtype == torch.float32 else "16bit"
             with mock.patch.object(ll, "config_key", return_value=key), \
@@ -137,6 +174,7 @@ def collect_launches(N: int, H: int, V: int):
                 for ent in (False, True):
                     lfl._fwd_triton(logits, labels, 1.0, -100, ent)
                     lfl._bwd_triton(logits, labels, vec, vec, vec, vec if ent else None, 1.0, -100)
+                _loss_launches(dtype)
     unique = {}
     for kernel, args, kwargs in launches:
         unique.setdefault(_signature_key(kernel, args, kwargs), (kernel, args, kwargs))
@@ -151,7 +189,10 @@ def main(argv=None):
     p.add_argument("--h", type=int, default=4096)
     p.add_argument("--v", type=int, default=152064)
     args = p.parse_args(argv)
-    for kernel, kargs, kwargs in collect_launches(args.n, args.h, args.v):
+    launches = collect_launches(args.n, args.h, args.v)
+    missing = set(all_kernels()) - {k.__name__ for k, _, _ in launches}
+    print(json.dumps({"kernels": sorted(all_kernels()), "not_launched": sorted(missing)}), flush=True)
+    for kernel, kargs, kwargs in launches:
         report = _compile(kernel, kargs, kwargs)
         report["dtype"] = str(next(a.dtype for a in kargs if isinstance(a, torch.Tensor)))
         print(json.dumps(report), flush=True)

@@ -16,8 +16,6 @@ import pytest
 
 HERE = Path(__file__).parent
 SHARED_LIMIT = 227 * 1024
-EXPECTED_KERNELS = {"_linear_logprob_fwd_kernel", "_linear_logprob_dlogits_kernel", "_matmul_kernel",
-                    "_logprob_fwd_kernel", "_logprob_bwd_kernel"}
 
 
 @pytest.fixture(scope="module")
@@ -26,20 +24,27 @@ def reports():
     out = subprocess.run([sys.executable, str(HERE / "compile_sm90.py")], capture_output=True,
                          text=True, env=env, timeout=900)
     assert out.returncode == 0, out.stderr[-4000:]
-    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    return lines[0], lines[1:]
 
 
 def test_every_kernel_compiled(reports):
-    assert {r["kernel"] for r in reports} == EXPECTED_KERNELS
+    """Every *_kernel in fastrlhf.kernels was launched by the recorder and compiled."""
+    inventory, reports = reports
+    assert inventory["not_launched"] == [], "kernels with no launch in compile_sm90.py"
+    assert len(inventory["kernels"]) >= 13
+    assert {r["kernel"] for r in reports} == set(inventory["kernels"])
     # bf16, fp16, fp32 launch tables are all covered
     assert {r["dtype"] for r in reports} == {"torch.bfloat16", "torch.float16", "torch.float32"}
 
 
 def test_no_register_spills(reports):
+    _, reports = reports
     spilled = [r for r in reports if r["spill_stores"] or r["spill_loads"]]
     assert not spilled, json.dumps(spilled, indent=1)
 
 
 def test_shared_memory_within_h100_limit(reports):
+    _, reports = reports
     over = [r for r in reports if r["shared_bytes"] > SHARED_LIMIT]
     assert not over, json.dumps(over, indent=1)

@@ -1,0 +1,274 @@
+"""kl_penalty, policy_loss, value_loss: hand-derived cases, float64 references, Liger parity."""
+
+import importlib
+import math
+
+import pytest
+import torch
+
+from fastrlhf.kernels import (kl_penalty, kl_penalty_ref, logprob_from_logits, policy_loss,
+                              policy_loss_ref, value_loss, value_loss_ref)
+
+IMPLS = ["triton", "torch"]
+AGGS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+
+
+# ---------------------------------------------------------------- kl_penalty
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_kl_hand_values(impl):
+    # x = -1, y = -2:  k1 = 1,  k2 = 0.5,  k3 = e^-1 - (-1) - 1 = e^-1
+    #   dk1/dx = 1,  dk2/dx = x - y = 1,  dk3/dx = 1 - e^(y-x) = 1 - e^-1
+    for kind, val, grad in [("k1", 1.0, 1.0), ("k2", 0.5, 1.0), ("k3", math.exp(-1), 1 - math.exp(-1))]:
+        x = torch.tensor([-1.0], requires_grad=True)
+        y = torch.tensor([-2.0], requires_grad=True)
+        k = kl_penalty(x, y, kind, impl=impl)
+        k.sum().backward()
+        assert k.item() == pytest.approx(val, rel=1e-6)
+        assert x.grad.item() == pytest.approx(grad, rel=1e-6)
+        assert y.grad.item() == pytest.approx(-grad, rel=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["k1", "k2", "k3"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kl_matches_float64(kind, dtype, poison_empty):
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(7, 301, generator=g) - 3).to(dtype).requires_grad_()
+    y = (x.detach().float() + torch.randn(7, 301, generator=g) * 0.5).to(dtype).requires_grad_()
+    up = torch.randn(7, 301, generator=g)
+    k = kl_penalty(x, y, kind, impl="triton")
+    dx, dy = torch.autograd.grad((k * up).sum(), (x, y))
+    x64, y64 = x.detach().double().requires_grad_(), y.detach().double().requires_grad_()
+    k64 = kl_penalty_ref(x64, y64, kind)
+    dx64, dy64 = torch.autograd.grad((k64 * up.double()).sum(), (x64, y64))
+    assert k.dtype == torch.float32 and dx.dtype == dtype
+    torch.testing.assert_close(k.double(), k64, rtol=1e-5, atol=1e-6)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(dx.double(), dx64, **tol)
+    torch.testing.assert_close(dy.double(), dy64, **tol)
+
+
+def test_kl_bad_input():
+    with pytest.raises(ValueError, match="unknown KL estimator kind 'k4'"):
+        kl_penalty(torch.zeros(3), torch.zeros(3), "k4")
+    with pytest.raises(ValueError, match=r"logprobs \(3,\) and ref_logprobs \(4,\)"):
+        kl_penalty(torch.zeros(3), torch.zeros(4))
+
+
+# ---------------------------------------------------------------- policy_loss: by hand
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_ppo_clip_by_hand(impl):
+    # ratio r = [1.5, 0.5, 1.0], A = [1, -1, 2], clip 0.2:
+    #   t0: -A r = -1.5, -A clamp(r) = -1.2 -> max -1.2, clipped, grad 0
+    #   t1: -A r =  0.5, -A clamp(r) =  0.8 -> max  0.8, clipped, grad 0
+    #   t2: -A r = -2.0, -A clamp(r) = -2.0 -> -2.0, not clipped, grad -A r = -2
+    # token-mean: (-1.2 + 0.8 - 2) / 3 = -0.8;  clipfrac 2/3;  d/dlp = [0, 0, -2/3]
+    lp = torch.log(torch.tensor([[1.5, 0.5, 1.0]])).requires_grad_()
+    loss, m = policy_loss(lp, torch.zeros(1, 3), torch.tensor([[1.0, -1.0, 2.0]]),
+                          torch.ones(1, 3, dtype=torch.bool), impl=impl)
+    loss.backward()
+    assert loss.item() == pytest.approx(-0.8, abs=1e-6)
+    assert m["clipfrac"].item() == pytest.approx(2 / 3, abs=1e-6)
+    assert m["ratio_mean"].item() == pytest.approx(1.0, abs=1e-6)
+    torch.testing.assert_close(lp.grad, torch.tensor([[0.0, 0.0, -2 / 3]]))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_dual_clip_and_clip_higher_by_hand(impl):
+    # A = -1 everywhere. clip_low 0.2, clip_high 0.28, dual_clip 3:
+    #   t0: r = 5:   -A r = 5,   -A clamp(r) = 1.28 -> 5;   dual: min(5, 3) = 3, grad 0
+    #   t1: r = 2:   -A r = 2,   -A clamp(r) = 1.28 -> 2;   dual: 3 > 2, keeps 2, grad -A r = 2
+    #   t2: r = 0.5: -A r = 0.5, -A clamp(r) = 0.8  -> 0.8 (clipped at 1 - 0.2), grad 0
+    # token-mean: (3 + 2 + 0.8) / 3;  d/dlp = [0, 2/3, 0];  clipfrac = 1/3 (t2 only)
+    lp = torch.log(torch.tensor([[5.0, 2.0, 0.5]])).requires_grad_()
+    loss, m = policy_loss(lp, torch.zeros(1, 3), -torch.ones(1), torch.ones(1, 3), clip_high=0.28,
+                          dual_clip=3.0, impl=impl)
+    loss.backward()
+    assert loss.item() == pytest.approx(5.8 / 3, abs=1e-6)
+    torch.testing.assert_close(lp.grad, torch.tensor([[0.0, 2 / 3, 0.0]]))
+    assert m["clipfrac"].item() == pytest.approx(1 / 3, abs=1e-6)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("agg,expected,row_w", [
+    # ratio 1 so the per-token loss is -A: seq0 [1, 2, (3)], seq1 [4, (5), (6)] (masked in ())
+    ("token-mean", 7 / 3, [1 / 3, 1 / 3]),               # (1 + 2 + 4) / 3 tokens
+    ("seq-mean-token-mean", 2.75, [1 / 4, 1 / 2]),       # mean(3/2, 4/1)
+    ("seq-mean-token-sum", 3.5, [1 / 2, 1 / 2]),         # mean(3, 4)
+    ("seq-mean-token-sum-norm", 7 / 8, [1 / 8, 1 / 8]),  # (3 + 4) / (B=2 * max_len=4)
+])
+def test_aggregations_by_hand(impl, agg, expected, row_w):
+    lp = torch.zeros(2, 3, requires_grad=True)
+    adv = -torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    loss, _ = policy_loss(lp, torch.zeros(2, 3), adv, mask, loss_agg=agg,
+                          max_len=4 if agg.endswith("norm") else None, impl=impl)
+    loss.backward()
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+    # d loss / d lp = -A r * w_b on kept tokens (r = 1)
+    expect_grad = -adv * torch.tensor(row_w)[:, None] * mask
+    torch.testing.assert_close(lp.grad, expect_grad)
+
+
+def test_dr_grpo_max_len_defaults_to_T():
+    lp = torch.zeros(2, 3, requires_grad=True)
+    adv = -torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    loss, _ = policy_loss(lp, torch.zeros(2, 3), adv, mask, loss_agg="seq-mean-token-sum-norm",
+                          impl="triton")
+    assert loss.item() == pytest.approx(7 / 6, abs=1e-6)  # (3 + 4) / (2 * T=3)
+
+
+# ---------------------------------------------------------------- policy_loss: vs float64
+
+
+def _policy_inputs(B, T, dtype, seed=0, adv_1d=False):
+    g = torch.Generator().manual_seed(seed)
+    lp = (torch.randn(B, T, generator=g) * 0.5 - 2).to(dtype)
+    old = (lp.float() + torch.randn(B, T, generator=g) * 0.3).to(dtype)
+    ref = (lp.float() + torch.randn(B, T, generator=g) * 0.3).to(dtype)
+    adv = torch.randn(B, generator=g) if adv_1d else torch.randn(B, T, generator=g)
+    mask = torch.rand(B, T, generator=g) > 0.3
+    mask[1] = False  # an empty sequence
+    ent = (torch.rand(B, T, generator=g) * 3).to(dtype)
+    isw = (torch.rand(B, T, generator=g) + 0.5).to(dtype)
+    return lp, old, ref, adv, mask, ent, isw
+
+
+@pytest.mark.parametrize("agg", AGGS)
+@pytest.mark.parametrize("adv_1d", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_policy_loss_matches_float64(agg, adv_1d, dtype, monkeypatch, poison_empty):
+    pl = importlib.import_module("fastrlhf.kernels.policy_loss")
+    monkeypatch.setattr(pl, "BLOCK_T", 16)  # several tiles per sequence
+    lp, old, ref, adv, mask, ent, isw = _policy_inputs(5, 37, dtype, adv_1d=adv_1d)
+    kw = dict(clip_low=0.2, clip_high=0.28, dual_clip=3.0, kl_coef=0.1, kl_kind="k3",
+              entropy_coef=0.01, loss_agg=agg)
+    lp1, ent1 = lp.clone().requires_grad_(), ent.clone().requires_grad_()
+    loss, m = policy_loss(lp1, old, adv.to(dtype), mask, ref_logprobs=ref, entropy=ent1,
+                          is_weights=isw, impl="triton", **kw)
+    d_lp, d_ent = torch.autograd.grad(loss, (lp1, ent1))
+    lp64, ent64 = lp.double().requires_grad_(), ent.double().requires_grad_()
+    adv64 = adv.to(dtype).double()
+    adv64 = adv64[:, None].expand(5, 37) if adv_1d else adv64
+    loss64, m64 = policy_loss_ref(lp64, old.double(), adv64, mask, ref_logprobs=ref.double(),
+                                  entropy=ent64, is_weights=isw.double(), **kw)
+    d_lp64, d_ent64 = torch.autograd.grad(loss64, (lp64, ent64))
+    assert loss.dtype == torch.float32 and d_lp.dtype == dtype
+    torch.testing.assert_close(loss.double(), loss64, rtol=1e-5, atol=1e-6)
+    for k in ("clipfrac", "ratio_mean", "approx_kl", "kl", "entropy"):
+        torch.testing.assert_close(m[k].double(), m64[k], rtol=1e-5, atol=1e-6, msg=k)
+    tol = dict(rtol=1e-5, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-4)
+    torch.testing.assert_close(d_lp.double(), d_lp64, **tol)
+    torch.testing.assert_close(d_ent.double(), d_ent64, **tol)
+    assert torch.all(d_lp[~mask] == 0) and torch.all(d_ent[~mask] == 0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_masked_garbage_does_not_leak(impl):
+    lp, old, _, adv, mask, _, _ = _policy_inputs(4, 20, torch.float32)
+    lp = lp.clone()
+    lp[~mask] = float("nan")
+    old = old.clone()
+    old[~mask] = float("inf")
+    lp.requires_grad_()
+    loss, m = policy_loss(lp, old, adv, mask, impl=impl)
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(v) for v in m.values())
+    assert torch.all(lp.grad[~mask] == 0) and torch.isfinite(lp.grad).all()
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(mask=torch.ones(2, 4)), r"mask must have shape \(2, 3\)"),
+    (dict(mask=torch.ones(2, 3, dtype=torch.complex64)), r"mask must be bool, integer or floating"),
+    (dict(advantages=torch.ones(3)), r"advantages of shape \(3,\) do not match B=2"),
+    (dict(old_logprobs=torch.ones(2, 4)), r"old_logprobs must have shape \(2, 3\)"),
+    (dict(loss_agg="mean"), r"unknown loss_agg 'mean'"),
+    (dict(kl_kind="k9", ref_logprobs=torch.zeros(2, 3)), r"unknown KL estimator kind 'k9'"),
+    (dict(kl_coef=0.1), r"kl_coef=0.1 needs ref_logprobs"),
+    (dict(entropy_coef=0.1), r"entropy_coef=0.1 needs entropy"),
+    (dict(dual_clip=0.5), r"dual_clip must be > 1"),
+])
+def test_policy_loss_bad_input(bad, match):
+    args = dict(logprobs=torch.zeros(2, 3), old_logprobs=torch.zeros(2, 3),
+                advantages=torch.zeros(2, 3), mask=torch.ones(2, 3, dtype=torch.bool))
+    args.update(bad)
+    with pytest.raises(ValueError, match=match):
+        policy_loss(args.pop("logprobs"), args.pop("old_logprobs"), args.pop("advantages"),
+                    args.pop("mask"), **args)
+
+
+@pytest.mark.parametrize("liger_type,agg", [("grpo", "seq-mean-token-mean"), ("dapo", "token-mean"),
+                                            ("bnpo", "token-mean"),
+                                            ("dr_grpo", "seq-mean-token-sum-norm")])
+def test_parity_with_liger_grpo_loss(liger_type, agg):
+    """Liger's fused GRPO loss from logits == logprob_from_logits + policy_loss (k3 KL)."""
+    liger = pytest.importorskip("liger_kernel.transformers.grpo_loss")
+    g = torch.Generator().manual_seed(3)
+    B, L, V, temp, beta = 3, 10, 40, 0.9, 0.04
+    logits = torch.randn(B, L + 1, V, generator=g)
+    ids = torch.randint(0, V, (B, L), generator=g)
+    with torch.no_grad():
+        lp0 = logprob_from_logits(logits[:, :-1], ids, temperature=temp, impl="torch")
+    old = lp0 + torch.randn(B, L, generator=g) * 0.2
+    ref = lp0 + torch.randn(B, L, generator=g) * 0.2
+    adv = torch.randn(B, generator=g)
+    mask = torch.ones(B, L)
+    mask[0, 7:] = 0
+    mask[2, 3:] = 0
+    z1 = logits.clone().requires_grad_()
+    liger_loss, liger_metrics = liger.triton_grpo_loss(
+        z1, old, ref, ids, adv, mask, temperature=temp, beta=beta, eps_low=0.2, eps_high=0.28,
+        inplace=False, loss_type=liger_type, max_completion_length=L, reduce=True)
+    liger_loss.backward()
+    z2 = logits.clone().requires_grad_()
+    lp = logprob_from_logits(z2[:, :-1], ids, temperature=temp, impl="triton")
+    loss, m = policy_loss(lp, old, adv, mask, clip_low=0.2, clip_high=0.28, ref_logprobs=ref,
+                          kl_coef=beta, kl_kind="k3", loss_agg=agg, max_len=L, impl="triton")
+    loss.backward()
+    torch.testing.assert_close(loss, liger_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(z2.grad, z1.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(m["clipfrac"], liger_metrics[-1].float(), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- value_loss
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_value_loss_by_hand(impl):
+    # clip 0.2, R = 0:
+    #   t0: v = 1.0, v_old = 0.5 -> v_clip = 0.7: max(1.0, 0.49) / 2 = 0.5,    grad v - R = 1.0
+    #   t1: v = 0.0, v_old = 1.0 -> v_clip = 0.8: max(0, 0.64) / 2 = 0.32,     clipped, |v - v_old| > clip: grad 0
+    #   t2: v = 0.9, v_old = 1.0 -> v_clip = 0.9: equal, 0.405,                  grad 0.9
+    # token-mean: (0.5 + 0.32 + 0.405) / 3;  clipfrac 1/3;  d/dv = [1.0, 0, 0.9] / 3
+    v = torch.tensor([[1.0, 0.0, 0.9]], requires_grad=True)
+    loss, m = value_loss(v, torch.tensor([[0.5, 1.0, 1.0]]), torch.zeros(1, 3), torch.ones(1, 3),
+                         clip=0.2, impl=impl)
+    loss.backward()
+    assert loss.item() == pytest.approx((0.5 + 0.32 + 0.405) / 3, abs=1e-6)
+    assert m["clipfrac"].item() == pytest.approx(1 / 3, abs=1e-6)
+    torch.testing.assert_close(v.grad, torch.tensor([[1.0, 0.0, 0.9]]) / 3)
+
+
+@pytest.mark.parametrize("agg", AGGS)
+def test_value_loss_matches_float64(agg, monkeypatch, poison_empty):
+    vl = importlib.import_module("fastrlhf.kernels.value_loss")
+    monkeypatch.setattr(vl, "BLOCK_T", 16)
+    g = torch.Generator().manual_seed(2)
+    v = torch.randn(6, 41, generator=g)
+    old = v + torch.randn(6, 41, generator=g) * 0.3
+    ret = torch.randn(6, 41, generator=g)
+    mask = torch.rand(6, 41, generator=g) > 0.25
+    v1 = v.clone().requires_grad_()
+    loss, m = value_loss(v1, old, ret, mask, clip=0.2, loss_agg=agg, impl="triton")
+    (dv,) = torch.autograd.grad(loss, v1)
+    v64 = v.double().requires_grad_()
+    loss64, m64 = value_loss_ref(v64, old.double(), ret.double(), mask, clip=0.2, loss_agg=agg)
+    (dv64,) = torch.autograd.grad(loss64, v64)
+    torch.testing.assert_close(loss.double(), loss64, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dv.double(), dv64, rtol=1e-5, atol=1e-7)
+    for k in m:
+        torch.testing.assert_close(m[k].double(), m64[k], rtol=1e-5, atol=1e-6)
