@@ -17,7 +17,6 @@ and benchmarks/results/<device>-<op>.png drawn.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import sys
 
@@ -87,37 +86,9 @@ def make_cases(op: str, N: int, H: int, V: int, dtype: torch.dtype, device: str,
     else:
         size = f"N={N},V={V}"
         leaves = [(torch.randn(N, V, generator=g) * 2).to(device, dtype).requires_grad_()]
-    state = {}
-
-    def clear():
-        for t in leaves:
-            t.grad = None
-        state.clear()
-
-    def fwd_only(fn):
-        return lambda: fn(*leaves, labels)
-
-    def bwd_setup(fn):
-        def setup():
-            clear()
-            state["out"] = fn(*leaves, labels)
-        return setup
-
-    def bwd(_fn):
-        return lambda: state["out"].sum().backward()
-
-    def full(fn):
-        return lambda: fn(*leaves, labels).sum().backward()
-
     cases = []
     for name, fn in provider_fns(op, device, providers).items():
-        for mode in modes:
-            if mode == "forward":
-                cases.append(common.Case(op, name, mode, size, fwd_only(fn), clear))
-            elif mode == "backward":
-                cases.append(common.Case(op, name, mode, size, bwd(fn), bwd_setup(fn)))
-            else:
-                cases.append(common.Case(op, name, mode, size, full(fn), clear))
+        cases += common.mode_cases(op, name, size, lambda fn=fn: fn(*leaves, labels), leaves, modes)
     return cases
 
 
@@ -133,15 +104,10 @@ def parse_sizes(text: str) -> list[tuple[int, int, int]]:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     argv = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--ops", default=",".join(OPS), help=f"comma list of {OPS}")
-    p.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma list of {PROVIDERS}")
-    p.add_argument("--modes", default=",".join(MODES), help=f"comma list of {MODES}")
+    p = common.arg_parser(__doc__, OPS, PROVIDERS, MODES)
     p.add_argument("--sizes", default=None, help="N,H,V;N,H,V (default: per device)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--reps", type=int, default=None, help="timed repetitions (default 20 CUDA, 3 CPU)")
-    p.add_argument("--no-save", action="store_true", help="print only; no CSV, no plot")
     args = p.parse_args(argv)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -155,15 +121,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             cases = make_cases(op, N, H, V, dtype, device, args.providers.split(","),
                                args.modes.split(","))
             rows += common.run_cases(cases, device, warmup=1 if device == "cpu" else 3, reps=reps)
-    baseline = "torch-eager"
-    common.print_table(rows, baseline)
-    if not args.no_save:
-        path = common.append_csv(rows, device)
-        print(f"\nappended {len(rows)} rows to {path}")
-        for op in args.ops.split(","):
-            png = common.plot(rows, device, op)
-            if png:
-                print(f"plot: {png}")
+    ops = args.ops.split(",")
+    common.report(rows, device, {op: "full" for op in ops}, save=not args.no_save)
     return rows
 
 

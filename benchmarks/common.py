@@ -9,6 +9,7 @@ the process's peak resident set (VmHWM, reset through /proc/self/clear_refs) on 
 
 from __future__ import annotations
 
+import argparse
 import csv
 import os
 import platform
@@ -156,6 +157,41 @@ class Case:
     setup: Callable[[], object] | None = None
 
 
+def arg_parser(doc: str, ops: list[str], providers: list[str], modes: list[str]) -> argparse.ArgumentParser:
+    """The options every benchmark has; each adds its size and dtype options."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--ops", default=",".join(ops), help=f"comma list of {ops}")
+    p.add_argument("--providers", default=",".join(providers), help=f"comma list of {providers}")
+    p.add_argument("--modes", default=",".join(modes), help=f"comma list of {modes}")
+    p.add_argument("--reps", type=int, default=None, help="timed repetitions (default per device)")
+    p.add_argument("--no-save", action="store_true", help="print only; no CSV, no plot")
+    return p
+
+
+def mode_cases(op: str, provider: str, size: str, fn: Callable[[], torch.Tensor],
+               leaves: list[torch.Tensor], modes: list[str]) -> list[Case]:
+    """Cases for fn() (returning a tensor) in each mode: forward (grad enabled, as in
+    training), backward (of an untimed forward's output), full (forward + backward). The
+    upstream gradient is ones (out.sum()); leaves' .grad is cleared before every call."""
+    state = {}
+
+    def clear():
+        for t in leaves:
+            t.grad = None
+        state.clear()
+
+    def forward_then_clear():
+        clear()
+        state["out"] = fn()
+
+    builders = {
+        "forward": (fn, clear),
+        "backward": (lambda: state["out"].sum().backward(), forward_then_clear),
+        "full": (lambda: fn().sum().backward(), clear),
+    }
+    return [Case(op, provider, mode, size, *builders[mode]) for mode in modes]
+
+
 def run_cases(cases: list[Case], device: str, *, warmup: int, reps: int) -> list[dict]:
     dev_name, sha = device_name(device), commit()
     rows = []
@@ -206,6 +242,20 @@ def print_table(rows: list[dict], baseline: str) -> None:
             m_ratio = r["peak_mem_mb"] / base["peak_mem_mb"] if base and base["peak_mem_mb"] else float("nan")
             print(f"{r['op']:<16} {r['size']:<28} {r['mode']:<9} {r['provider']:<15} "
                   f"{r['median_ms']:>10.3f} {t_ratio:>15.2f}x {r['peak_mem_mb']:>10.1f} {m_ratio:>7.3f}x")
+
+
+def report(rows: list[dict], device: str, plots: dict[str, str], *, baseline: str = "torch-eager",
+           save: bool = True) -> None:
+    """Print the table; unless save is off, append the CSV and draw one plot per op
+    (plots: op -> the mode to draw)."""
+    print_table(rows, baseline)
+    if not save or not rows:
+        return
+    print(f"\nappended {len(rows)} rows to {append_csv(rows, device)}")
+    for op, mode in plots.items():
+        png = plot(rows, device, op, mode)
+        if png:
+            print(f"plot: {png}")
 
 
 def plot(rows: list[dict], device: str, op: str, mode: str = "full") -> Path | None:

@@ -10,7 +10,7 @@ The log-prob math, for one token with (tempered) logits z over V classes and lab
     entropy = lse - E_p[z],                     E_p[z] = sum_j p_j z_j
     d logp    / d z_j = onehot_j - p_j
     d entropy / d z_j = p_j * (E_p[z] - z_j)
-Both the Triton kernels (tile by tile, `_online_update` / `_dlogits_tile`) and the torch
+Both the Triton kernels (tile by tile, `_online_update` / `_row_dlogits`) and the torch
 path (chunk by chunk, `torch_stats` / `torch_dlogits`) implement exactly these lines.
 """
 
@@ -129,6 +129,15 @@ def _cast(x, dtype: tl.constexpr, INTERPRET: tl.constexpr):
 
 
 @triton.jit
+def _init_stats(LABELS, rows, row_ok, ignore_index, BLOCK_N: tl.constexpr):
+    """Labels of the rows and empty running statistics (m, s, t, zl) for `_online_update`."""
+    labels = tl.load(LABELS + rows, mask=row_ok, other=ignore_index)
+    m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    zero = tl.zeros((BLOCK_N,), tl.float32)
+    return labels, m, zero, zero, zero
+
+
+@triton.jit
 def _online_update(m, s, t, zl, z, cols, col_ok, labels, ENTROPY: tl.constexpr):
     """Fold one logit tile z (BLOCK_N, BLOCK_V) fp32 into the running row statistics.
 
@@ -149,14 +158,23 @@ def _online_update(m, s, t, zl, z, cols, col_ok, labels, ENTROPY: tl.constexpr):
 
 
 @triton.jit
-def _dlogits_tile(z, cols, labels, lse, ez, g_lp, g_ent, inv_temp, ENTROPY: tl.constexpr):
-    """d(loss)/d(raw logits) for a tile: (g_lp*(onehot - p) [+ g_ent*p*(E[z] - z)]) / T."""
+def _row_dlogits(z, cols, col_ok, LABELS, LSE, EZ, G_LP, G_ENT, rows, row_ok, ignore_index,
+                 inv_temp, ENTROPY: tl.constexpr, BLOCK_N: tl.constexpr):
+    """d(loss)/d(raw logits) for a tile of tempered logits z (BLOCK_N, BLOCK_V):
+    (g_lp*(onehot - p) [+ g_ent*p*(E[z] - z)]) / T, exactly 0 on ignored rows and invalid columns.
+    Loads the per-row labels, lse, E[z] and upstream gradients itself."""
+    labels = tl.load(LABELS + rows, mask=row_ok, other=ignore_index)
+    lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
+    g_lp = tl.load(G_LP + rows, mask=row_ok, other=0.0)
     p = tl.exp(z - lse[:, None])
     onehot = tl.where(cols[None, :] == labels[:, None], 1.0, 0.0)
     dz = g_lp[:, None] * (onehot - p)
     if ENTROPY:
+        ez = tl.load(EZ + rows, mask=row_ok, other=0.0)
+        g_ent = tl.load(G_ENT + rows, mask=row_ok, other=0.0)
         dz += g_ent[:, None] * p * (ez[:, None] - z)
-    return dz * inv_temp
+    keep = (row_ok & (labels != ignore_index))[:, None] & col_ok[None, :]
+    return tl.where(keep, dz * inv_temp, 0.0)
 
 
 def combine_splits(m, s, t, zl, valid, want_entropy):

@@ -43,8 +43,9 @@ from ._common import (
     INTERPRET,
     TileConfig,
     _cast,
-    _dlogits_tile,
     _dot,
+    _init_stats,
+    _row_dlogits,
     _online_update,
     check_float,
     check_labels,
@@ -62,6 +63,28 @@ from ._common import (
 # ----------------------------------------------------------------------------------------
 # kernels
 # ----------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _logits_tile(H, W, BIAS, rows, row_ok, cols, col_ok, D, stride_hn, stride_hd, stride_wv,
+                 stride_wd, inv_temp, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+                 INTERPRET: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                 BLOCK_D: tl.constexpr):
+    """(hidden[rows] @ weight[cols].T + bias[cols]) / T as an fp32 (BLOCK_N, BLOCK_V) tile."""
+    offs_d = tl.arange(0, BLOCK_D)
+    h_ptrs = H + rows[:, None] * stride_hn + offs_d[None, :] * stride_hd  # (BLOCK_N, BLOCK_D)
+    w_ptrs = W + cols[None, :] * stride_wv + offs_d[:, None] * stride_wd  # (BLOCK_D, BLOCK_V)
+    acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d_ok = offs_d < D - d0
+        h = tl.load(h_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=d_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = _dot(h, w, acc, PRECISION, INTERPRET)
+        h_ptrs += BLOCK_D * stride_hd
+        w_ptrs += BLOCK_D * stride_wd
+    if HAS_BIAS:
+        acc += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    return acc * inv_temp
 
 
 @triton.jit
@@ -83,32 +106,17 @@ def _linear_logprob_fwd_kernel(
     split = tl.program_id(1)
     rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # (BLOCK_N,)
     row_ok = rows < N
-    labels = tl.load(LABELS + rows, mask=row_ok, other=ignore_index)
-    offs_d = tl.arange(0, BLOCK_D)
-
-    m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
-    s = tl.zeros((BLOCK_N,), tl.float32)
-    t = tl.zeros((BLOCK_N,), tl.float32)
-    zl = tl.zeros((BLOCK_N,), tl.float32)
+    labels, m, s, t, zl = _init_stats(LABELS, rows, row_ok, ignore_index, BLOCK_N)
 
     v_start = split * v_per_split
     v_end = tl.minimum(v_start + v_per_split, V)
     for v0 in range(v_start, v_end, BLOCK_V):
         cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)  # (BLOCK_V,)
         col_ok = cols < v_end
-        h_ptrs = H + rows[:, None] * stride_hn + offs_d[None, :] * stride_hd  # (BLOCK_N, BLOCK_D)
-        w_ptrs = W + cols[None, :] * stride_wv + offs_d[:, None] * stride_wd  # (BLOCK_D, BLOCK_V)
-        acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            d_ok = offs_d < D - d0
-            h = tl.load(h_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=d_ok[:, None] & col_ok[None, :], other=0.0)
-            acc = _dot(h, w, acc, PRECISION, INTERPRET)
-            h_ptrs += BLOCK_D * stride_hd
-            w_ptrs += BLOCK_D * stride_wd
-        if HAS_BIAS:
-            acc += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        m, s, t, zl = _online_update(m, s, t, zl, acc * inv_temp, cols, col_ok, labels, ENTROPY)
+        z = _logits_tile(H, W, BIAS, rows, row_ok, cols, col_ok, D, stride_hn, stride_hd,
+                         stride_wv, stride_wd, inv_temp, HAS_BIAS, PRECISION, INTERPRET,
+                         BLOCK_N, BLOCK_V, BLOCK_D)
+        m, s, t, zl = _online_update(m, s, t, zl, z, cols, col_ok, labels, ENTROPY)
 
     out = STATS + split * stride_split + rows
     tl.store(out, m, mask=row_ok)
@@ -140,32 +148,10 @@ def _linear_logprob_dlogits_kernel(
     local = (pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)  # column within the chunk
     col_ok = local < Vc
     cols = v_offset + local  # column in the vocabulary
-    offs_d = tl.arange(0, BLOCK_D)
-
-    h_ptrs = H + rows[:, None] * stride_hn + offs_d[None, :] * stride_hd
-    w_ptrs = W + cols[None, :] * stride_wv + offs_d[:, None] * stride_wd
-    acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        d_ok = offs_d < D - d0
-        h = tl.load(h_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=d_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = _dot(h, w, acc, PRECISION, INTERPRET)
-        h_ptrs += BLOCK_D * stride_hd
-        w_ptrs += BLOCK_D * stride_wd
-    if HAS_BIAS:
-        acc += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-
-    labels = tl.load(LABELS + rows, mask=row_ok, other=ignore_index)
-    lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
-    g_lp = tl.load(G_LP + rows, mask=row_ok, other=0.0)
-    ez = tl.zeros((BLOCK_N,), tl.float32)
-    g_ent = tl.zeros((BLOCK_N,), tl.float32)
-    if ENTROPY:
-        ez = tl.load(EZ + rows, mask=row_ok, other=0.0)
-        g_ent = tl.load(G_ENT + rows, mask=row_ok, other=0.0)
-    dz = _dlogits_tile(acc * inv_temp, cols, labels, lse, ez, g_lp, g_ent, inv_temp, ENTROPY)
-    keep = (row_ok & (labels != ignore_index))[:, None] & col_ok[None, :]
-    dz = tl.where(keep, dz, 0.0)  # ignored tokens: exactly 0, even if their hidden is inf/nan
+    z = _logits_tile(H, W, BIAS, rows, row_ok, cols, col_ok, D, stride_hn, stride_hd, stride_wv,
+                     stride_wd, inv_temp, HAS_BIAS, PRECISION, INTERPRET, BLOCK_N, BLOCK_V, BLOCK_D)
+    dz = _row_dlogits(z, cols, col_ok, LABELS, LSE, EZ, G_LP, G_ENT, rows, row_ok, ignore_index,
+                      inv_temp, ENTROPY, BLOCK_N)
     z_ptrs = DZ + rows[:, None] * stride_zn + local[None, :] * stride_zv
     tl.store(z_ptrs, _cast(dz, DZ.dtype.element_ty, INTERPRET), mask=row_ok[:, None] & col_ok[None, :])
 

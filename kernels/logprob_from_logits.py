@@ -25,8 +25,9 @@ from ._common import (
     INTERPRET,
     TileConfig,
     _cast,
-    _dlogits_tile,
+    _init_stats,
     _online_update,
+    _row_dlogits,
     check_float,
     check_labels,
     cat_stats,
@@ -59,11 +60,7 @@ def _logprob_fwd_kernel(
 ):
     rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # (BLOCK_N,)
     row_ok = rows < N
-    labels = tl.load(LABELS + rows, mask=row_ok, other=ignore_index)
-    m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
-    s = tl.zeros((BLOCK_N,), tl.float32)
-    t = tl.zeros((BLOCK_N,), tl.float32)
-    zl = tl.zeros((BLOCK_N,), tl.float32)
+    labels, m, s, t, zl = _init_stats(LABELS, rows, row_ok, ignore_index, BLOCK_N)
     for v0 in range(0, V, BLOCK_V):
         cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
         col_ok = cols < V
@@ -94,19 +91,12 @@ def _logprob_bwd_kernel(
     rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # (BLOCK_N,)
     cols = (tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)  # (BLOCK_V,)
     row_ok = rows < N
-    tile_ok = row_ok[:, None] & (cols < V)[None, :]
+    col_ok = cols < V
+    tile_ok = row_ok[:, None] & col_ok[None, :]
     z = tl.load(Z + rows[:, None] * stride_zn + cols[None, :] * stride_zv, mask=tile_ok,
                 other=0.0).to(tl.float32) * inv_temp
-    labels = tl.load(LABELS + rows, mask=row_ok, other=ignore_index)
-    lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
-    g_lp = tl.load(G_LP + rows, mask=row_ok, other=0.0)
-    ez = tl.zeros((BLOCK_N,), tl.float32)
-    g_ent = tl.zeros((BLOCK_N,), tl.float32)
-    if ENTROPY:
-        ez = tl.load(EZ + rows, mask=row_ok, other=0.0)
-        g_ent = tl.load(G_ENT + rows, mask=row_ok, other=0.0)
-    dz = _dlogits_tile(z, cols, labels, lse, ez, g_lp, g_ent, inv_temp, ENTROPY)
-    dz = tl.where((labels != ignore_index)[:, None], dz, 0.0)
+    dz = _row_dlogits(z, cols, col_ok, LABELS, LSE, EZ, G_LP, G_ENT, rows, row_ok, ignore_index,
+                      inv_temp, ENTROPY, BLOCK_N)
     tl.store(DZ + rows[:, None] * stride_dn + cols[None, :] * stride_dv,
              _cast(dz, DZ.dtype.element_ty, INTERPRET), mask=tile_ok)
 

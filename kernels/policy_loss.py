@@ -77,7 +77,36 @@ def _policy_token(lp, old, adv, ref, ent, isw, clip_low, clip_high, dual_clip, k
 
 @triton.jit
 def _load_bt(PTR, b, t, t_ok, stride_b, stride_t):
+    """Row b, positions t of a (B, T) input as fp32."""
     return tl.load(PTR + b * stride_b + t * stride_t, mask=t_ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _load_keep(MASK, b, t, t_ok, stride_b, stride_t):
+    """Which positions count: in range and mask != 0 (any mask dtype)."""
+    return t_ok & (tl.load(MASK + b * stride_b + t * stride_t, mask=t_ok, other=0) != 0)
+
+
+@triton.jit
+def _load_policy_inputs(LP, OLD, ADV, MASK, REF, ENT, ISW, b, t, t_ok,
+                        s_lp_b, s_lp_t, s_old_b, s_old_t, s_adv_b, s_adv_t, s_m_b, s_m_t,
+                        s_ref_b, s_ref_t, s_ent_b, s_ent_t, s_isw_b, s_isw_t,
+                        HAS_REF: tl.constexpr, HAS_ENT: tl.constexpr, HAS_ISW: tl.constexpr):
+    """The tiles both policy kernels read; absent optional inputs come back as lp (unused)."""
+    lp = _load_bt(LP, b, t, t_ok, s_lp_b, s_lp_t)
+    old = _load_bt(OLD, b, t, t_ok, s_old_b, s_old_t)
+    adv = _load_bt(ADV, b, t, t_ok, s_adv_b, s_adv_t)
+    keep = _load_keep(MASK, b, t, t_ok, s_m_b, s_m_t)
+    ref = lp
+    ent = lp
+    isw = lp
+    if HAS_REF:
+        ref = _load_bt(REF, b, t, t_ok, s_ref_b, s_ref_t)
+    if HAS_ENT:
+        ent = _load_bt(ENT, b, t, t_ok, s_ent_b, s_ent_t)
+    if HAS_ISW:
+        isw = _load_bt(ISW, b, t, t_ok, s_isw_b, s_isw_t)
+    return lp, old, adv, keep, ref, ent, isw
 
 
 @triton.jit
@@ -99,19 +128,10 @@ def _policy_loss_fwd_kernel(
     tile = tl.program_id(1)
     t = (tile * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)  # (BLOCK_T,)
     t_ok = t < T
-    lp = _load_bt(LP, b, t, t_ok, s_lp_b, s_lp_t)
-    old = _load_bt(OLD, b, t, t_ok, s_old_b, s_old_t)
-    adv = _load_bt(ADV, b, t, t_ok, s_adv_b, s_adv_t)
-    keep = t_ok & (tl.load(MASK + b * s_m_b + t * s_m_t, mask=t_ok, other=0) != 0)
-    ref = lp
-    ent = lp
-    isw = lp
-    if HAS_REF:
-        ref = _load_bt(REF, b, t, t_ok, s_ref_b, s_ref_t)
-    if HAS_ENT:
-        ent = _load_bt(ENT, b, t, t_ok, s_ent_b, s_ent_t)
-    if HAS_ISW:
-        isw = _load_bt(ISW, b, t, t_ok, s_isw_b, s_isw_t)
+    lp, old, adv, keep, ref, ent, isw = _load_policy_inputs(
+        LP, OLD, ADV, MASK, REF, ENT, ISW, b, t, t_ok, s_lp_b, s_lp_t, s_old_b, s_old_t, s_adv_b,
+        s_adv_t, s_m_b, s_m_t, s_ref_b, s_ref_t, s_ent_b, s_ent_t, s_isw_b, s_isw_t,
+        HAS_REF, HAS_ENT, HAS_ISW)
     loss, _, clipped, ratio, approx_kl, kl = _policy_token(
         lp, old, adv, ref, ent, isw, clip_low, clip_high, dual_clip, kl_coef, entropy_coef,
         HAS_DUAL, HAS_REF, HAS_ENT, HAS_ISW, KL_KIND)
@@ -147,17 +167,10 @@ def _policy_loss_bwd_kernel(
     b = tl.program_id(0).to(tl.int64)
     t = (tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     t_ok = t < T
-    lp = _load_bt(LP, b, t, t_ok, s_lp_b, s_lp_t)
-    old = _load_bt(OLD, b, t, t_ok, s_old_b, s_old_t)
-    adv = _load_bt(ADV, b, t, t_ok, s_adv_b, s_adv_t)
-    keep = t_ok & (tl.load(MASK + b * s_m_b + t * s_m_t, mask=t_ok, other=0) != 0)
-    ref = lp
-    ent = lp
-    isw = lp
-    if HAS_REF:
-        ref = _load_bt(REF, b, t, t_ok, s_ref_b, s_ref_t)
-    if HAS_ISW:
-        isw = _load_bt(ISW, b, t, t_ok, s_isw_b, s_isw_t)
+    lp, old, adv, keep, ref, ent, isw = _load_policy_inputs(
+        LP, OLD, ADV, MASK, REF, ENT, ISW, b, t, t_ok, s_lp_b, s_lp_t, s_old_b, s_old_t, s_adv_b,
+        s_adv_t, s_m_b, s_m_t, s_ref_b, s_ref_t, s_ent_b, s_ent_t, s_isw_b, s_isw_t,
+        HAS_REF, False, HAS_ISW)
     _, dloss, _, _, _, _ = _policy_token(
         lp, old, adv, ref, ent, isw, clip_low, clip_high, dual_clip, kl_coef, entropy_coef,
         HAS_DUAL, HAS_REF, False, HAS_ISW, KL_KIND)

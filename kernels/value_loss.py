@@ -22,7 +22,7 @@ import triton.language as tl
 
 from ._aggregate import check_loss_agg, check_token_tensors, row_weights
 from ._common import resolve_impl
-from .policy_loss import _load_bt
+from .policy_loss import _load_bt, _load_keep
 
 _K = 4  # partial sums: loss, tokens, clipped, values
 
@@ -43,6 +43,13 @@ def _value_token(v, v_old, ret, clip):
 
 
 @triton.jit
+def _load_value_inputs(V, VOLD, RET, MASK, b, t, t_ok, s_v_b, s_v_t, s_o_b, s_o_t, s_r_b, s_r_t,
+                       s_m_b, s_m_t):
+    return (_load_bt(V, b, t, t_ok, s_v_b, s_v_t), _load_bt(VOLD, b, t, t_ok, s_o_b, s_o_t),
+            _load_bt(RET, b, t, t_ok, s_r_b, s_r_t), _load_keep(MASK, b, t, t_ok, s_m_b, s_m_t))
+
+
+@triton.jit
 def _value_loss_fwd_kernel(
     V, VOLD, RET, MASK, PARTIALS,
     T,
@@ -54,10 +61,8 @@ def _value_loss_fwd_kernel(
     tile = tl.program_id(1)
     t = (tile * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     t_ok = t < T
-    v = _load_bt(V, b, t, t_ok, s_v_b, s_v_t)
-    v_old = _load_bt(VOLD, b, t, t_ok, s_o_b, s_o_t)
-    ret = _load_bt(RET, b, t, t_ok, s_r_b, s_r_t)
-    keep = t_ok & (tl.load(MASK + b * s_m_b + t * s_m_t, mask=t_ok, other=0) != 0)
+    v, v_old, ret, keep = _load_value_inputs(V, VOLD, RET, MASK, b, t, t_ok, s_v_b, s_v_t, s_o_b,
+                                             s_o_t, s_r_b, s_r_t, s_m_b, s_m_t)
     loss, _, clipped = _value_token(v, v_old, ret, clip)
     out = PARTIALS + (b * tl.num_programs(1) + tile)
     tl.store(out + 0 * s_part_k, tl.sum(tl.where(keep, loss, 0.0), axis=0))
@@ -77,10 +82,8 @@ def _value_loss_bwd_kernel(
     b = tl.program_id(0).to(tl.int64)
     t = (tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     t_ok = t < T
-    v = _load_bt(V, b, t, t_ok, s_v_b, s_v_t)
-    v_old = _load_bt(VOLD, b, t, t_ok, s_o_b, s_o_t)
-    ret = _load_bt(RET, b, t, t_ok, s_r_b, s_r_t)
-    keep = t_ok & (tl.load(MASK + b * s_m_b + t * s_m_t, mask=t_ok, other=0) != 0)
+    v, v_old, ret, keep = _load_value_inputs(V, VOLD, RET, MASK, b, t, t_ok, s_v_b, s_v_t, s_o_b,
+                                             s_o_t, s_r_b, s_r_t, s_m_b, s_m_t)
     _, dloss, _ = _value_token(v, v_old, ret, clip)
     coef = tl.load(COEF + b)
     tl.store(DV + b * T + t, tl.where(keep, coef * dloss, 0.0).to(DV.dtype.element_ty), mask=t_ok)
