@@ -201,27 +201,28 @@ def combine_splits(m, s, t, zl, valid, want_entropy):
 
 def torch_stats(z: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, want_entropy: bool):
     """z (n, V) fp32 tempered logits -> logp, entropy | None, lse, E[z] | None, each (n,)."""
+    zl = z.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    if not want_entropy:
+        lse = torch.logsumexp(z, dim=-1)  # one fused pass
+        return torch.where(valid, zl - lse, 0.0), None, lse, None
     # as the kernel does: shift by the max, normalise E[z] by the sum actually accumulated
     m = z.max(dim=-1, keepdim=True).values  # (n, 1)
-    e = torch.exp(z - m)  # (n, V)
+    e = torch.sub(z, m).exp_()  # (n, V)
     s = e.sum(dim=-1)
     lse = m.squeeze(-1) + torch.log(s)
-    zl = z.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    logp = torch.where(valid, zl - lse, 0.0)
-    if not want_entropy:
-        return logp, None, lse, None
-    ez = (e * z).sum(dim=-1) / s
-    return logp, torch.where(valid, lse - ez, 0.0), lse, ez
+    ez = e.mul_(z).sum(dim=-1) / s
+    return torch.where(valid, zl - lse, 0.0), torch.where(valid, lse - ez, 0.0), lse, ez
 
 
 def torch_dlogits(z, labels, valid, lse, ez, g_lp, g_ent, inv_temp):
     """Gradient w.r.t. the raw logits of a (n, V) fp32 chunk; rows that are not valid get 0."""
-    p = torch.exp(z - lse.unsqueeze(-1))  # (n, V)
-    dz = -p * g_lp.unsqueeze(-1)
+    dz = torch.sub(z, lse.unsqueeze(-1)).exp_()  # (n, V) p, then d(logits) in place
+    if g_ent is None:
+        dz.mul_(-g_lp.unsqueeze(-1))
+    else:
+        dz.mul_((ez.unsqueeze(-1) - z).mul_(g_ent.unsqueeze(-1)).sub_(g_lp.unsqueeze(-1)))
     dz.scatter_add_(-1, labels.clamp(min=0).unsqueeze(-1), g_lp.unsqueeze(-1))
-    if g_ent is not None:
-        dz += g_ent.unsqueeze(-1) * p * (ez.unsqueeze(-1) - z)
-    dz *= inv_temp
+    dz.mul_(inv_temp)
     return dz.masked_fill_(~valid.unsqueeze(-1), 0.0)
 
 
