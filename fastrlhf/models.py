@@ -1,0 +1,186 @@
+"""Loading Hugging Face models, the packed-sequence attention, value heads and log-probs.
+
+Attention backend. Training runs on packed micro-batches (data.pack): several sequences in
+one row, position ids restarting at 0, cu_seqlens their boundaries. transformers' own sdpa and
+eager paths do not keep packed sequences apart (checked: the second of two packed sequences
+differs from running it alone by 0.6 in the logits), so we register our attention function
+"fastrlhf_varlen":
+  - CUDA with flash-attn installed: flash_attn_varlen_func over cu_seqlens (no padding, no
+    (T, T) mask);
+  - otherwise (CPU, or no flash-attn): PyTorch SDPA with a block-diagonal causal mask built
+    from the position ids. Unpacked (padded) batches use transformers' usual mask.
+Log-probs. Training never materialises the (B, T, V) logits: `token_logprobs` runs the
+backbone for the last hidden state and calls fastrlhf.kernels.linear_logprob with the lm_head
+weight.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fastrlhf.kernels import linear_logprob
+
+ATTN = "fastrlhf_varlen"
+_HAS_FLASH = importlib.util.find_spec("flash_attn") is not None
+
+
+def packed_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) position ids restarting at 0 per sequence -> (B, 1, T, T) bool: causal within
+    each sequence, nothing across sequences."""
+    seg = (position_ids == 0).cumsum(dim=-1)  # (B, T) sequence index
+    T = position_ids.shape[-1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=position_ids.device).tril()
+    return ((seg[:, :, None] == seg[:, None, :]) & causal)[:, None]
+
+
+def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention function. query (B, heads, T, hd), key/value (B, kv_heads, T, hd)
+    -> ((B, T, heads, hd), None). Packed when called with cu_seq_lens_q (see forward_packed)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is None:  # an ordinary (padded / generation) batch
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                      dropout=dropout, **kwargs)
+    if query.is_cuda and _HAS_FLASH:
+        from flash_attn import flash_attn_varlen_func
+
+        B, h, T, d = query.shape
+        q, k, v = (x.transpose(1, 2).reshape(B * T, x.shape[1], d) for x in (query, key, value))
+        max_len = kwargs["max_length_q"]
+        out = flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, dropout_p=dropout,
+                                     softmax_scale=scaling, causal=True)
+        return out.view(B, T, h, d), None
+    mask = packed_causal_mask(kwargs["position_ids"])
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:
+        key, value = (x.repeat_interleave(groups, dim=1) for x in (key, value))
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask,
+                                                           dropout_p=dropout, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTN, varlen_attention)
+    AttentionMaskInterface.register(ATTN, sdpa_mask)
+
+
+def default_dtype(device: torch.device | str) -> torch.dtype:
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def check_model_dir(path: str | Path) -> Path:
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path}: not a Hugging Face model directory (no config.json)")
+    if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+        raise FileNotFoundError(f"{path}: the model directory has no tokenizer "
+                                "(tokenizer.json / tokenizer_config.json); save one beside the weights")
+    return path
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(check_model_dir(path))
+
+
+def load_causal_lm(path: str | Path, *, device="cpu", dtype=None, gradient_checkpointing=False):
+    """An AutoModelForCausalLM from an HF directory, with the packed attention function."""
+    from transformers import AutoModelForCausalLM
+
+    _register_attention()
+    model = AutoModelForCausalLM.from_pretrained(check_model_dir(path),
+                                                 dtype=dtype or default_dtype(device),
+                                                 attn_implementation=ATTN)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model.to(device)
+
+
+def load_value_model(path: str | Path, *, device="cpu", dtype=None, gradient_checkpointing=False):
+    """A scalar head on the backbone (AutoModelForSequenceClassification, num_labels=1): the
+    reward model and the PPO critic. From a causal-LM directory the head starts at zero, so
+    initial values are 0; from a saved reward model it is loaded. Saves as a standard HF
+    sequence-classification directory."""
+    import warnings
+
+    from transformers import AutoModelForSequenceClassification
+
+    _register_attention()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "some weights newly initialized": the head, on purpose
+        model = AutoModelForSequenceClassification.from_pretrained(
+            check_model_dir(path), num_labels=1, dtype=dtype or default_dtype(device),
+            attn_implementation=ATTN)
+    if not any(a.endswith("ForSequenceClassification") for a in model.config.architectures or []):
+        nn.init.zeros_(model.score.weight)  # a fresh head: every value starts at 0
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model.to(device)
+
+
+def _packed_kwargs(batch: dict) -> dict:
+    """Model kwargs for a packed micro-batch from data.pack (cu_seqlens select varlen attention)."""
+    cu = batch["cu_seqlens"].to(batch["input_ids"].device)
+    return dict(position_ids=batch["position_ids"], cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+                max_length_q=batch["max_seqlen"], max_length_k=batch["max_seqlen"])
+
+
+def hidden_states(model, batch: dict) -> torch.Tensor:
+    """Last hidden state (B, T, H) of the backbone for a packed or padded batch."""
+    backbone = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    if "cu_seqlens" in batch:
+        out = backbone(input_ids=batch["input_ids"], **_packed_kwargs(batch))
+    else:
+        out = backbone(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
+    return out.last_hidden_state
+
+
+def token_logprobs(model, batch: dict, *, temperature=1.0, return_entropy=False, impl=None):
+    """log p(labels[t] | tokens <= t) for every position (0 where labels == -100), float32,
+    through linear_logprob on the last hidden state: the logits are never materialised."""
+    h = hidden_states(model, batch)  # (B, T, H)
+    return linear_logprob(h, model.get_output_embeddings().weight, batch["labels"].to(h.device),
+                          temperature=temperature, return_entropy=return_entropy, impl=impl)
+
+
+def token_values(model, batch: dict) -> torch.Tensor:
+    """Per-position scalar head outputs (B, T) float32 of a value / reward model."""
+    return model.score(hidden_states(model, batch)).squeeze(-1).float()
+
+
+def sequence_end_values(model, batch: dict) -> torch.Tensor:
+    """The value at each sequence's last token: the reward of a reward model. (n_seq,)"""
+    v = token_values(model, batch)  # (1, total) packed, or (B, T) padded
+    if "cu_seqlens" in batch:
+        return v[0, batch["cu_seqlens"][1:].long().to(v.device) - 1]
+    last = batch["attention_mask"].sum(dim=1) - 1
+    return v.gather(1, last[:, None].to(v.device)).squeeze(1)
+
+
+def save_pretrained_atomic(model, tokenizer, out_dir: str | Path) -> Path:
+    """Write config + safetensors + tokenizer to a sibling temp dir, then rename into place:
+    a crash mid-write never leaves a half-written checkpoint under out_dir."""
+    import os
+    import shutil
+
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    old = out.with_name(out.name + ".old")
+    if out.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+    return out

@@ -1,0 +1,184 @@
+"""The built-in task: integer addition, small enough to train on a CPU in minutes.
+
+    prompt "37+58="  ->  response "95"
+
+Everything the pipeline needs comes from here, with no downloads:
+  - a character tokenizer (digits, '+', '=', and the special tokens), saved with
+    `PreTrainedTokenizerFast.save_pretrained`, so the model directory loads in transformers
+    and vLLM;
+  - a tiny Llama-architecture model built from a config (random init; head_dim 64 because
+    vLLM's CPU backend needs head_dim >= 32);
+  - data generators that imitate the human parts of RLHF:
+      * SFT demonstrations from imperfect demonstrators: a share of answers is wrong by a
+        little (a carry forgotten, a digit off by one), as people's demonstrations are;
+      * preference pairs labelled by a simulated annotator who prefers the correct answer, or
+        else the one closer to it, and picks the other one with probability `label_noise`;
+      * held-out prompts with their ground truth, and the exact-match reward for them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
+CHARS = list("0123456789+=")
+VOCAB = [PAD, BOS, EOS, UNK] + CHARS
+
+
+@dataclass(frozen=True)
+class ArithmeticTask:
+    """Addition of two integers with up to `digits` digits each."""
+
+    digits: int = 2
+    seed: int = 0
+
+    def prompt(self, a: int, b: int) -> str:
+        return f"{a}+{b}="
+
+    def sample_operands(self, rng: random.Random) -> tuple[int, int]:
+        hi = 10**self.digits - 1
+        return rng.randint(0, hi), rng.randint(0, hi)
+
+    def split(self, n: int, which: str) -> list[tuple[int, int]]:
+        """Deterministic operand pairs; "train" and "test" never share a pair."""
+        rng = random.Random(f"{self.seed}-{which}")
+        out, seen = [], set()
+        while len(out) < n:
+            a, b = self.sample_operands(rng)
+            is_test = (a * 7919 + b * 104729) % 10 == 0  # a fixed 10% of all pairs is held out
+            if (which == "test") == is_test and (a, b) not in seen:
+                seen.add((a, b))
+                out.append((a, b))
+            if len(seen) >= (10**self.digits) ** 2 // (10 if which == "test" else 1):
+                break
+        return out
+
+
+def wrong_answer(a: int, b: int, rng: random.Random) -> int:
+    """A human-like mistake: a forgotten carry, or one digit off by one."""
+    c = a + b
+    if rng.random() < 0.5 and (a % 10) + (b % 10) >= 10:
+        return c - 10  # forgot the carry
+    digits = list(str(c))
+    i = rng.randrange(len(digits))
+    d = int(digits[i])
+    digits[i] = str(d + 1 if d < 9 and (d == 0 or rng.random() < 0.5) else d - 1)
+    w = int("".join(digits))
+    return w if w != c else c + 1
+
+
+def sft_examples(task: ArithmeticTask, n: int, *, error_rate: float = 0.15, seed: int = 0):
+    """{"prompt", "response"} demonstrations, `error_rate` of them wrong."""
+    rng = random.Random(seed)
+    out = []
+    for a, b in task.split(n, "train"):
+        ans = wrong_answer(a, b, rng) if rng.random() < error_rate else a + b
+        out.append({"prompt": task.prompt(a, b), "response": str(ans)})
+    return out
+
+
+def preference_pairs(task: ArithmeticTask, n: int, *, label_noise: float = 0.1, seed: int = 1,
+                     candidates=None):
+    """{"prompt", "chosen", "rejected"} from a simulated annotator.
+
+    candidates(a, b, rng) -> (x, y) gives the two responses to compare (default: the correct
+    answer or a near miss against another near miss); the annotator prefers the one whose
+    value is closer to a + b (ties broken at random) and flips with probability label_noise.
+    """
+    rng = random.Random(seed)
+    out = []
+    for a, b in task.split(n, "train"):
+        if candidates is not None:
+            x, y = candidates(a, b, rng)
+        else:
+            x = a + b if rng.random() < 0.5 else wrong_answer(a, b, rng)
+            y = wrong_answer(a, b, rng)
+            if x == y:
+                y = wrong_answer(a, b, rng) if x != a + b else y + 1
+        better = annotate(a, b, x, y, rng, label_noise)
+        chosen, rejected = (x, y) if better == 0 else (y, x)
+        out.append({"prompt": task.prompt(a, b), "chosen": str(chosen), "rejected": str(rejected)})
+    return out
+
+
+def annotate(a: int, b: int, x: int, y: int, rng: random.Random, label_noise: float) -> int:
+    """0 if the annotator prefers x, 1 if y."""
+    dx, dy = abs(x - (a + b)), abs(y - (a + b))
+    pick = 0 if dx < dy else 1 if dy < dx else rng.randrange(2)
+    return 1 - pick if rng.random() < label_noise else pick
+
+
+def heldout_prompts(task: ArithmeticTask, n: int):
+    """{"prompt", "answer"} for evaluation and rule rewards."""
+    return [{"prompt": task.prompt(a, b), "answer": str(a + b)} for a, b in task.split(n, "test")]
+
+
+def exact_match(prompt: str, response: str, answer: str) -> float:
+    """The rule reward: 1.0 if the response (up to the end token) is the answer."""
+    return 1.0 if response.split(EOS)[0].strip() == answer else 0.0
+
+
+def write_jsonl(rows, path: str | os.PathLike) -> Path:
+    """Write rows atomically (tmp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------
+# tokenizer and model
+# ----------------------------------------------------------------------------------------
+
+
+def build_tokenizer():
+    """A character-level PreTrainedTokenizerFast over VOCAB (bos added, eos appended by us)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(VOCAB)}, unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, VOCAB.index(BOS))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS,
+                                   pad_token=PAD, unk_token=UNK, padding_side="right")
+
+
+def build_model(*, hidden_size: int = 128, layers: int = 2, heads: int = 2, seed: int = 0,
+                max_positions: int = 64):
+    """The tiny Llama for the task (head_dim = hidden_size / heads = 64)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(VOCAB), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+        max_position_embeddings=max_positions, tie_word_embeddings=False,
+        bos_token_id=VOCAB.index(BOS), eos_token_id=VOCAB.index(EOS), pad_token_id=VOCAB.index(PAD),
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def save_base_model(out_dir: str | os.PathLike, **model_kw) -> Path:
+    """Write the untrained tiny model + tokenizer as an HF directory (config, safetensors,
+    tokenizer), atomically: built in a sibling temp dir, then renamed into place."""
+    import shutil
+
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    build_model(**model_kw).save_pretrained(tmp, safe_serialization=True)
+    build_tokenizer().save_pretrained(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out

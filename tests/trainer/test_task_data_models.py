@@ -1,0 +1,180 @@
+"""The built-in task, the data layer and the model helpers (tiny model, CPU)."""
+
+import json
+import random
+
+import pytest
+import torch
+
+from fastrlhf import data, models
+from fastrlhf.tasks import arithmetic as ar
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    return ar.save_base_model(tmp_path_factory.mktemp("m") / "base")
+
+
+# ---------------------------------------------------------------- task
+
+
+def test_splits_are_disjoint_and_deterministic():
+    task = ar.ArithmeticTask()
+    train, test = task.split(2000, "train"), task.split(200, "test")
+    assert not set(train) & set(test)
+    assert train == task.split(2000, "train")
+
+
+def test_wrong_answers_are_wrong_and_close():
+    rng = random.Random(0)
+    for a, b in ar.ArithmeticTask().split(300, "train"):
+        w = ar.wrong_answer(a, b, rng)
+        assert w != a + b and abs(w - (a + b)) <= 100
+
+
+def test_sft_error_rate_and_annotator_noise():
+    task = ar.ArithmeticTask()
+    sft = ar.sft_examples(task, 2000, error_rate=0.15)
+    wrong = sum(int(r["response"]) != eval(r["prompt"][:-1]) for r in sft) / len(sft)
+    assert 0.12 < wrong < 0.18
+    pairs = ar.preference_pairs(task, 2000, label_noise=0.1)
+    # the annotator's choice agrees with "closer to the truth" except for the noise (and ties)
+    agree = sum(abs(int(p["chosen"]) - eval(p["prompt"][:-1])) <= abs(int(p["rejected"]) - eval(p["prompt"][:-1]))
+                for p in pairs) / len(pairs)
+    assert 0.85 < agree < 0.95
+
+
+def test_exact_match():
+    assert ar.exact_match("1+2=", "3</s>", "3") == 1.0
+    assert ar.exact_match("1+2=", "33", "3") == 0.0
+
+
+def test_tokenizer_round_trip(base_dir):
+    tok = models.load_tokenizer(base_dir)
+    ids = tok("37+58=")["input_ids"]
+    assert ids[0] == tok.bos_token_id and len(ids) == 7
+    assert tok.decode(ids, skip_special_tokens=True).replace(" ", "") == "37+58="
+
+
+# ---------------------------------------------------------------- data
+
+
+def test_malformed_jsonl_names_file_and_line(tmp_path):
+    p = tmp_path / "sft.jsonl"
+    p.write_text('{"prompt": "1+1=", "response": "2"}\n{"prompt": "1+2=", "response": 3}\n')
+    with pytest.raises(data.DataError, match=r"sft.jsonl:2: field 'response' must be str, got int"):
+        data.load_sft(p)
+    p.write_text('{"prompt": "1+1=", "response": "2"}\n\n{"prompt": "1+2=" "response"}\n')
+    with pytest.raises(data.DataError, match=r"sft.jsonl:3: invalid JSON"):
+        data.load_sft(p)
+    p.write_text('{"prompt": "1+1="}\n')
+    with pytest.raises(data.DataError, match=r"sft.jsonl:1: missing field 'response'"):
+        data.load_sft(p)
+    p.write_text("\n")
+    with pytest.raises(data.DataError, match=r"sft.jsonl: no records"):
+        data.load_sft(p)
+
+
+def test_rankings_become_pairs_and_messages_are_read(tmp_path):
+    p = tmp_path / "prefs.jsonl"
+    p.write_text(json.dumps({"prompt": "q", "responses": ["a", "b", "c"]}) + "\n"
+                 + json.dumps({"prompt": "q2", "chosen": "x", "rejected": "y"}) + "\n")
+    pairs = data.load_preferences(p)
+    assert [(r["chosen"], r["rejected"]) for r in pairs] == [("a", "b"), ("a", "c"), ("b", "c"), ("x", "y")]
+    s = tmp_path / "msgs.jsonl"
+    s.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                          {"role": "assistant", "content": "yo"}]}) + "\n")
+    assert data.load_sft(s) == [{"prompt": [{"role": "user", "content": "hi"}], "response": "yo"}]
+
+
+def test_loss_mask_covers_response_only_and_truncation_is_counted(base_dir):
+    tok = models.load_tokenizer(base_dir)
+    counts = data.Truncations()
+    ids, labels = data.tokenize_pair(tok, "37+58=", "95", 64, counts)
+    assert len(ids) == 7 + 3  # <s> 3 7 + 5 8 = | 9 5 </s>
+    assert labels[:7] == [data.IGNORE] * 7 and labels[7:] == ids[7:]
+    assert ids[-1] == tok.eos_token_id
+    assert data.tokenize_pair(tok, "37+58=", "95", 8, counts) == (ids[:8], labels[:8])
+    assert data.tokenize_pair(tok, "37+58=", "95", 7, counts) is None
+    assert (counts.truncated, counts.skipped) == (1, 1)
+
+
+def test_pack_respects_budget_and_shifts_labels():
+    seqs = [([1, 2, 3], [-100, 2, 3]), ([4, 5], [-100, 5]), ([6, 7, 8, 9], [-100, -100, 8, 9])]
+    batches = data.pack(seqs, max_tokens=5)
+    assert [b["seq_index"] for b in batches] == [[0, 1], [2]]
+    b = batches[0]
+    assert b["input_ids"].tolist() == [[1, 2, 3, 4, 5]]
+    assert b["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+    assert b["cu_seqlens"].tolist() == [0, 3, 5]
+    assert b["labels"].tolist() == [[2, 3, -100, 5, -100]]  # next-token targets, none across the seam
+    with pytest.raises(ValueError, match="sequence 0 has 3 tokens, more than max_tokens=2"):
+        data.pack(seqs, max_tokens=2)
+
+
+# ---------------------------------------------------------------- models
+
+
+def test_model_dir_without_tokenizer_is_a_clear_error(tmp_path):
+    ar.build_model().save_pretrained(tmp_path / "m")
+    with pytest.raises(FileNotFoundError, match="has no tokenizer"):
+        models.load_causal_lm(tmp_path / "m")
+
+
+def test_packed_equals_padded_loss_and_gradients(base_dir):
+    """Packed sequences are isolated: same per-token log-probs and gradients as padding."""
+    torch.manual_seed(0)
+    model = models.load_causal_lm(base_dir)
+    tok = models.load_tokenizer(base_dir)
+    counts = data.Truncations()
+    seqs = [data.tokenize_pair(tok, p, r, 64, counts)
+            for p, r in [("37+58=", "95"), ("1+2=", "3"), ("99+99=", "198"), ("5+60=", "65")]]
+    packed = data.pack(seqs, max_tokens=64)
+    assert len(packed) == 1
+    padded = data.pad_batch(seqs, tok.pad_token_id)
+
+    lp_packed = models.token_logprobs(model, packed[0])  # (1, total)
+    loss_p = -lp_packed.sum()
+    g_p = torch.autograd.grad(loss_p, list(model.parameters()))
+    lp_padded = models.token_logprobs(model, padded)  # (B, T)
+    loss_d = -lp_padded.sum()
+    g_d = torch.autograd.grad(loss_d, list(model.parameters()))
+
+    flat = torch.cat([lp_padded[b, : len(x)] for b, (x, _) in enumerate(seqs)])
+    torch.testing.assert_close(lp_packed[0], flat, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss_p, loss_d, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g_p, g_d):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_token_logprobs_match_materialised_logits(base_dir):
+    model = models.load_causal_lm(base_dir)
+    tok = models.load_tokenizer(base_dir)
+    seq = data.tokenize_pair(tok, "12+34=", "46", 64, data.Truncations())
+    batch = data.pad_batch([seq], tok.pad_token_id)
+    with torch.no_grad():
+        ours = models.token_logprobs(model, batch)
+        logits = model(input_ids=batch["input_ids"]).logits.double()
+        labels = batch["labels"]
+        ref = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+        ref = torch.where(labels != -100, ref, 0.0)
+    torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_value_model_starts_at_zero_and_reads_sequence_ends(base_dir, tmp_path):
+    vm = models.load_value_model(base_dir)
+    tok = models.load_tokenizer(base_dir)
+    seqs = [data.tokenize_pair(tok, "1+2=", "3", 64, data.Truncations()),
+            data.tokenize_pair(tok, "10+20=", "30", 64, data.Truncations())]
+    packed = data.pack(seqs, 64)[0]
+    assert torch.all(models.sequence_end_values(vm, packed) == 0)
+    torch.nn.init.normal_(vm.score.weight)
+    with torch.no_grad():
+        r_packed = models.sequence_end_values(vm, packed)
+        r_padded = models.sequence_end_values(vm, data.pad_batch(seqs, tok.pad_token_id))
+    torch.testing.assert_close(r_packed, r_padded, rtol=1e-5, atol=1e-5)
+    out = models.save_pretrained_atomic(vm, tok, tmp_path / "rm")
+    reloaded = models.load_value_model(out)  # a saved reward model keeps its head
+    with torch.no_grad():
+        torch.testing.assert_close(models.sequence_end_values(reloaded, packed), r_packed)
+    assert not (tmp_path / "rm.tmp").exists()
