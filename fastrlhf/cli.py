@@ -1,4 +1,10 @@
-"""The `fastrlhf` command. Subcommands land with their issues; today: bench."""
+"""The `fastrlhf` command: sft | rm | dpo (the offline trainers) and bench.
+
+    fastrlhf sft --config examples/sft.yaml [--output-dir DIR] [--model PATH] [--data PATH] [--FIELD VALUE ...]
+
+Every field of a trainer's config dataclass is a flag; a YAML file only overrides fields.
+A data or model error prints one message naming the file (and line) and exits with status 2.
+"""
 
 from __future__ import annotations
 
@@ -25,16 +31,40 @@ def _bench(rest: list[str]) -> int:
     return 0
 
 
+TRAINERS = {
+    "sft": ("fastrlhf.algos.sft", "supervised fine-tuning on demonstrations"),
+    "rm": ("fastrlhf.algos.reward", "reward model on preference pairs (Bradley-Terry)"),
+    "dpo": ("fastrlhf.algos.dpo", "DPO-family training on preference pairs"),
+}
+
+
+def _train(command: str, rest: list[str]) -> int:
+    import importlib
+
+    from fastrlhf.data import DataError
+
+    module = importlib.import_module(TRAINERS[command][0])
+    try:
+        summary = module.main(rest)
+    except (DataError, FileNotFoundError) as e:  # bad input: one clear line, no traceback
+        print(f"fastrlhf {command}: {e}", file=sys.stderr)
+        return 2
+    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(prog="fastrlhf", description="Performance-first RLHF.")
     sub = p.add_subparsers(dest="command", required=True)
+    for name, (_, doc) in TRAINERS.items():
+        sub.add_parser(name, help=f"{doc} (fastrlhf {name} --help for its fields)", add_help=False)
     sub.add_parser("bench", help="benchmark the kernels: fastrlhf bench [logprob|losses|all] "
                    "[arguments of benchmarks/bench_<suite>.py]", add_help=False)
     args, rest = p.parse_known_args(argv)
     if args.command == "bench":
         return _bench(rest)
-    return 1
+    return _train(args.command, rest)
 
 
 if __name__ == "__main__":

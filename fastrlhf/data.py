@@ -166,6 +166,22 @@ def tokenize_pair(tokenizer, prompt, response: str, max_len: int, counts: Trunca
     return p + r, [IGNORE] * len(p) + r
 
 
+def tokenize_pairs(tokenizer, pairs: list[dict], max_len: int, what: str):
+    """Preference pairs -> [(chosen seq, rejected seq)] as (input_ids, labels); a pair with a
+    side that does not fit is skipped and counted."""
+    counts = Truncations()
+    out = []
+    for p in pairs:
+        c = tokenize_pair(tokenizer, p["prompt"], p["chosen"], max_len, counts)
+        r = tokenize_pair(tokenizer, p["prompt"], p["rejected"], max_len, counts)
+        if c is not None and r is not None:
+            out.append((c, r))
+    counts.report(what, max_len)
+    if not out:
+        raise DataError(f"{what}: no preference pair fits in max_len={max_len}")
+    return out
+
+
 # ----------------------------------------------------------------------------------------
 # packing
 # ----------------------------------------------------------------------------------------

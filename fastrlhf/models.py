@@ -66,6 +66,10 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
 
 def _register_attention() -> None:
     from transformers import AttentionInterface
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Loading weights" bars would drown the trainers' own
+    hf_logging.set_verbosity_error()  # and the load report of a fresh value head is expected
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(ATTN, varlen_attention)
@@ -150,6 +154,19 @@ def token_logprobs(model, batch: dict, *, temperature=1.0, return_entropy=False,
     h = hidden_states(model, batch)  # (B, T, H)
     return linear_logprob(h, model.get_output_embeddings().weight, batch["labels"].to(h.device),
                           temperature=temperature, return_entropy=return_entropy, impl=impl)
+
+
+def per_sequence(token_values: torch.Tensor, batch: dict, *, average: bool = False) -> torch.Tensor:
+    """Sum (or mean) over each packed sequence's target positions (labels != -100) -> (n_seq,)."""
+    keep = (batch["labels"] != -100).to(token_values.device)[0]
+    lengths = (batch["cu_seqlens"][1:] - batch["cu_seqlens"][:-1]).long().to(token_values.device)
+    seg = torch.repeat_interleave(torch.arange(len(lengths), device=token_values.device), lengths)
+    x = torch.where(keep, token_values[0], 0.0)
+    sums = torch.zeros(len(lengths), dtype=x.dtype, device=x.device).index_add(0, seg, x)
+    if not average:
+        return sums
+    counts = torch.zeros(len(lengths), dtype=x.dtype, device=x.device).index_add(0, seg, keep.to(x.dtype))
+    return sums / counts.clamp(min=1)
 
 
 def token_values(model, batch: dict) -> torch.Tensor:

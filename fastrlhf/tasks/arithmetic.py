@@ -18,6 +18,7 @@ Everything the pipeline needs comes from here, with no downloads:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -49,13 +50,19 @@ class ArithmeticTask:
         out, seen = [], set()
         while len(out) < n:
             a, b = self.sample_operands(rng)
-            is_test = (a * 7919 + b * 104729) % 10 == 0  # a fixed 10% of all pairs is held out
+            is_test = _held_out(a, b)
             if (which == "test") == is_test and (a, b) not in seen:
                 seen.add((a, b))
                 out.append((a, b))
             if len(seen) >= (10**self.digits) ** 2 // (10 if which == "test" else 1):
                 break
         return out
+
+
+def _held_out(a: int, b: int) -> bool:
+    """A fixed ~10% of operand pairs, chosen by a hash with no arithmetic structure (a split
+    by (k1*a + k2*b) mod 10 would hold out exactly the sums ending in one digit)."""
+    return hashlib.sha256(f"{a},{b}".encode()).digest()[0] < 26
 
 
 def wrong_answer(a: int, b: int, rng: random.Random) -> int:
@@ -82,7 +89,7 @@ def sft_examples(task: ArithmeticTask, n: int, *, error_rate: float = 0.15, seed
 
 
 def preference_pairs(task: ArithmeticTask, n: int, *, label_noise: float = 0.1, seed: int = 1,
-                     candidates=None):
+                     candidates=None, split: str = "train"):
     """{"prompt", "chosen", "rejected"} from a simulated annotator.
 
     candidates(a, b, rng) -> (x, y) gives the two responses to compare (default: the correct
@@ -91,14 +98,16 @@ def preference_pairs(task: ArithmeticTask, n: int, *, label_noise: float = 0.1, 
     """
     rng = random.Random(seed)
     out = []
-    for a, b in task.split(n, "train"):
+    for a, b in task.split(n, split):
         if candidates is not None:
             x, y = candidates(a, b, rng)
         else:
             x = a + b if rng.random() < 0.5 else wrong_answer(a, b, rng)
             y = wrong_answer(a, b, rng)
-            if x == y:
-                y = wrong_answer(a, b, rng) if x != a + b else y + 1
+            for _ in range(8):  # equally far answers carry no preference signal: resample
+                if abs(y - (a + b)) != abs(x - (a + b)):
+                    break
+                y = wrong_answer(a, b, rng) + rng.choice((0, 0, 1, -1, 10))
         better = annotate(a, b, x, y, rng, label_noise)
         chosen, rejected = (x, y) if better == 0 else (y, x)
         out.append({"prompt": task.prompt(a, b), "chosen": str(chosen), "rejected": str(rejected)})
@@ -141,15 +150,23 @@ def write_jsonl(rows, path: str | os.PathLike) -> Path:
 
 def build_tokenizer():
     """A character-level PreTrainedTokenizerFast over VOCAB (bos added, eos appended by us)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(VOCAB)}, unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok.decoder = decoders.Fuse()  # characters back into one string, no spaces
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, VOCAB.index(BOS))])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS,
                                    pad_token=PAD, unk_token=UNK, padding_side="right")
+
+
+# head_dim = hidden / heads = 64 in both: vLLM's CPU backend needs head_dim >= 32
+MODEL_SIZES = {
+    "tiny": dict(hidden_size=128, layers=2, heads=2),  # 0.4M parameters: for fast tests
+    "small": dict(hidden_size=256, layers=4, heads=4),  # 3.2M parameters: the examples and demo
+}
 
 
 def build_model(*, hidden_size: int = 128, layers: int = 2, heads: int = 2, seed: int = 0,
@@ -173,6 +190,9 @@ def save_base_model(out_dir: str | os.PathLike, **model_kw) -> Path:
     tokenizer), atomically: built in a sibling temp dir, then renamed into place."""
     import shutil
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -182,3 +202,37 @@ def save_base_model(out_dir: str | os.PathLike, **model_kw) -> Path:
         shutil.rmtree(out)
     os.replace(tmp, out)
     return out
+
+
+# ----------------------------------------------------------------------------------------
+# evaluation
+# ----------------------------------------------------------------------------------------
+
+
+def greedy_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 5) -> list[str]:
+    """Greedy completions, batched by prompt length (no padding needed for this task)."""
+    import torch
+
+    model.eval()
+    out = [""] * len(prompts)
+    by_len: dict[int, list[int]] = {}
+    encoded = [tokenizer(p)["input_ids"] for p in prompts]
+    for i, ids in enumerate(encoded):
+        by_len.setdefault(len(ids), []).append(i)
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for n, idx in by_len.items():
+            ids = torch.tensor([encoded[i] for i in idx], device=device)
+            gen = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id)
+            for i, row in zip(idx, gen[:, n:].tolist()):
+                out[i] = tokenizer.decode(row, skip_special_tokens=True)
+    return out
+
+
+def accuracy(model, tokenizer, heldout: list[dict], max_new_tokens: int = 5) -> float:
+    """Share of held-out prompts answered exactly (greedy decoding): the task metric every
+    stage of the pipeline reports."""
+    answers = greedy_answers(model, tokenizer, [r["prompt"] for r in heldout], max_new_tokens)
+    return sum(ar == r["answer"] for ar, r in zip(answers, heldout)) / max(1, len(heldout))

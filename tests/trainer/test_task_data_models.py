@@ -178,3 +178,10 @@ def test_value_model_starts_at_zero_and_reads_sequence_ends(base_dir, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(models.sequence_end_values(reloaded, packed), r_packed)
     assert not (tmp_path / "rm.tmp").exists()
+
+
+def test_heldout_split_has_no_arithmetic_structure():
+    """Held-out sums end in every digit (a linear split would hold out one residue class)."""
+    test = ar.ArithmeticTask().split(300, "test")
+    assert len({(a + b) % 10 for a, b in test}) == 10
+    assert len(test) == 300

@@ -1,0 +1,177 @@
+"""DPO-family training straight on preference pairs: no reward model, no sampling.
+
+The variant: the policy starts from `model` (the SFT result) and a frozen copy of it is the
+reference. Sequence log-probs are sums over response tokens of fastrlhf.kernels.linear_logprob
+(no (B, T, V) logits), or their per-token means for loss_type ipo and simpo (as TRL does);
+the loss is fastrlhf.kernels.preference_loss with any of its loss types (sigmoid = DPO,
+with label_smoothing = cDPO; robust = rDPO; ipo; hinge; simpo, which has no reference).
+Reference log-probs are computed once before training (precompute_ref, the default) or on the
+fly for each step. Both sides of a pair are packed together into micro-batches.
+
+Logged every step: loss/dpo, rewards/chosen, rewards/rejected, rewards/margin,
+rewards/accuracy, lr, grad_norm; every eval_every steps: eval/loss, eval/reward_accuracy
+(implicit-reward accuracy on held-out pairs) and, on the built-in task, eval/accuracy (greedy
+exact match on held-out prompts, the same protocol as SFT's).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from fastrlhf import data, models, runtime
+from fastrlhf.algos.reward import pair_scores, pair_steps, prepare_pairs
+from fastrlhf.kernels import preference_loss
+from fastrlhf.kernels.preference_loss import LOSS_TYPES
+from fastrlhf.tasks import arithmetic as ar
+
+
+@dataclass
+class DPOConfig:
+    """fastrlhf dpo: optimise the policy directly on preference pairs."""
+
+    model: str = field(default="", metadata={"help": "HF model directory to start from (the SFT run's final/); empty: built-in tiny model"})
+    data: str = field(default="", metadata={"help": "preferences JSONL/parquet; empty: the built-in annotator's pairs"})
+    eval_data: str = field(default="", metadata={"help": "held-out preferences; empty: built-in held-out pairs or a 5% split"})
+    output_dir: str = field(default="runs/dpo", metadata={"help": "where metrics.jsonl, checkpoints/ and final/ go"})
+    loss_type: str = field(default="sigmoid", metadata={"help": "sigmoid (DPO) | robust | ipo | hinge | simpo"})
+    beta: float = field(default=0.1, metadata={"help": "inverse temperature of the implicit reward"})
+    label_smoothing: float = field(default=0.0, metadata={"help": "cDPO / rDPO label noise eps (sigmoid, robust, simpo)"})
+    gamma: float = field(default=0.5, metadata={"help": "SimPO target margin"})
+    precompute_ref: bool = field(default=True, metadata={"help": "reference log-probs once before training (else every step)"})
+    max_len: int = field(default=64, metadata={"help": "longest prompt+response in tokens"})
+    tokens_per_micro_batch: int = field(default=4096, metadata={"help": "packed tokens per forward pass"})
+    pairs_per_step: int = field(default=32, metadata={"help": "preference pairs per optimiser step"})
+    epochs: int = field(default=1, metadata={"help": "passes over the pairs"})
+    max_steps: int = field(default=0, metadata={"help": "stop after this many steps (0: run all epochs)"})
+    lr: float = field(default=2e-4, metadata={"help": "peak learning rate"})
+    warmup_steps: int = field(default=10, metadata={"help": "linear warm-up steps"})
+    schedule: str = field(default="cosine", metadata={"help": "cosine | linear | constant after warm-up"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (matrices only)"})
+    grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm"})
+    eval_every: int = field(default=50, metadata={"help": "evaluate every k steps (and at the end)"})
+    save_every: int = field(default=100, metadata={"help": "checkpoint every k steps (0: only final/)"})
+    seed: int = field(default=0, metadata={"help": "seed for data order"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
+    task_pairs: int = field(default=4000, metadata={"help": "built-in task: pairs the simulated annotator labels"})
+    task_label_noise: float = field(default=0.1, metadata={"help": "built-in task: annotator's chance to pick the worse one"})
+    task_eval_pairs: int = field(default=400, metadata={"help": "built-in task: held-out pairs"})
+    task_eval_prompts: int = field(default=200, metadata={"help": "built-in task: held-out prompts for eval/accuracy"})
+
+    def __post_init__(self):
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {list(LOSS_TYPES)}, got {self.loss_type!r}")
+
+
+def seq_logps(model, pairs, cfg: DPOConfig, device):
+    """(chosen, rejected) sequence log-probs (P,): sums, or means for ipo / simpo."""
+    average = cfg.loss_type in ("ipo", "simpo")
+    return pair_scores(lambda mb: models.per_sequence(models.token_logprobs(model, mb), mb,
+                                                      average=average),
+                       pairs, cfg.tokens_per_micro_batch, device)
+
+
+def dpo_loss(policy, ref_logps, batch, cfg, device):
+    c, r = seq_logps(policy, batch, cfg, device)
+    refs = () if cfg.loss_type == "simpo" else ref_logps
+    return preference_loss(c, r, *refs, beta=cfg.beta, loss_type=cfg.loss_type,
+                           label_smoothing=cfg.label_smoothing, gamma=cfg.gamma)
+
+
+@torch.no_grad()
+def reference_logps(ref, pairs, cfg, device):
+    """Reference (chosen, rejected) log-probs of each pair, computed once: [(c, r)] per pair."""
+    c, r = seq_logps(ref, pairs, cfg, device)
+    return list(zip(c.tolist(), r.tolist()))
+
+
+def train(cfg: DPOConfig) -> dict:
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    runtime.seed_everything(cfg.seed)
+    device = runtime.resolve_device(cfg.device)
+
+    # step 1: policy, frozen reference, pairs (each pair carries its reference log-probs)
+    model_dir, pairs, eval_pairs = prepare_pairs(cfg, out)
+    ckpt = runtime.latest_checkpoint(out)
+    tokenizer = models.load_tokenizer(model_dir)
+    policy = models.load_causal_lm(ckpt or model_dir, device=device)
+    ref = models.load_causal_lm(model_dir, device=device).eval().requires_grad_(False)
+    train_pairs = data.tokenize_pairs(tokenizer, pairs, cfg.max_len, "dpo data")
+    eval_tok = data.tokenize_pairs(tokenizer, eval_pairs, cfg.max_len, "dpo eval data")
+    need_ref = cfg.loss_type != "simpo"
+    if need_ref and cfg.precompute_ref:
+        train_ref, eval_ref = reference_logps(ref, train_pairs, cfg, device), reference_logps(ref, eval_tok, cfg, device)
+        del ref
+    heldout = ar.heldout_prompts(ar.ArithmeticTask(seed=cfg.seed), cfg.task_eval_prompts) if not cfg.data else None
+    indexed = list(range(len(train_pairs)))
+    steps_per_epoch = len(pair_steps(indexed, cfg.pairs_per_step, cfg.seed, 0))
+    total = cfg.max_steps or steps_per_epoch * cfg.epochs
+    runtime.save_config(cfg, out)
+
+    def refs_for(idx, tok_pairs, table):
+        if not need_ref:
+            return ()
+        if cfg.precompute_ref:
+            c, r = zip(*(table[i] for i in idx))
+            return torch.tensor(c, device=device), torch.tensor(r, device=device)
+        with torch.no_grad():
+            return seq_logps(ref, [tok_pairs[i] for i in idx], cfg, device)
+
+    # step 2: optimiser, schedule, resume
+    opt = runtime.make_optimizer(policy.parameters(), cfg.lr, cfg.weight_decay)
+    sched = runtime.make_schedule(opt, cfg.warmup_steps, total, cfg.schedule)
+    state = runtime.load_trainer_state(ckpt, opt, sched) if ckpt else {"step": 0, "counters": {}}
+    log = runtime.MetricsLog(out, total, desc="dpo", resume=ckpt is not None)
+
+    @torch.no_grad()
+    def evaluate() -> dict:
+        policy.eval()
+        idx = list(range(len(eval_tok)))
+        loss, m = dpo_loss(policy, refs_for(idx, eval_tok, eval_ref if need_ref and cfg.precompute_ref else None),
+                           eval_tok, cfg, device)
+        res = {"eval/loss": loss.item(), "eval/reward_accuracy": m["rewards/accuracy"].item()}
+        if heldout:
+            res["eval/accuracy"] = ar.accuracy(policy, tokenizer, heldout)
+        return res
+
+    # step 3: the loop
+    step, counters, summary = state["step"], state["counters"], {}
+    if step == 0 and heldout:
+        summary["start/accuracy"] = ar.accuracy(policy, tokenizer, heldout)
+    while step < total:
+        epoch, index = divmod(step, steps_per_epoch)
+        idx = pair_steps(indexed, cfg.pairs_per_step, cfg.seed, epoch)[index]
+        policy.train()
+        t0 = time.time()
+        batch = [train_pairs[i] for i in idx]
+        refs = refs_for(idx, train_pairs, train_ref if need_ref and cfg.precompute_ref else None)
+        loss, m = dpo_loss(policy, refs, batch, cfg, device)  # step 3a: preference loss
+        grad_norm = runtime.backward_and_step(loss, policy, opt, sched, cfg.grad_clip, counters)
+        step += 1
+        metrics = {"loss/dpo": loss.item(), **m, "lr": sched.get_last_lr()[0], "grad_norm": grad_norm,
+                   "pairs_per_s": len(batch) / (time.time() - t0), **counters}
+        if step % cfg.eval_every == 0 or step == total:  # step 4: held-out pairs and prompts
+            metrics.update(evaluate())
+            summary.update({k: v for k, v in metrics.items() if k.startswith("eval/")})
+        log.log(step, metrics)
+        if cfg.save_every and step % cfg.save_every == 0 and step < total:
+            runtime.save_checkpoint(out, step, policy, tokenizer, opt, sched,
+                                    {"step": step, "counters": counters})
+    log.close()
+    models.save_pretrained_atomic(policy, tokenizer, out / "final")  # step 5
+    summary.update({"steps": step, "final": str(out / "final"), **counters})
+    runtime.write_atomic(out / "summary.json", json.dumps(summary, indent=2))
+    return summary
+
+
+def main(argv=None) -> dict:
+    return train(runtime.load_config(DPOConfig, argv, prog="fastrlhf dpo"))
+
+
+if __name__ == "__main__":
+    main()

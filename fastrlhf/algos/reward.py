@@ -1,0 +1,159 @@
+"""Reward model from people's pairwise choices: the Bradley-Terry loss.
+
+The variant: a scalar head on the (SFT) backbone (models.load_value_model); the reward of a
+response is the head's output at its last token; for each pair the loss is
+    -log sigmoid(r(prompt, chosen) - r(prompt, rejected)),
+averaged over the pairs of an optimiser step (`pairs_per_step`). Both sides of every pair are
+packed together into micro-batches (no padding). Rankings of K responses arrive as their
+K(K-1)/2 pairs (data.load_preferences).
+
+Logged every step: loss/rm, accuracy (share of the step's pairs ranked right), margin (mean
+r_chosen - r_rejected), lr, grad_norm; every eval_every steps: eval/loss, eval/accuracy on
+held-out pairs (labelled by the same noisy annotator, so it is bounded by 1 - label noise).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from fastrlhf import data, models, runtime
+from fastrlhf.tasks import arithmetic as ar
+
+
+@dataclass
+class RMConfig:
+    """fastrlhf rm: train a reward model on preference pairs (Bradley-Terry)."""
+
+    model: str = field(default="", metadata={"help": "HF model directory (e.g. the SFT run's final/); empty: built-in tiny model"})
+    data: str = field(default="", metadata={"help": "preferences JSONL/parquet; empty: the built-in annotator's pairs"})
+    eval_data: str = field(default="", metadata={"help": "held-out preferences; empty: built-in held-out pairs or a 5% split"})
+    output_dir: str = field(default="runs/rm", metadata={"help": "where metrics.jsonl, checkpoints/ and final/ go"})
+    max_len: int = field(default=64, metadata={"help": "longest prompt+response in tokens"})
+    tokens_per_micro_batch: int = field(default=4096, metadata={"help": "packed tokens per forward pass"})
+    pairs_per_step: int = field(default=64, metadata={"help": "preference pairs per optimiser step"})
+    epochs: int = field(default=2, metadata={"help": "passes over the pairs"})
+    max_steps: int = field(default=0, metadata={"help": "stop after this many steps (0: run all epochs)"})
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
+    warmup_steps: int = field(default=10, metadata={"help": "linear warm-up steps"})
+    schedule: str = field(default="cosine", metadata={"help": "cosine | linear | constant after warm-up"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (matrices only)"})
+    grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm"})
+    eval_every: int = field(default=50, metadata={"help": "evaluate every k steps (and at the end)"})
+    save_every: int = field(default=100, metadata={"help": "checkpoint every k steps (0: only final/)"})
+    seed: int = field(default=0, metadata={"help": "seed for data order"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
+    task_pairs: int = field(default=4000, metadata={"help": "built-in task: pairs the simulated annotator labels"})
+    task_label_noise: float = field(default=0.1, metadata={"help": "built-in task: annotator's chance to pick the worse one"})
+    task_eval_pairs: int = field(default=400, metadata={"help": "built-in task: held-out pairs"})
+
+
+def prepare_pairs(cfg, out: Path):
+    """(model dir, train pairs, eval pairs) for the RM and DPO trainers."""
+    task = ar.ArithmeticTask(seed=cfg.seed)
+    model_dir = cfg.model or str(ar.save_base_model(out / "base", seed=cfg.seed))
+    if cfg.data:
+        pairs = data.load_preferences(cfg.data)
+    else:
+        pairs = ar.preference_pairs(task, cfg.task_pairs, label_noise=cfg.task_label_noise, seed=cfg.seed + 1)
+    if cfg.eval_data:
+        eval_pairs = data.load_preferences(cfg.eval_data)
+    elif not cfg.data:
+        eval_pairs = ar.preference_pairs(task, cfg.task_eval_pairs, label_noise=cfg.task_label_noise,
+                                         seed=cfg.seed + 2, split="test")
+    else:
+        n_eval = max(1, len(pairs) // 20)
+        pairs, eval_pairs = pairs[n_eval:], pairs[:n_eval]
+    return model_dir, pairs, eval_pairs
+
+
+def pair_steps(pairs, pairs_per_step: int, seed: int, epoch: int) -> list[list]:
+    order = list(range(len(pairs)))
+    random.Random(seed * 1000 + epoch).shuffle(order)
+    return [[pairs[i] for i in order[k:k + pairs_per_step]] for k in range(0, len(order), pairs_per_step)]
+
+
+def pair_scores(score_fn, pairs, tokens_per_micro_batch: int, device):
+    """score_fn(model batch) -> (n_seq,) for packed batches; returns (chosen, rejected) (P,)."""
+    flat = [s for c, r in pairs for s in (c, r)]
+    scores = torch.cat([score_fn({k: (v.to(device) if isinstance(v, torch.Tensor) else v)
+                                  for k, v in mb.items()})
+                        for mb in data.pack(flat, tokens_per_micro_batch)])
+    return scores[0::2], scores[1::2]
+
+
+def bt_loss(model, pairs, cfg, device):
+    r_c, r_r = pair_scores(lambda mb: models.sequence_end_values(model, mb), pairs,
+                           cfg.tokens_per_micro_batch, device)
+    return -F.logsigmoid(r_c - r_r).mean(), r_c.detach(), r_r.detach()
+
+
+@torch.no_grad()
+def evaluate(model, eval_pairs, cfg, device) -> dict:
+    model.eval()
+    loss, r_c, r_r = bt_loss(model, eval_pairs, cfg, device)
+    return {"eval/loss": loss.item(), "eval/accuracy": (r_c > r_r).float().mean().item()}
+
+
+def train(cfg: RMConfig) -> dict:
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    runtime.seed_everything(cfg.seed)
+    device = runtime.resolve_device(cfg.device)
+
+    # step 1: model with a scalar head, tokenizer, pairs
+    model_dir, pairs, eval_pairs = prepare_pairs(cfg, out)
+    ckpt = runtime.latest_checkpoint(out)
+    tokenizer = models.load_tokenizer(model_dir)
+    model = models.load_value_model(ckpt or model_dir, device=device)
+    train_pairs = data.tokenize_pairs(tokenizer, pairs, cfg.max_len, "rm data")
+    eval_tok = data.tokenize_pairs(tokenizer, eval_pairs, cfg.max_len, "rm eval data")
+    steps_per_epoch = len(pair_steps(train_pairs, cfg.pairs_per_step, cfg.seed, 0))
+    total = cfg.max_steps or steps_per_epoch * cfg.epochs
+    runtime.save_config(cfg, out)
+
+    # step 2: optimiser, schedule, resume
+    opt = runtime.make_optimizer(model.parameters(), cfg.lr, cfg.weight_decay)
+    sched = runtime.make_schedule(opt, cfg.warmup_steps, total, cfg.schedule)
+    state = runtime.load_trainer_state(ckpt, opt, sched) if ckpt else {"step": 0, "counters": {}}
+    log = runtime.MetricsLog(out, total, desc="rm", resume=ckpt is not None)
+
+    # step 3: the loop
+    step, counters, summary = state["step"], state["counters"], {}
+    while step < total:
+        epoch, index = divmod(step, steps_per_epoch)
+        batch = pair_steps(train_pairs, cfg.pairs_per_step, cfg.seed, epoch)[index]
+        model.train()
+        t0 = time.time()
+        loss, r_c, r_r = bt_loss(model, batch, cfg, device)  # step 3a: Bradley-Terry
+        grad_norm = runtime.backward_and_step(loss, model, opt, sched, cfg.grad_clip, counters)
+        step += 1
+        metrics = {"loss/rm": loss.item(), "accuracy": (r_c > r_r).float().mean().item(),
+                   "margin": (r_c - r_r).mean().item(), "lr": sched.get_last_lr()[0],
+                   "grad_norm": grad_norm, "pairs_per_s": len(batch) / (time.time() - t0), **counters}
+        if step % cfg.eval_every == 0 or step == total:  # step 4: held-out pairs
+            metrics.update(evaluate(model, eval_tok, cfg, device))
+            summary.update({k: v for k, v in metrics.items() if k.startswith("eval/")})
+        log.log(step, metrics)
+        if cfg.save_every and step % cfg.save_every == 0 and step < total:
+            runtime.save_checkpoint(out, step, model, tokenizer, opt, sched,
+                                    {"step": step, "counters": counters})
+    log.close()
+    models.save_pretrained_atomic(model, tokenizer, out / "final")  # step 5
+    summary.update({"steps": step, "final": str(out / "final"), **counters})
+    runtime.write_atomic(out / "summary.json", json.dumps(summary, indent=2))
+    return summary
+
+
+def main(argv=None) -> dict:
+    return train(runtime.load_config(RMConfig, argv, prog="fastrlhf rm"))
+
+
+if __name__ == "__main__":
+    main()

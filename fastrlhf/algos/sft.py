@@ -1,0 +1,187 @@
+"""Supervised fine-tuning on demonstrations: next-token cross-entropy on response tokens only.
+
+The variant: loss = sum of -log p(response token) over the step's response tokens / their
+count (token-mean over the whole optimiser step, however the tokens fall into micro-batches),
+computed with fastrlhf.kernels.linear_logprob on the last hidden state (no (B, T, V) logits),
+on packed micro-batches of at most `tokens_per_micro_batch` tokens (no padding), accumulated
+into optimiser steps of about `tokens_per_step` response tokens. AdamW, warm-up then cosine.
+
+Logged every step (metrics.jsonl): loss/sft, lr, grad_norm, tokens, tokens_per_s;
+every eval_every steps: eval/loss (held-out NLL per token) and, on the built-in task,
+eval/accuracy (greedy exact match on held-out prompts).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from fastrlhf import data, models, runtime
+from fastrlhf.tasks import arithmetic as ar
+
+
+@dataclass
+class SFTConfig:
+    """fastrlhf sft: supervised fine-tuning on demonstrations."""
+
+    model: str = field(default="", metadata={"help": "HF model directory; empty: the built-in tiny model"})
+    data: str = field(default="", metadata={"help": "SFT JSONL/parquet; empty: the built-in task's demonstrations"})
+    eval_data: str = field(default="", metadata={"help": "held-out SFT file for eval/loss; empty: split 5% off"})
+    output_dir: str = field(default="runs/sft", metadata={"help": "where metrics.jsonl, checkpoints/ and final/ go"})
+    max_len: int = field(default=64, metadata={"help": "longest prompt+response in tokens (longer: truncated, counted)"})
+    tokens_per_micro_batch: int = field(default=4096, metadata={"help": "packed tokens per forward pass"})
+    tokens_per_step: int = field(default=256, metadata={"help": "response tokens per optimiser step (gradient accumulation)"})
+    epochs: int = field(default=4, metadata={"help": "passes over the data"})
+    max_steps: int = field(default=0, metadata={"help": "stop after this many steps (0: run all epochs)"})
+    lr: float = field(default=3e-3, metadata={"help": "peak learning rate"})
+    warmup_steps: int = field(default=20, metadata={"help": "linear warm-up steps"})
+    schedule: str = field(default="cosine", metadata={"help": "cosine | linear | constant after warm-up"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (matrices only)"})
+    grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm"})
+    eval_every: int = field(default=50, metadata={"help": "evaluate every k steps (and at the end)"})
+    save_every: int = field(default=100, metadata={"help": "checkpoint every k steps (0: only final/)"})
+    seed: int = field(default=0, metadata={"help": "seed for data order and initialisation"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
+    task_model_size: str = field(default="small", metadata={"help": "built-in model when --model is empty: tiny | small"})
+    task_examples: int = field(default=4000, metadata={"help": "built-in task: demonstrations to generate"})
+    task_error_rate: float = field(default=0.15, metadata={"help": "built-in task: share of wrong demonstrations"})
+    task_eval_prompts: int = field(default=200, metadata={"help": "built-in task: held-out prompts for eval/accuracy"})
+
+
+def prepare(cfg: SFTConfig, out: Path):
+    """Model directory, demonstration records (train, eval), and held-out prompts (built-in)."""
+    task = ar.ArithmeticTask(seed=cfg.seed)
+    model_dir = cfg.model or str(ar.save_base_model(out / "base", seed=cfg.seed,
+                                                    **ar.MODEL_SIZES[cfg.task_model_size]))
+    if cfg.data:
+        records = data.load_sft(cfg.data)
+    else:
+        records = ar.sft_examples(task, cfg.task_examples, error_rate=cfg.task_error_rate, seed=cfg.seed)
+    if cfg.eval_data:
+        eval_records = data.load_sft(cfg.eval_data)
+    else:
+        n_eval = max(1, len(records) // 20)
+        records, eval_records = records[n_eval:], records[:n_eval]
+    heldout = ar.heldout_prompts(task, cfg.task_eval_prompts) if not cfg.data else None
+    return model_dir, records, eval_records, heldout
+
+
+def tokenize(tokenizer, records, max_len) -> list[tuple[list[int], list[int]]]:
+    counts = data.Truncations()
+    seqs = [data.tokenize_pair(tokenizer, r["prompt"], r["response"], max_len, counts) for r in records]
+    counts.report("sft data", max_len)
+    seqs = [s for s in seqs if s is not None]
+    if not seqs:
+        raise data.DataError("sft data: no example fits in max_len; raise --max_len")
+    return seqs
+
+
+def n_targets(batch: dict) -> int:
+    return int((batch["labels"] != data.IGNORE).sum())
+
+
+def epoch_steps(seqs, cfg: SFTConfig, epoch: int) -> list[list[dict]]:
+    """The optimiser steps of one epoch: a seeded shuffle, split into steps of about
+    tokens_per_step response tokens, each step packed into micro-batches."""
+    order = list(range(len(seqs)))
+    random.Random(cfg.seed * 1000 + epoch).shuffle(order)
+    steps = runtime.split_by_budget([seqs[i] for i in order], cfg.tokens_per_step,
+                                    lambda s: sum(y != data.IGNORE for y in s[1]))
+    return [data.pack(step, cfg.tokens_per_micro_batch) for step in steps]
+
+
+def to_device(mb: dict, device) -> dict:
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in mb.items()}
+
+
+@torch.no_grad()
+def eval_loss(model, seqs, cfg: SFTConfig, device) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    for mb in data.pack(seqs, cfg.tokens_per_micro_batch):
+        mb = to_device(mb, device)
+        total -= models.token_logprobs(model, mb).sum().item()
+        count += n_targets(mb)
+    return total / max(1, count)
+
+
+def train(cfg: SFTConfig) -> dict:
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    runtime.seed_everything(cfg.seed)
+    device = runtime.resolve_device(cfg.device)
+
+    # step 1: model, tokenizer, data
+    model_dir, records, eval_records, heldout = prepare(cfg, out)
+    ckpt = runtime.latest_checkpoint(out)
+    tokenizer = models.load_tokenizer(model_dir)
+    model = models.load_causal_lm(ckpt or model_dir, device=device)
+    seqs, eval_seqs = tokenize(tokenizer, records, cfg.max_len), tokenize(tokenizer, eval_records, cfg.max_len)
+    steps_per_epoch = len(epoch_steps(seqs, cfg, 0))
+    total = cfg.max_steps or steps_per_epoch * cfg.epochs
+    runtime.save_config(cfg, out)
+
+    # step 2: optimiser, schedule, resume
+    opt = runtime.make_optimizer(model.parameters(), cfg.lr, cfg.weight_decay)
+    sched = runtime.make_schedule(opt, cfg.warmup_steps, total, cfg.schedule)
+    state = {"step": 0, "counters": {}}
+    if ckpt is not None:
+        state = runtime.load_trainer_state(ckpt, opt, sched)
+    log = runtime.MetricsLog(out, total, desc="sft", resume=ckpt is not None)
+
+    # step 3: the loop
+    step, counters, summary, epochs = state["step"], state["counters"], {}, {}
+    while step < total:
+        epoch, index = divmod(step, steps_per_epoch)
+        if epoch not in epochs:
+            epochs.clear()
+            epochs[epoch] = epoch_steps(seqs, cfg, epoch)
+        micro_batches = epochs[epoch][index]
+        model.train()
+        t0 = time.time()
+        n_tok = sum(n_targets(mb) for mb in micro_batches)
+        loss_sum, ok = 0.0, True
+        for mb in micro_batches:
+            mb = to_device(mb, device)
+            # step 3a: token-mean NLL over the whole step's response tokens
+            loss = -models.token_logprobs(model, mb).sum() / n_tok
+            if not runtime.finite_or_skip(loss, counters):
+                ok = False
+                break
+            loss.backward()
+            loss_sum += loss.item()
+        # step 3b: update (skipped, and counted, on a non-finite loss or gradient)
+        grad_norm = runtime.optimizer_step(model, opt, sched, cfg.grad_clip, counters, ok)
+        step += 1
+        metrics = {"loss/sft": loss_sum, "lr": sched.get_last_lr()[0], "grad_norm": grad_norm,
+                   "tokens": n_tok, "tokens_per_s": n_tok / max(time.time() - t0, 1e-9),
+                   "epoch": epoch, **counters}
+        # step 4: evaluate, checkpoint
+        if step % cfg.eval_every == 0 or step == total:
+            metrics["eval/loss"] = eval_loss(model, eval_seqs, cfg, device)
+            if heldout:
+                metrics["eval/accuracy"] = ar.accuracy(model, tokenizer, heldout)
+            summary.update({k: metrics[k] for k in metrics if k.startswith("eval/")})
+        log.log(step, metrics)
+        if cfg.save_every and step % cfg.save_every == 0 and step < total:
+            runtime.save_checkpoint(out, step, model, tokenizer, opt, sched,
+                                    {"step": step, "counters": counters})
+    log.close()
+    # step 5: the final model, an HF directory
+    models.save_pretrained_atomic(model, tokenizer, out / "final")
+    summary.update({"steps": step, "final": str(out / "final"), **counters})
+    runtime.write_atomic(out / "summary.json", json.dumps(summary, indent=2))
+    return summary
+
+
+def main(argv=None) -> dict:
+    return train(runtime.load_config(SFTConfig, argv, prog="fastrlhf sft"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,287 @@
+"""What every trainer shares, as plain functions: config <-> YAML <-> command line, the metrics
+log, optimiser and schedule, token-budget steps, atomic checkpoints with exact resume.
+
+Config. One flat dataclass per algorithm; each field has metadata {"help": ...}. A YAML file
+only overrides fields (an unknown key is an error naming the key and the file); every field is
+also a command-line flag (`--lr 1e-4`, `--loss_type ipo`).
+
+Checkpoints. `<output_dir>/checkpoints/step-<N>/` holds an HF model directory (config,
+safetensors, tokenizer) and `trainer_state.pt` (optimizer, scheduler, data position, RNG
+states, metrics so far); it is written to a temp dir and renamed, so a crash never leaves a
+half-written checkpoint, and a non-finite loss never reaches one (the step is skipped and
+counted). `final/` is written the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# ----------------------------------------------------------------------------------------
+# config
+# ----------------------------------------------------------------------------------------
+
+
+def help_of(f: dataclasses.Field) -> str:
+    return f.metadata.get("help", "")
+
+
+def _coerce(f: dataclasses.Field, value: Any, where: str):
+    typ = f.type if isinstance(f.type, type) else {"int": int, "float": float, "str": str,
+                                                   "bool": bool}.get(str(f.type), None)
+    if typ is None or value is None:
+        return value
+    if typ is bool and isinstance(value, str):
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{where}: {f.name} must be true or false, got {value!r}")
+    try:
+        return typ(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: {f.name} must be {typ.__name__}, got {value!r}") from None
+
+
+def load_config(cls, argv: list[str] | None = None, *, prog: str = "fastrlhf"):
+    """Defaults <- --config YAML <- command-line flags. Returns an instance of cls."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    p = argparse.ArgumentParser(prog=prog, description=(cls.__doc__ or "").splitlines()[0])
+    p.add_argument("--config", help="YAML file overriding the defaults")
+    for name, f in fields.items():
+        default = f.default if f.default is not dataclasses.MISSING else None
+        p.add_argument(f"--{name}", dest=name, default=None,
+                       help=f"{help_of(f)} (default: {default!r})")
+        if "_" in name:  # --output-dir as well as --output_dir
+            p.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    try:
+        return cls(**_gather_values(args, fields, prog))
+    except ValueError as e:  # a bad value: one line naming the field, no traceback
+        raise SystemExit(f"{prog}: {e}") from None
+
+
+def _gather_values(args, fields: dict, prog: str) -> dict:
+    values = {}
+    if args.config:
+        import yaml
+
+        path = Path(args.config)
+        if not path.exists():
+            raise SystemExit(f"{prog}: config file {path} does not exist")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise SystemExit(f"{prog}: {path} must hold a mapping of config fields")
+        for k, v in loaded.items():
+            if k not in fields:
+                raise SystemExit(f"{prog}: {path}: unknown config field {k!r}; known: {sorted(fields)}")
+            values[k] = _coerce(fields[k], v, str(path))
+    for name in fields:
+        v = getattr(args, name)
+        if v is not None:
+            values[name] = _coerce(fields[name], v, "command line")
+    return values
+
+
+def save_config(cfg, out_dir: Path) -> None:
+    write_atomic(out_dir / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------------------
+# files
+# ----------------------------------------------------------------------------------------
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class MetricsLog:
+    """metrics.jsonl (one JSON object per step, flushed), TensorBoard when installed, and a
+    one-line progress bar on stderr."""
+
+    def __init__(self, out_dir: Path, total_steps: int, *, desc: str, resume: bool):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.path = out_dir / "metrics.jsonl"
+        self.file = open(self.path, "a" if resume else "w")
+        self.total, self.desc, self.t0 = total_steps, desc, time.time()
+        self.tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out_dir / "tb"))
+        except Exception:  # tensorboard not installed: jsonl only
+            pass
+
+    def log(self, step: int, metrics: dict) -> None:
+        row = {"step": step, **{k: _num(v) for k, v in metrics.items()}}
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(k, v, step)
+        self.progress(step, row)
+
+    def progress(self, step: int, row: dict) -> None:
+        if not sys.stderr.isatty() and step % max(1, self.total // 10) and step != self.total:
+            return
+        frac = step / max(1, self.total)
+        bar = "#" * int(20 * frac)
+        shown = {k: v for k, v in row.items() if k.startswith(("loss", "eval/")) and isinstance(v, float)}
+        text = " ".join(f"{k}={v:.4g}" for k, v in shown.items())
+        end = "\r" if sys.stderr.isatty() and step != self.total else "\n"
+        print(f"{self.desc} [{bar:<20}] {step}/{self.total} {time.time() - self.t0:.0f}s {text}",
+              file=sys.stderr, end=end, flush=True)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _num(v):
+    if isinstance(v, torch.Tensor):
+        v = v.item()
+    return round(v, 6) if isinstance(v, float) else v
+
+
+# ----------------------------------------------------------------------------------------
+# optimisation
+# ----------------------------------------------------------------------------------------
+
+
+def make_optimizer(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+
+
+def make_schedule(opt, warmup_steps: int, total_steps: int, kind: str):
+    """Linear warm-up, then cosine to 10% / linear to 0 / constant."""
+    if kind not in ("cosine", "linear", "constant"):
+        raise ValueError(f"unknown lr schedule {kind!r}; expected cosine, linear or constant")
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        frac = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        if kind == "cosine":
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
+        return max(0.0, 1 - frac) if kind == "linear" else 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def split_by_budget(items: list, budget: int, count) -> list[list]:
+    """Gradient accumulation by token budget: consecutive items (sequences) into optimiser
+    steps of about `budget` counted tokens each (count(item) -> int); the last may be short."""
+    steps, cur, used = [], [], 0
+    for it in items:
+        cur.append(it)
+        used += count(it)
+        if used >= budget:
+            steps.append(cur)
+            cur, used = [], 0
+    if cur:
+        steps.append(cur)
+    return steps
+
+
+# ----------------------------------------------------------------------------------------
+# checkpoints
+# ----------------------------------------------------------------------------------------
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    ckpts = sorted((out_dir / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    ckpts = [c for c in ckpts if (c / "trainer_state.pt").exists()]
+    return ckpts[-1] if ckpts else None
+
+
+def save_checkpoint(out_dir: Path, step: int, model, tokenizer, opt, sched, state: dict,
+                    keep: int = 2) -> Path:
+    """Atomic: written to step-N.tmp, renamed; older checkpoints beyond `keep` removed."""
+    from fastrlhf.models import save_pretrained_atomic
+
+    final = out_dir / "checkpoints" / f"step-{step}"
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_pretrained_atomic(model, tokenizer, tmp)
+    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "python_rng": random.getstate(), "torch_rng": torch.get_rng_state(),
+                **state}, tmp / "trainer_state.pt")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in sorted((out_dir / "checkpoints").glob("step-*"),
+                      key=lambda p: int(p.name.split("-")[1].split(".")[0]))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_trainer_state(ckpt: Path, opt, sched) -> dict:
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+    opt.load_state_dict(state.pop("optimizer"))
+    sched.load_state_dict(state.pop("scheduler"))
+    random.setstate(state.pop("python_rng"))
+    torch.set_rng_state(state.pop("torch_rng"))
+    return state
+
+
+def optimizer_step(model, opt, sched, grad_clip: float, counters: dict, ok: bool = True) -> float:
+    """Clip, step (unless the step's loss was not finite, ok=False, or the gradient norm is
+    not: then the update is skipped and counted in counters["skipped_nonfinite"]), zero the
+    gradients, advance the schedule. Returns the gradient norm."""
+    grad_norm = float("nan")
+    if ok:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
+        if math.isfinite(grad_norm):
+            opt.step()
+        else:
+            counters["skipped_nonfinite"] = counters.get("skipped_nonfinite", 0) + 1
+    opt.zero_grad(set_to_none=True)
+    sched.step()
+    return grad_norm
+
+
+def backward_and_step(loss: torch.Tensor, model, opt, sched, grad_clip: float, counters: dict) -> float:
+    """One optimiser step on a whole-step loss (see optimizer_step)."""
+    ok = finite_or_skip(loss, counters)
+    if ok:
+        loss.backward()
+    return optimizer_step(model, opt, sched, grad_clip, counters, ok)
+
+
+def finite_or_skip(loss: torch.Tensor, counters: dict) -> bool:
+    """True if the loss is finite; else count the skip (the step is not applied)."""
+    if torch.isfinite(loss):
+        return True
+    counters["skipped_nonfinite"] = counters.get("skipped_nonfinite", 0) + 1
+    return False
