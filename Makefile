@@ -8,7 +8,7 @@ HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 1)
 TORCH_SPEC := $(if $(HAS_CUDA),torch,torch==2.13.0)
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-fast bench compile-sm90 clean
+.PHONY: setup demo test test-fast bench compile-sm90 clean
 
 $(STAMP): pyproject.toml setup.py Makefile
 	$(PY) -m venv $(VENV)
@@ -17,6 +17,12 @@ $(STAMP): pyproject.toml setup.py Makefile
 	touch $@
 
 setup: $(STAMP)
+
+## the main job on the built-in task: SFT -> reward model -> DPO, into runs/ (rerun: resumes)
+demo: setup
+	$(BIN)/fastrlhf sft --config examples/sft.yaml
+	$(BIN)/fastrlhf rm --config examples/rm.yaml --model runs/sft/final
+	$(BIN)/fastrlhf dpo --config examples/dpo.yaml --model runs/sft/final
 
 ## the whole test suite (what CI runs)
 test: setup

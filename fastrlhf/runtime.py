@@ -285,3 +285,22 @@ def finite_or_skip(loss: torch.Tensor, counters: dict) -> bool:
         return True
     counters["skipped_nonfinite"] = counters.get("skipped_nonfinite", 0) + 1
     return False
+
+
+def maybe_checkpoint(out_dir: Path, cfg, step: int, total: int, model, tokenizer, opt, sched,
+                     counters: dict) -> None:
+    """Every cfg.save_every steps (not at the last step: final/ is written then)."""
+    if cfg.save_every and step % cfg.save_every == 0 and step < total:
+        save_checkpoint(out_dir, step, model, tokenizer, opt, sched, {"step": step, "counters": counters})
+
+
+def finish(out_dir: Path, log: MetricsLog, model, tokenizer, summary: dict, step: int,
+           counters: dict) -> dict:
+    """Close the log, write final/ (HF directory) and summary.json, both atomically."""
+    from fastrlhf.models import save_pretrained_atomic
+
+    log.close()
+    save_pretrained_atomic(model, tokenizer, out_dir / "final")
+    summary.update({"steps": step, "final": str(out_dir / "final"), **counters})
+    write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2))
+    return summary

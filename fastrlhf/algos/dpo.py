@@ -16,7 +16,6 @@ exact match on held-out prompts, the same protocol as SFT's).
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -159,14 +158,9 @@ def train(cfg: DPOConfig) -> dict:
             metrics.update(evaluate())
             summary.update({k: v for k, v in metrics.items() if k.startswith("eval/")})
         log.log(step, metrics)
-        if cfg.save_every and step % cfg.save_every == 0 and step < total:
-            runtime.save_checkpoint(out, step, policy, tokenizer, opt, sched,
-                                    {"step": step, "counters": counters})
-    log.close()
-    models.save_pretrained_atomic(policy, tokenizer, out / "final")  # step 5
-    summary.update({"steps": step, "final": str(out / "final"), **counters})
-    runtime.write_atomic(out / "summary.json", json.dumps(summary, indent=2))
-    return summary
+        runtime.maybe_checkpoint(out, cfg, step, total, policy, tokenizer, opt, sched, counters)
+    # step 5: the final model, an HF directory
+    return runtime.finish(out, log, policy, tokenizer, summary, step, counters)
 
 
 def main(argv=None) -> dict:

@@ -14,7 +14,6 @@ held-out pairs (labelled by the same noisy annotator, so it is bounded by 1 - la
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from dataclasses import dataclass, field
@@ -141,14 +140,9 @@ def train(cfg: RMConfig) -> dict:
             metrics.update(evaluate(model, eval_tok, cfg, device))
             summary.update({k: v for k, v in metrics.items() if k.startswith("eval/")})
         log.log(step, metrics)
-        if cfg.save_every and step % cfg.save_every == 0 and step < total:
-            runtime.save_checkpoint(out, step, model, tokenizer, opt, sched,
-                                    {"step": step, "counters": counters})
-    log.close()
-    models.save_pretrained_atomic(model, tokenizer, out / "final")  # step 5
-    summary.update({"steps": step, "final": str(out / "final"), **counters})
-    runtime.write_atomic(out / "summary.json", json.dumps(summary, indent=2))
-    return summary
+        runtime.maybe_checkpoint(out, cfg, step, total, model, tokenizer, opt, sched, counters)
+    # step 5: the final model, an HF directory
+    return runtime.finish(out, log, model, tokenizer, summary, step, counters)
 
 
 def main(argv=None) -> dict:

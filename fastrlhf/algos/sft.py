@@ -13,7 +13,6 @@ eval/accuracy (greedy exact match on held-out prompts).
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from dataclasses import dataclass, field
@@ -168,15 +167,9 @@ def train(cfg: SFTConfig) -> dict:
                 metrics["eval/accuracy"] = ar.accuracy(model, tokenizer, heldout)
             summary.update({k: metrics[k] for k in metrics if k.startswith("eval/")})
         log.log(step, metrics)
-        if cfg.save_every and step % cfg.save_every == 0 and step < total:
-            runtime.save_checkpoint(out, step, model, tokenizer, opt, sched,
-                                    {"step": step, "counters": counters})
-    log.close()
+        runtime.maybe_checkpoint(out, cfg, step, total, model, tokenizer, opt, sched, counters)
     # step 5: the final model, an HF directory
-    models.save_pretrained_atomic(model, tokenizer, out / "final")
-    summary.update({"steps": step, "final": str(out / "final"), **counters})
-    runtime.write_atomic(out / "summary.json", json.dumps(summary, indent=2))
-    return summary
+    return runtime.finish(out, log, model, tokenizer, summary, step, counters)
 
 
 def main(argv=None) -> dict:
