@@ -94,18 +94,19 @@ def train(cfg: DPOConfig) -> dict:
     runtime.seed_everything(cfg.seed)
     device = runtime.resolve_device(cfg.device)
 
-    # step 1: policy, frozen reference, pairs (each pair carries its reference log-probs)
+    # step 1: policy, frozen reference (none for simpo), pairs, reference log-prob tables
     model_dir, pairs, eval_pairs = prepare_pairs(cfg, out)
     ckpt = runtime.latest_checkpoint(out)
     tokenizer = models.load_tokenizer(model_dir)
     policy = models.load_causal_lm(ckpt or model_dir, device=device)
-    ref = models.load_causal_lm(model_dir, device=device).eval().requires_grad_(False)
     train_pairs = data.tokenize_pairs(tokenizer, pairs, cfg.max_len, "dpo data")
     eval_tok = data.tokenize_pairs(tokenizer, eval_pairs, cfg.max_len, "dpo eval data")
     need_ref = cfg.loss_type != "simpo"
-    if need_ref and cfg.precompute_ref:
+    ref = models.load_causal_lm(model_dir, device=device).eval().requires_grad_(False) if need_ref else None
+    train_ref = eval_ref = None  # [(chosen, rejected)] per pair when precomputed
+    if ref is not None and cfg.precompute_ref:
         train_ref, eval_ref = reference_logps(ref, train_pairs, cfg, device), reference_logps(ref, eval_tok, cfg, device)
-        del ref
+        ref = None  # the reference model is no longer needed: free it
     heldout = ar.heldout_prompts(ar.ArithmeticTask(seed=cfg.seed), cfg.task_eval_prompts) if not cfg.data else None
     indexed = list(range(len(train_pairs)))
     steps_per_epoch = len(pair_steps(indexed, cfg.pairs_per_step, cfg.seed, 0))
@@ -113,9 +114,10 @@ def train(cfg: DPOConfig) -> dict:
     runtime.save_config(cfg, out)
 
     def refs_for(idx, tok_pairs, table):
+        """Reference (chosen, rejected) log-probs of the pairs idx: from the table, or computed."""
         if not need_ref:
             return ()
-        if cfg.precompute_ref:
+        if table is not None:
             c, r = zip(*(table[i] for i in idx))
             return torch.tensor(c, device=device), torch.tensor(r, device=device)
         with torch.no_grad():
@@ -131,8 +133,7 @@ def train(cfg: DPOConfig) -> dict:
     def evaluate() -> dict:
         policy.eval()
         idx = list(range(len(eval_tok)))
-        loss, m = dpo_loss(policy, refs_for(idx, eval_tok, eval_ref if need_ref and cfg.precompute_ref else None),
-                           eval_tok, cfg, device)
+        loss, m = dpo_loss(policy, refs_for(idx, eval_tok, eval_ref), eval_tok, cfg, device)
         res = {"eval/loss": loss.item(), "eval/reward_accuracy": m["rewards/accuracy"].item()}
         if heldout:
             res["eval/accuracy"] = ar.accuracy(policy, tokenizer, heldout)
@@ -148,7 +149,7 @@ def train(cfg: DPOConfig) -> dict:
         policy.train()
         t0 = time.time()
         batch = [train_pairs[i] for i in idx]
-        refs = refs_for(idx, train_pairs, train_ref if need_ref and cfg.precompute_ref else None)
+        refs = refs_for(idx, train_pairs, train_ref)
         loss, m = dpo_loss(policy, refs, batch, cfg, device)  # step 3a: preference loss
         grad_norm = runtime.backward_and_step(loss, policy, opt, sched, cfg.grad_clip, counters)
         step += 1

@@ -37,7 +37,7 @@ class SFTConfig:
     tokens_per_step: int = field(default=256, metadata={"help": "response tokens per optimiser step (gradient accumulation)"})
     epochs: int = field(default=4, metadata={"help": "passes over the data"})
     max_steps: int = field(default=0, metadata={"help": "stop after this many steps (0: run all epochs)"})
-    lr: float = field(default=3e-3, metadata={"help": "peak learning rate"})
+    lr: float = field(default=2e-3, metadata={"help": "peak learning rate"})
     warmup_steps: int = field(default=20, metadata={"help": "linear warm-up steps"})
     schedule: str = field(default="cosine", metadata={"help": "cosine | linear | constant after warm-up"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (matrices only)"})

@@ -135,3 +135,17 @@ def test_reward_model_learns_a_learnable_preference(tmp_path, tiny_base):
     assert summary["eval/accuracy"] > 0.9
     rm = models.load_value_model(out / "final")  # a reward-model directory transformers can load
     assert rm.config.architectures == ["LlamaForSequenceClassification"]
+
+
+@pytest.mark.slow
+def test_simpo_trains_without_a_reference(tmp_path, tiny_base, monkeypatch):
+    loaded = []
+    real = models.load_causal_lm
+    monkeypatch.setattr(models, "load_causal_lm", lambda *a, **k: loaded.append(a) or real(*a, **k))
+    out = tmp_path / "simpo"
+    dpo.main(TINY_PAIRS + ["--model", tiny_base, "--output_dir", str(out), "--max_steps", "3",
+                           "--loss_type", "simpo", "--beta", "2.0", "--gamma", "0.5", "--lr", "1e-3",
+                           "--eval_every", "100", "--task_eval_prompts", "0"])
+    rows = _metrics(out)
+    assert len(loaded) == 1  # the policy only: SimPO has no reference model
+    assert rows[-1]["loss/dpo"] < rows[0]["loss/dpo"]
