@@ -16,7 +16,6 @@ import os
 import platform
 import re
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path

@@ -109,6 +109,23 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def begin(cfg) -> tuple[Path, torch.device]:
+    """The output directory (created), seeded RNGs, and the device of a run."""
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.seed)
+    return out, resolve_device(cfg.device)
+
+
+def optimisation(cfg, model, out: Path, total: int, ckpt: Path | None, desc: str):
+    """AdamW + warm-up schedule, the resumed trainer state (step, counters) from ckpt if any,
+    and the metrics log: (opt, sched, state, log)."""
+    opt = make_optimizer(model.parameters(), cfg.lr, cfg.weight_decay)
+    sched = make_schedule(opt, cfg.warmup_steps, total, cfg.schedule)
+    state = load_trainer_state(ckpt, opt, sched) if ckpt else {"step": 0, "counters": {}}
+    return opt, sched, state, MetricsLog(out, total, desc=desc, resume=ckpt is not None)
+
+
 # ----------------------------------------------------------------------------------------
 # files
 # ----------------------------------------------------------------------------------------

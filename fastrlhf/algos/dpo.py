@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -89,10 +88,7 @@ def reference_logps(ref, pairs, cfg, device):
 
 
 def train(cfg: DPOConfig) -> dict:
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    runtime.seed_everything(cfg.seed)
-    device = runtime.resolve_device(cfg.device)
+    out, device = runtime.begin(cfg)
 
     # step 1: policy, frozen reference (none for simpo), pairs, reference log-prob tables
     model_dir, pairs, eval_pairs = prepare_pairs(cfg, out)
@@ -124,10 +120,7 @@ def train(cfg: DPOConfig) -> dict:
             return seq_logps(ref, [tok_pairs[i] for i in idx], cfg, device)
 
     # step 2: optimiser, schedule, resume
-    opt = runtime.make_optimizer(policy.parameters(), cfg.lr, cfg.weight_decay)
-    sched = runtime.make_schedule(opt, cfg.warmup_steps, total, cfg.schedule)
-    state = runtime.load_trainer_state(ckpt, opt, sched) if ckpt else {"step": 0, "counters": {}}
-    log = runtime.MetricsLog(out, total, desc="dpo", resume=ckpt is not None)
+    opt, sched, state, log = runtime.optimisation(cfg, policy, out, total, ckpt, "dpo")
 
     @torch.no_grad()
     def evaluate() -> dict:

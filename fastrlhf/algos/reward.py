@@ -101,10 +101,7 @@ def evaluate(model, eval_pairs, cfg, device) -> dict:
 
 
 def train(cfg: RMConfig) -> dict:
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    runtime.seed_everything(cfg.seed)
-    device = runtime.resolve_device(cfg.device)
+    out, device = runtime.begin(cfg)
 
     # step 1: model with a scalar head, tokenizer, pairs
     model_dir, pairs, eval_pairs = prepare_pairs(cfg, out)
@@ -118,10 +115,7 @@ def train(cfg: RMConfig) -> dict:
     runtime.save_config(cfg, out)
 
     # step 2: optimiser, schedule, resume
-    opt = runtime.make_optimizer(model.parameters(), cfg.lr, cfg.weight_decay)
-    sched = runtime.make_schedule(opt, cfg.warmup_steps, total, cfg.schedule)
-    state = runtime.load_trainer_state(ckpt, opt, sched) if ckpt else {"step": 0, "counters": {}}
-    log = runtime.MetricsLog(out, total, desc="rm", resume=ckpt is not None)
+    opt, sched, state, log = runtime.optimisation(cfg, model, out, total, ckpt, "rm")
 
     # step 3: the loop
     step, counters, summary = state["step"], state["counters"], {}

@@ -110,10 +110,7 @@ def eval_loss(model, seqs, cfg: SFTConfig, device) -> float:
 
 
 def train(cfg: SFTConfig) -> dict:
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    runtime.seed_everything(cfg.seed)
-    device = runtime.resolve_device(cfg.device)
+    out, device = runtime.begin(cfg)
 
     # step 1: model, tokenizer, data
     model_dir, records, eval_records, heldout = prepare(cfg, out)
@@ -126,12 +123,7 @@ def train(cfg: SFTConfig) -> dict:
     runtime.save_config(cfg, out)
 
     # step 2: optimiser, schedule, resume
-    opt = runtime.make_optimizer(model.parameters(), cfg.lr, cfg.weight_decay)
-    sched = runtime.make_schedule(opt, cfg.warmup_steps, total, cfg.schedule)
-    state = {"step": 0, "counters": {}}
-    if ckpt is not None:
-        state = runtime.load_trainer_state(ckpt, opt, sched)
-    log = runtime.MetricsLog(out, total, desc="sft", resume=ckpt is not None)
+    opt, sched, state, log = runtime.optimisation(cfg, model, out, total, ckpt, "sft")
 
     # step 3: the loop
     step, counters, summary, epochs = state["step"], state["counters"], {}, {}

@@ -2,8 +2,6 @@
 
 import torch
 
-from benchmarks.baselines import eager_linear_logprob, eager_logprob  # noqa: F401
-
 
 def assert_within_torch_error(ours, ref, eager, *, name, factor=2.0, rel_atol=1e-5):
     """ours must be as close to the float64 ref as eager torch in the same dtype, up to

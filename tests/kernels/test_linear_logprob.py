@@ -11,7 +11,9 @@ import torch
 
 from fastrlhf.kernels import linear_logprob, linear_logprob_ref
 
-from .helpers import assert_within_torch_error, eager_linear_logprob
+from benchmarks.baselines import eager_linear_logprob
+
+from .helpers import assert_within_torch_error
 
 ll = importlib.import_module("fastrlhf.kernels.linear_logprob")
 common = importlib.import_module("fastrlhf.kernels._common")

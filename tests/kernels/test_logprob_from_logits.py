@@ -5,7 +5,9 @@ import torch
 
 from fastrlhf.kernels import logprob_from_logits, logprob_from_logits_ref
 
-from .helpers import assert_within_torch_error, eager_logprob
+from benchmarks.baselines import eager_logprob
+
+from .helpers import assert_within_torch_error
 
 IMPLS = ["triton", "torch"]
 
