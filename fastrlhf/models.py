@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from fastrlhf.kernels import linear_logprob
+from fastrlhf.runtime import atomic_dir
 
 ATTN = "fastrlhf_varlen"
 _HAS_FLASH = importlib.util.find_spec("flash_attn") is not None
@@ -183,21 +184,15 @@ def sequence_end_values(model, batch: dict) -> torch.Tensor:
     return v.gather(1, last[:, None].to(v.device)).squeeze(1)
 
 
-def save_pretrained_atomic(model, tokenizer, out_dir: str | Path) -> Path:
-    """Write config + safetensors + tokenizer to a sibling temp dir, then rename into place:
-    a crash mid-write never leaves a half-written checkpoint under out_dir."""
-    import os
-    import shutil
+def save_hf_dir(model, tokenizer, out_dir: str | Path) -> None:
+    """config + safetensors + tokenizer into out_dir (not atomic: see save_pretrained_atomic)."""
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
 
-    out = Path(out_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    old = out.with_name(out.name + ".old")
-    if out.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
-    return out
+
+def save_pretrained_atomic(model, tokenizer, out_dir: str | Path) -> Path:
+    """An HF directory written to a sibling temp dir and renamed into place: a crash mid-write
+    never leaves a half-written model under out_dir."""
+    with atomic_dir(out_dir) as tmp:
+        save_hf_dir(model, tokenizer, tmp)
+    return Path(out_dir)

@@ -15,11 +15,13 @@ counted). `final/` is written the same way.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -138,6 +140,23 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+@contextlib.contextmanager
+def atomic_dir(final: str | os.PathLike):
+    """Yield a sibling temp directory to fill; on success it replaces `final` (the old one is
+    kept as final.old until the new one is in place). A crash leaves `final` untouched and only
+    `final.tmp` behind, which the next write clears."""
+    final = Path(final)
+    tmp, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    yield tmp
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 class MetricsLog:
     """metrics.jsonl (one JSON object per step, flushed), TensorBoard when installed, and a
     one-line progress bar on stderr."""
@@ -237,28 +256,32 @@ def split_by_budget(items: list, budget: int, count) -> list[list]:
 # ----------------------------------------------------------------------------------------
 
 
+def _checkpoints(out_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first: step-<N> directories holding trainer_state.pt
+    (a crash's leftover step-<N>.tmp / .old never counts)."""
+    found = [(int(m.group(1)), p) for p in (out_dir / "checkpoints").glob("step-*")
+             if (m := re.fullmatch(r"step-(\d+)", p.name)) and (p / "trainer_state.pt").exists()]
+    return [p for _, p in sorted(found)]
+
+
 def latest_checkpoint(out_dir: Path) -> Path | None:
-    ckpts = sorted((out_dir / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-    ckpts = [c for c in ckpts if (c / "trainer_state.pt").exists()]
+    ckpts = _checkpoints(out_dir)
     return ckpts[-1] if ckpts else None
 
 
 def save_checkpoint(out_dir: Path, step: int, model, tokenizer, opt, sched, state: dict,
                     keep: int = 2) -> Path:
-    """Atomic: written to step-N.tmp, renamed; older checkpoints beyond `keep` removed."""
-    from fastrlhf.models import save_pretrained_atomic
+    """HF directory + trainer_state.pt, written atomically; older checkpoints beyond `keep`
+    removed."""
+    from fastrlhf.models import save_hf_dir
 
     final = out_dir / "checkpoints" / f"step-{step}"
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_pretrained_atomic(model, tokenizer, tmp)
-    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "python_rng": random.getstate(), "torch_rng": torch.get_rng_state(),
-                **state}, tmp / "trainer_state.pt")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for old in sorted((out_dir / "checkpoints").glob("step-*"),
-                      key=lambda p: int(p.name.split("-")[1].split(".")[0]))[:-keep]:
+    with atomic_dir(final) as tmp:
+        save_hf_dir(model, tokenizer, tmp)
+        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                    "python_rng": random.getstate(), "torch_rng": torch.get_rng_state(),
+                    **state}, tmp / "trainer_state.pt")
+    for old in _checkpoints(out_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 

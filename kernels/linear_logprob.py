@@ -293,7 +293,7 @@ def _bwd_triton(h, w, bias, labels, lse, ez, g_lp, g_ent, inv_temp, ignore_index
             h.stride(0), h.stride(1), w.stride(0), w.stride(1), dz_c.stride(0), dz_c.stride(1),
             inv_temp, ignore_index,
             HAS_BIAS=bias is not None, ENTROPY=entropy, PRECISION=dot_precision(h.dtype),
-        INTERPRET=INTERPRET,
+            INTERPRET=INTERPRET,
             BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )

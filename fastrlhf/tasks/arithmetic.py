@@ -133,13 +133,10 @@ def exact_match(prompt: str, response: str, answer: str) -> float:
 
 def write_jsonl(rows, path: str | os.PathLike) -> Path:
     """Write rows atomically (tmp file + rename)."""
+    from fastrlhf.runtime import write_atomic
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
     return path
 
 
@@ -186,22 +183,14 @@ def build_model(*, hidden_size: int = 128, layers: int = 2, heads: int = 2, seed
 
 
 def save_base_model(out_dir: str | os.PathLike, **model_kw) -> Path:
-    """Write the untrained tiny model + tokenizer as an HF directory (config, safetensors,
-    tokenizer), atomically: built in a sibling temp dir, then renamed into place."""
-    import shutil
-
+    """Write the untrained model + tokenizer as an HF directory (config, safetensors,
+    tokenizer), atomically."""
     from transformers.utils import logging as hf_logging
 
+    from fastrlhf.models import save_pretrained_atomic
+
     hf_logging.disable_progress_bar()
-    out = Path(out_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    build_model(**model_kw).save_pretrained(tmp, safe_serialization=True)
-    build_tokenizer().save_pretrained(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
+    return save_pretrained_atomic(build_model(**model_kw), build_tokenizer(), out_dir)
 
 
 # ----------------------------------------------------------------------------------------

@@ -35,6 +35,8 @@ def test_sft_first_loss_is_uniform_then_falls_and_resume_is_exact(tmp_path):
     # resume: a fresh run directory holding only the step-3 checkpoint continues exactly
     b = tmp_path / "b"
     shutil.copytree(a / "checkpoints" / "step-3", b / "checkpoints" / "step-3")
+    # a crash while saving step 5 left its temp dir behind: it is not a checkpoint
+    shutil.copytree(a / "checkpoints" / "step-3", b / "checkpoints" / "step-5.tmp")
     sft.main(TINY_SFT + ["--output_dir", str(b), "--max_steps", "6", "--save_every", "3",
                          "--eval_every", "3"])
     resumed = _metrics(b)
