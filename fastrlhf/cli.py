@@ -1,4 +1,4 @@
-"""The `fastrlhf` command: sft | rm | dpo (the offline trainers) and bench.
+"""The `fastrlhf` command: sft | rm | dpo (offline), grpo | ppo (online RL) and bench.
 
     fastrlhf sft --config examples/sft.yaml [--output-dir DIR] [--model PATH] [--data PATH] [--FIELD VALUE ...]
 
@@ -35,6 +35,8 @@ TRAINERS = {
     "sft": ("fastrlhf.algos.sft", "supervised fine-tuning on demonstrations"),
     "rm": ("fastrlhf.algos.reward", "reward model on preference pairs (Bradley-Terry)"),
     "dpo": ("fastrlhf.algos.dpo", "DPO-family training on preference pairs"),
+    "grpo": ("fastrlhf.algos.grpo", "online RL without a critic: GRPO, Dr.GRPO, DAPO, RLOO, REINFORCE++"),
+    "ppo": ("fastrlhf.algos.ppo", "online RL with a critic: PPO against a reward model"),
 }
 
 
@@ -42,11 +44,12 @@ def _train(command: str, rest: list[str]) -> int:
     import importlib
 
     from fastrlhf.data import DataError
+    from fastrlhf.rollout import EngineError
 
     module = importlib.import_module(TRAINERS[command][0])
     try:
         summary = module.main(rest)
-    except (DataError, FileNotFoundError) as e:  # bad input: one clear line, no traceback
+    except (DataError, FileNotFoundError, EngineError) as e:  # bad input: one clear line, no traceback
         print(f"fastrlhf {command}: {e}", file=sys.stderr)
         return 2
     print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))

@@ -189,7 +189,7 @@ class MetricsLog:
             return
         frac = step / max(1, self.total)
         bar = "#" * int(20 * frac)
-        shown = {k: v for k, v in row.items() if k.startswith(("loss", "eval/")) and isinstance(v, float)}
+        shown = {k: v for k, v in row.items() if k.startswith(("loss", "eval/", "reward/mean")) and isinstance(v, float)}
         text = " ".join(f"{k}={v:.4g}" for k, v in shown.items())
         end = "\r" if sys.stderr.isatty() and step != self.total else "\n"
         print(f"{self.desc} [{bar:<20}] {step}/{self.total} {time.time() - self.t0:.0f}s {text}",
@@ -270,9 +270,9 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 
 
 def save_checkpoint(out_dir: Path, step: int, model, tokenizer, opt, sched, state: dict,
-                    keep: int = 2) -> Path:
-    """HF directory + trainer_state.pt, written atomically; older checkpoints beyond `keep`
-    removed."""
+                    keep: int = 2, extra=None) -> Path:
+    """HF directory + trainer_state.pt (+ whatever extra(tmp_dir) writes, e.g. a critic),
+    written atomically; older checkpoints beyond `keep` removed."""
     from fastrlhf.models import save_hf_dir
 
     final = out_dir / "checkpoints" / f"step-{step}"
@@ -281,6 +281,8 @@ def save_checkpoint(out_dir: Path, step: int, model, tokenizer, opt, sched, stat
         torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                     "python_rng": random.getstate(), "torch_rng": torch.get_rng_state(),
                     **state}, tmp / "trainer_state.pt")
+        if extra is not None:
+            extra(tmp)
     for old in _checkpoints(out_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

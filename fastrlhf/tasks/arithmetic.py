@@ -126,8 +126,14 @@ def heldout_prompts(task: ArithmeticTask, n: int):
     return [{"prompt": task.prompt(a, b), "answer": str(a + b)} for a, b in task.split(n, "test")]
 
 
-def exact_match(prompt: str, response: str, answer: str) -> float:
-    """The rule reward: 1.0 if the response (up to the end token) is the answer."""
+def train_prompts(task: ArithmeticTask, n: int):
+    """{"prompt", "answer"} from the training split: the prompts online RL samples on."""
+    return [{"prompt": task.prompt(a, b), "answer": str(a + b)} for a, b in task.split(n, "train")]
+
+
+def exact_match(prompt: str, response: str, answer: str, **_) -> float:
+    """The rule reward: 1.0 if the response (up to the end token) is the answer. Usable as
+    `reward_fn: fastrlhf.tasks.arithmetic:exact_match` (other record fields are ignored)."""
     return 1.0 if response.split(EOS)[0].strip() == answer else 0.0
 
 
@@ -163,6 +169,7 @@ def build_tokenizer():
 MODEL_SIZES = {
     "tiny": dict(hidden_size=128, layers=2, heads=2),  # 0.4M parameters: for fast tests
     "small": dict(hidden_size=256, layers=4, heads=4),  # 3.2M parameters: the examples and demo
+    "medium": dict(hidden_size=256, layers=8, heads=4),  # 6.3M parameters: depth for reward models
 }
 
 

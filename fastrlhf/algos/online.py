@@ -1,0 +1,236 @@
+"""What the online trainers (grpo.py, ppo.py) share: prompts, rollouts, rewards, packed
+log-prob passes over completions, importance weights, micro-batch loss weights, evaluation.
+
+Shapes: P prompts per step, G samples per prompt, B = P * G samples; per-sample tensors are 1-D
+over that sample's completion tokens (L_i); `rows` pads a list of them to (b, T) with a mask.
+Every forward over samples runs on packed micro-batches (data.pack, prompt + completion, loss
+positions = the completion tokens), so no FLOPs go to padding.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from fastrlhf import data, models
+from fastrlhf.rollout import Sample
+from fastrlhf.tasks import arithmetic as ar
+
+
+@dataclass
+class Prompt:
+    record: dict  # the prompt's JSONL record: "prompt", "answer", any other fields
+    ids: list[int]
+
+
+# ----------------------------------------------------------------------------------------
+# prompts and rewards
+# ----------------------------------------------------------------------------------------
+
+
+def load_prompt_sets(cfg, tokenizer, counters: dict) -> tuple[list[Prompt], list[Prompt]]:
+    """Training and held-out prompts: cfg.data / cfg.eval_data, or the built-in task's splits.
+    A prompt that leaves no room for max_new_tokens in max_len is skipped and counted."""
+    task = ar.ArithmeticTask(seed=cfg.seed)
+    train = data.load_prompts(cfg.data) if cfg.data else ar.train_prompts(task, cfg.task_prompts)
+    if cfg.eval_data:
+        heldout = data.load_prompts(cfg.eval_data)
+    elif not cfg.data:
+        heldout = ar.heldout_prompts(task, cfg.task_eval_prompts)
+    else:
+        n_eval = max(1, len(train) // 20)
+        train, heldout = train[n_eval:], train[:n_eval]
+
+    def tokenize(records, what):
+        out = []
+        for r in records:
+            ids = data.prompt_ids(tokenizer, r["prompt"])
+            if len(ids) + cfg.max_new_tokens > cfg.max_len:
+                counters["skipped_long_prompts"] = counters.get("skipped_long_prompts", 0) + 1
+                continue
+            out.append(Prompt(r, ids))
+        if not out:
+            raise data.DataError(f"{what}: no prompt leaves room for max_new_tokens={cfg.max_new_tokens} "
+                                 f"in max_len={cfg.max_len}")
+        return out
+
+    return tokenize(train, "prompts"), tokenize(heldout, "held-out prompts")
+
+
+def reward_function(spec: str):
+    """"module:function" -> fn(prompt, response, **record_fields) -> float (TRL's convention:
+    the prompt record's other fields, e.g. answer, arrive as keyword arguments)."""
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        raise data.DataError(f"reward function {spec!r}: expected 'module:function'")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise data.DataError(f"reward function {spec!r}: {e}") from None
+    if not callable(fn):
+        raise data.DataError(f"reward function {spec!r} is not callable")
+    return fn
+
+
+def score_with_function(fn, samples: list[Sample], prompts: list[Prompt], tokenizer, counters: dict):
+    """Fill sample.reward from a Python function. One that raises or returns a non-finite
+    number marks the sample failed (info["failed"]; it is not trained on) and is counted."""
+    for s in samples:
+        rec = prompts[s.prompt_index].record
+        response = tokenizer.decode(s.completion_ids, skip_special_tokens=True)
+        extra = {k: v for k, v in rec.items() if k != "prompt"}
+        try:
+            r = float(fn(rec["prompt"], response, **extra))
+            if not math.isfinite(r):
+                raise ValueError(f"returned {r}")
+        except Exception as e:  # a user's function: any failure is the sample's, not the run's
+            s.info["failed"] = f"{type(e).__name__}: {e}"
+            counters["reward_failures"] = counters.get("reward_failures", 0) + 1
+            r = 0.0
+        s.reward = r
+
+
+@torch.no_grad()
+def score_with_model(rm, samples: list[Sample], budget: int, device) -> None:
+    """Fill sample.reward with the reward model's value at each sequence's last token."""
+    rm.eval()
+    scores = []
+    for mb in data.pack(sequences(samples), budget):
+        scores.append(models.sequence_end_values(rm, to_device(mb, device)).float().cpu())
+    for s, r in zip(samples, torch.cat(scores).tolist()):
+        s.reward = r
+
+
+def impute_failed(groups: list[list[Sample]]) -> None:
+    """A failed sample takes its group's mean valid reward: it then moves neither the group's
+    baseline nor anyone's advantage (its own advantage is ~0 and it is not trained on)."""
+    for g in groups:
+        ok = [s.reward for s in g if "failed" not in s.info]
+        mean = sum(ok) / len(ok) if ok else 0.0
+        for s in g:
+            if "failed" in s.info:
+                s.reward = mean
+
+
+# ----------------------------------------------------------------------------------------
+# packed passes over completions
+# ----------------------------------------------------------------------------------------
+
+
+def sequences(samples: list[Sample]) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) for data.pack: loss positions are the completion tokens."""
+    return [(s.prompt_ids + s.completion_ids, [data.IGNORE] * len(s.prompt_ids) + s.completion_ids)
+            for s in samples]
+
+
+def to_device(mb: dict, device) -> dict:
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in mb.items()}
+
+
+def completion_rows(token_vals: torch.Tensor, mb: dict) -> torch.Tensor:
+    """(1, total) per-position values of a packed micro-batch -> (n_seq, T) rows holding each
+    sequence's completion positions in order (T = its longest completion), 0 elsewhere."""
+    keep = (mb["labels"][0] != data.IGNORE).to(token_vals.device)  # (total,)
+    lengths = (mb["cu_seqlens"][1:] - mb["cu_seqlens"][:-1]).long().to(token_vals.device)
+    seg = torch.repeat_interleave(torch.arange(len(lengths), device=token_vals.device), lengths)
+    seg = seg[keep]  # (n_completion_tokens,) sequence of each completion token
+    counts = torch.bincount(seg, minlength=len(lengths))
+    starts = torch.cumsum(counts, 0) - counts
+    col = torch.arange(seg.numel(), device=seg.device) - starts[seg]
+    out = token_vals.new_zeros(len(lengths), int(counts.max()) if counts.numel() else 0)
+    out[seg, col] = token_vals[0, keep]
+    return out  # (n_seq, T)
+
+
+def rows(vals: list[torch.Tensor], device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad per-sample 1-D tensors to (b, T) (zeros) with a bool mask (b, T)."""
+    T = max(v.numel() for v in vals)
+    out = torch.zeros(len(vals), T)
+    mask = torch.zeros(len(vals), T, dtype=torch.bool)
+    for i, v in enumerate(vals):
+        out[i, : v.numel()], mask[i, : v.numel()] = v, True
+    return out.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def completion_logprobs(model, samples: list[Sample], budget: int, temperature: float, device):
+    """The model's log-probs of each sample's completion tokens, [(L_i,)] float32 on CPU."""
+    model.eval()
+    out = []
+    for mb in data.pack(sequences(samples), budget):
+        lp = models.token_logprobs(model, to_device(mb, device), temperature=temperature)
+        out += [r[: len(samples[i].completion_ids)].float().cpu()
+                for i, r in zip(mb["seq_index"], completion_rows(lp, mb))]
+    return out
+
+
+@torch.no_grad()
+def completion_values(critic, samples: list[Sample], budget: int, device):
+    """The critic's value at each completion token's position (the state before the token)."""
+    critic.eval()
+    out = []
+    for mb in data.pack(sequences(samples), budget):
+        v = models.token_values(critic, to_device(mb, device))
+        out += [r[: len(samples[i].completion_ids)].cpu()
+                for i, r in zip(mb["seq_index"], completion_rows(v, mb))]
+    return out
+
+
+def micro_batches(samples: list[Sample], budget: int) -> list[tuple[dict, list[int]]]:
+    """Packed micro-batches of a minibatch, each with the indices of its samples."""
+    return [(mb, mb["seq_index"]) for mb in data.pack(sequences(samples), budget)]
+
+
+def agg_share(mask: torch.Tensor, loss_agg: str, total_tokens: int, total_rows: int) -> float:
+    """Weight of a micro-batch's aggregated loss so that the sum over micro-batches equals the
+    loss aggregated over the whole minibatch (policy_loss aggregates within one call)."""
+    if loss_agg == "token-mean":
+        return int(mask.sum()) / max(1, total_tokens)
+    if loss_agg == "seq-mean-token-mean":
+        return int((mask.sum(1) > 0).sum()) / max(1, total_rows)
+    return mask.shape[0] / max(1, total_rows)
+
+
+def importance_weights(old: torch.Tensor, sampler: torch.Tensor, cap: float) -> torch.Tensor:
+    """Truncated importance weights min(exp(old - sampler), cap) per token (verl's TIS, TRL's
+    vllm_importance_sampling_cap): the sampler (vLLM, other kernels) and the trainer disagree
+    slightly on log-probs; this re-weights the sampled tokens to the trainer's distribution."""
+    return torch.exp(old - sampler).clamp(max=cap)
+
+
+def push_weights(engine, model) -> float:
+    """The policy's weights into the engine, in place; returns seconds."""
+    t0 = time.perf_counter()
+    engine.update_weights((n, p.detach()) for n, p in model.state_dict().items())
+    return time.perf_counter() - t0
+
+
+def evaluate(engine, model, heldout: list[Prompt], tokenizer, max_new_tokens: int, reward_fn=None) -> dict:
+    """Greedy completions of the held-out prompts with the current weights: eval/accuracy
+    (exact match) where the prompts carry an answer, eval/reward where a reward function is set."""
+    push_weights(engine, model)
+    groups = engine.generate([p.ids for p in heldout], n=1, temperature=0.0,
+                             max_tokens=max_new_tokens, seed=0)
+    texts = [tokenizer.decode(g[0].completion_ids, skip_special_tokens=True) for g in groups]
+    out = {}
+    if all(p.record.get("answer") is not None for p in heldout):
+        out["eval/accuracy"] = sum(t.strip() == p.record["answer"] for t, p in zip(texts, heldout)) / len(heldout)
+    if reward_fn is not None:
+        samples = [g[0] for g in groups]
+        score_with_function(reward_fn, samples, heldout, tokenizer, {})
+        out["eval/reward"] = sum(s.reward for s in samples) / len(samples)
+    return out
+
+
+def rollout_metrics(samples: list[Sample], trainer_lp: list[torch.Tensor]) -> dict:
+    """rollout/logprob_diff_max: max |sampler - trainer| log-prob over the sampled tokens,
+    before the update (the proof that the pushed weights are the trained ones)."""
+    diffs = [(torch.tensor(s.logprobs) - lp).abs().max().item() for s, lp in zip(samples, trainer_lp) if len(s.logprobs)]
+    lengths = [len(s.completion_ids) for s in samples]
+    return {"rollout/logprob_diff_max": max(diffs, default=0.0),
+            "rollout/response_len": sum(lengths) / len(lengths),
+            "rollout/overlong_frac": sum(s.finish_reason == "length" for s in samples) / len(samples)}

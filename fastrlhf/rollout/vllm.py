@@ -1,0 +1,104 @@
+"""In-process vLLM colocated with training on the same device.
+
+The call sequence (DESIGN.md, "Colocation"): start once with sleep mode on CUDA, then every
+step  wake_up(["weights"]) -> push the policy's weights in place with
+collective_rpc("reload_weights") -> wake_up(["kv_cache"]) -> reset_prefix_cache() -> generate
+-> sleep(). The push never reloads from disk: vLLM's own weight loaders copy the tensors into
+its (possibly fused, e.g. qkv / gate_up) parameters. On CPU sleep mode does not exist and
+sleep/wake are skipped; everything else runs as on a GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from fastrlhf.rollout import EngineError, Sample
+
+_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+class VLLMEngine:
+    name = "vllm"
+
+    def __init__(self, model_dir, *, device, dtype, max_model_len: int, seed: int,
+                 gpu_memory_utilization: float = 0.3, enforce_eager: bool = False):
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in process: rpc takes objects
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        # the CPU worker lowers the thread count for the whole process and then replaces
+        # torch.set_num_threads with a no-op: keep the real one to give training its threads back
+        threads, set_threads = torch.get_num_threads(), torch.set_num_threads
+        from vllm import LLM
+
+        self.on_cuda = torch.device(device).type == "cuda"
+        memory = dict(gpu_memory_utilization=gpu_memory_utilization)
+        if not self.on_cuda:
+            # the CPU backend sizes its KV cache as utilization * RAM minus this process's RSS,
+            # which here includes the trainer (model, optimizer, data): state it explicitly
+            import psutil
+
+            memory = dict(kv_cache_memory_bytes=int(gpu_memory_utilization * psutil.virtual_memory().total))
+        try:
+            self.llm = LLM(str(model_dir), dtype=_DTYPES.get(dtype, "auto"), seed=seed,
+                           max_model_len=max_model_len, enable_sleep_mode=self.on_cuda,
+                           enable_prefix_caching=True, logprobs_mode="processed_logprobs",
+                           enforce_eager=enforce_eager, **memory)
+        except Exception as e:  # vLLM's start-up errors are long; say which setting to change
+            raise EngineError(_start_hint(e, gpu_memory_utilization)) from e
+        torch.set_num_threads = set_threads
+        set_threads(threads)
+        # a weight push carries no rotary tables (they are not weights): vLLM keeps its own
+        # and warns once per push; the trainer-vs-sampler log-prob check proves the push
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(
+            lambda r: "RotaryEmbedding" not in str(r.args))
+        self.asleep = False
+        self.sleep()
+
+    def sleep(self) -> None:
+        """Free the KV cache and the weights' memory for the training phase (CUDA only)."""
+        if self.on_cuda and not self.asleep:
+            self.llm.sleep(level=2)  # weights are pushed again before the next generate anyway
+            self.asleep = True
+
+    def update_weights(self, named_tensors) -> None:
+        """Wake the weights, copy the policy's tensors in, wake the KV cache."""
+        if self.on_cuda and self.asleep:
+            self.llm.wake_up(tags=["weights"])
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(list(named_tensors))})
+        if self.on_cuda and self.asleep:
+            self.llm.wake_up(tags=["kv_cache"])
+            self.asleep = False
+        self.llm.reset_prefix_cache()  # cached prefixes were computed with the old weights
+
+    def generate(self, prompt_ids: list[list[int]], *, n: int, temperature: float, max_tokens: int,
+                 seed: int, top_p: float = 1.0) -> list[list[Sample]]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
+                                 logprobs=0, seed=seed * 100003 + i) for i in range(len(prompt_ids))]
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params,
+                                 use_tqdm=False)
+        groups = []
+        for i, (p, out) in enumerate(zip(prompt_ids, outs)):
+            groups.append([Sample(i, list(p), list(c.token_ids),
+                                  [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)],
+                                  "length" if c.finish_reason == "length" else "stop")
+                           for c in out.outputs])
+        return groups
+
+
+def _start_hint(e: Exception, util: float) -> str:
+    msg = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+    low = str(e).lower()
+    if "head" in low and ("size" in low or "dim" in low):
+        hint = ("the attention head_dim is not supported by this vLLM backend (the CPU backend "
+                "needs head_dim >= 32): use a model with larger heads, or set engine=hf")
+    elif "memory" in low or "kv cache" in low or "blocks" in low:
+        hint = (f"not enough memory for the weights and KV cache at gpu_memory_utilization={util}: "
+                "raise gpu_memory_utilization, lower max_len, or set engine=hf")
+    else:
+        hint = "set engine=hf to generate with transformers instead"
+    return f"vLLM failed to start: {msg}\n  -> {hint}"

@@ -1,0 +1,182 @@
+"""Online RL pieces: completion rows, micro-batch loss shares, importance weights, rewards and
+their failures, REINFORCE++ returns, the adaptive KL controller, the state swapper, and the
+rollout engines' sampling log-probs against the trainer's."""
+
+import math
+import random
+
+import pytest
+import torch
+
+from fastrlhf import data, models
+from fastrlhf.algos import grpo, online, ppo
+from fastrlhf.kernels import policy_loss
+from fastrlhf.memory import StateSwapper, training_state, tensor_bytes
+from fastrlhf.rollout import Sample
+from fastrlhf.rollout.hf import HFEngine
+from fastrlhf.tasks import arithmetic as ar
+
+
+def _sample(p, c, lp=None, i=0):
+    return Sample(i, list(p), list(c), lp or [0.0] * len(c), "stop")
+
+
+def test_completion_rows_put_each_completion_in_its_row():
+    samples = [_sample([1, 5, 6], [7, 8, 2]), _sample([1, 4], [9, 2]), _sample([1, 5, 5, 5], [2])]
+    mb = data.pack(online.sequences(samples), 64)[0]
+    # value at every position = its position index: rows must pick the positions whose label
+    # is a completion token, i.e. prompt_len - 1 ... len - 2 of each sequence
+    vals = torch.arange(mb["input_ids"].shape[1], dtype=torch.float32)[None]
+    r = online.completion_rows(vals, mb)
+    # sequences of 6, 4, 5 tokens start at 0, 6, 10; prompts of 3, 2, 4 tokens
+    assert r.tolist() == [[2, 3, 4], [7, 8, 0], [13, 0, 0]]
+
+
+@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
+                                      "seq-mean-token-sum-norm"])
+def test_micro_batch_shares_reproduce_the_minibatch_loss(loss_agg):
+    torch.manual_seed(0)
+    B, T = 6, 5
+    lp = torch.randn(B, T, dtype=torch.float64) * 0.1 - 1
+    old = lp + torch.randn(B, T, dtype=torch.float64) * 0.1
+    adv = torch.randn(B, dtype=torch.float64)
+    lengths = [5, 1, 3, 4, 2, 5]
+    mask = torch.arange(T)[None] < torch.tensor(lengths)[:, None]
+    kw = dict(loss_agg=loss_agg, max_len=8, impl="torch")
+    whole = policy_loss(lp, old, adv, mask, **kw)[0]
+    total = 0.0
+    for part in ([0, 1], [2, 3, 4], [5]):  # micro-batches of 2, 3, 1 sequences
+        m = mask[part]
+        Tm = max(lengths[i] for i in part)  # each micro-batch is padded to its own longest
+        loss = policy_loss(lp[part, :Tm], old[part, :Tm], adv[part], m[:, :Tm], **kw)[0]
+        total += loss * online.agg_share(m[:, :Tm], loss_agg, sum(lengths), B)
+    assert total.item() == pytest.approx(whole.item(), rel=1e-6)
+
+
+def test_importance_weights_are_truncated_ratios():
+    old = torch.tensor([-1.0, -1.0, -1.0])
+    sampler = torch.tensor([-1.0, -1.5, -3.0])  # ratios 1, e^0.5 = 1.65, e^2 = 7.4
+    w = online.importance_weights(old, sampler, cap=2.0)
+    assert w.tolist() == pytest.approx([1.0, math.exp(0.5), 2.0])
+
+
+def _bad_reward(prompt, response, answer, **_):
+    if response == "1":
+        raise RuntimeError("judge crashed")
+    return float("nan") if response == "2" else float(response == answer)
+
+
+def test_failed_rewards_are_counted_imputed_and_not_trained_on():
+    tok = ar.build_tokenizer()
+    prompts = [online.Prompt({"prompt": "1+2=", "answer": "3"}, tok("1+2=")["input_ids"])]
+    ids = lambda s: tok(s, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]  # noqa: E731
+    group = [_sample(prompts[0].ids, ids(r)) for r in ("3", "1", "2", "4")]
+    counters = {}
+    online.score_with_function(_bad_reward, group, prompts, tok, counters)
+    assert counters == {"reward_failures": 2}
+    assert "judge crashed" in group[1].info["failed"] and "nan" in group[2].info["failed"]
+    online.impute_failed([group])
+    assert [s.reward for s in group] == [1.0, 0.5, 0.5, 0.0]  # the failed ones get the valid mean
+
+
+def test_reward_function_spec_errors():
+    assert online.reward_function("fastrlhf.tasks.arithmetic:exact_match") is ar.exact_match
+    with pytest.raises(ValueError, match="expected 'module:function'"):
+        online.reward_function("exact_match")
+    with pytest.raises(ValueError, match="no attribute 'nope'"):
+        online.reward_function("fastrlhf.tasks.arithmetic:nope")
+
+
+def test_reinforce_pp_returns_by_hand():
+    cfg = grpo.GRPOConfig(advantage="reinforce_pp", kl_coef=0.5, gamma=1.0)
+    samples = [_sample([1], [5, 2]), _sample([1], [6, 7, 2])]
+    samples[0].reward, samples[1].reward = 1.0, 0.0
+    old = [torch.tensor([-1.0, -2.0]), torch.tensor([-1.0, -1.0, -1.0])]
+    ref = [torch.tensor([-1.5, -2.0]), torch.tensor([-1.0, -0.5, -1.0])]
+    adv = grpo.advantages(cfg, samples, old, ref)
+    # k1 = old - ref: [0.5, 0] and [0, -0.5, 0]; token rewards -0.5 * k1 (+ score at the end):
+    # [-0.25, 1] and [0, 0.25, 0]; returns (gamma 1) [0.75, 1] and [0.25, 0.25, 0]
+    ret = torch.tensor([0.75, 1.0, 0.25, 0.25, 0.0])
+    expect = (ret - ret.mean()) / ret.std()
+    assert torch.cat(adv).tolist() == pytest.approx(expect.tolist(), abs=1e-6)
+
+
+def test_group_advantage_estimators():
+    samples = [_sample([1], [2]) for _ in range(4)]
+    for s, r in zip(samples, [1.0, 0.0, 0.0, 0.0]):
+        s.reward = r
+    lp = [torch.zeros(1)] * 4
+    a = lambda kind: [x.item() for x in grpo.advantages(grpo.GRPOConfig(advantage=kind, group_size=4), samples, lp, None)]  # noqa: E731
+    std = math.sqrt(0.25)  # unbiased std of [1, 0, 0, 0]: sqrt(0.75 / 3)
+    assert a("grpo") == pytest.approx([0.75 / (std + 1e-6), -0.25 / (std + 1e-6)] + [-0.25 / (std + 1e-6)] * 2, rel=1e-5)
+    assert a("dr_grpo") == pytest.approx([0.75, -0.25, -0.25, -0.25])
+    assert a("rloo") == pytest.approx([1.0, -1 / 3, -1 / 3, -1 / 3])
+
+
+def test_adaptive_kl_controller():
+    cfg = ppo.PPOConfig(kl_target=6.0, kl_horizon=100)
+    assert ppo.adapt_kl(0.1, 9.0, cfg, 10) == pytest.approx(0.1 * (1 + 0.2 * 10 / 100))  # error clipped at +0.2
+    assert ppo.adapt_kl(0.1, 5.4, cfg, 10) == pytest.approx(0.1 * (1 - 0.1 * 10 / 100))
+    assert ppo.adapt_kl(0.1, 50.0, ppo.PPOConfig(kl_target=0.0), 10) == 0.1  # fixed beta
+
+
+def test_state_swapper_accounts_for_the_training_state():
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    sw = StateSwapper(model, opt, "cpu")
+    # 15 parameters: weights 4 + grads 4 + AdamW exp_avg 4 + exp_avg_sq 4 bytes each, + 2 step counters
+    assert sw.state_mb() * 2**20 == 15 * 16 + 2 * 4
+    before = {k: v.clone() for k, v in opt.state[model.weight].items()}
+    stats = sw.offload()
+    assert model.weight.grad is None  # gradients are freed for generation
+    assert stats["memory/train_state_device_mb_during_generate"] == 0.0  # nothing on an accelerator
+    sw.onload()
+    for k, v in opt.state[model.weight].items():
+        assert torch.equal(v, before[k])
+    assert tensor_bytes(training_state(model, opt), "cuda") == 0
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = ar.save_base_model(tmp_path_factory.mktemp("online") / "base", **ar.MODEL_SIZES["tiny"])
+    return d, models.load_causal_lm(d), models.load_tokenizer(d)
+
+
+def test_hf_engine_logprobs_match_the_trainer(tiny):
+    _, model, tok = tiny
+    prompts = [tok(p)["input_ids"] for p in ("1+2=", "37+58=", "5+46=")]  # lengths differ: left padding
+    groups = HFEngine(model, tok).generate(prompts, n=3, temperature=0.7, max_tokens=5, seed=0)
+    samples = [s for g in groups for s in g]
+    assert [s.prompt_index for s in samples] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert all(len(s.completion_ids) == len(s.logprobs) > 0 for s in samples)
+    assert all((s.completion_ids[-1] == tok.eos_token_id) == (s.finish_reason == "stop") for s in samples)
+    trainer = online.completion_logprobs(model, samples, 256, 0.7, "cpu")
+    diff = max((torch.tensor(s.logprobs) - t).abs().max().item() for s, t in zip(samples, trainer))
+    assert diff < 1e-4
+
+
+def test_vllm_engine_push_and_logprobs(tiny, tmp_path):
+    pytest.importorskip("vllm")
+    from fastrlhf.rollout.vllm import VLLMEngine
+
+    d, model, tok = tiny
+    engine = VLLMEngine(d, device="cpu", dtype=torch.float32, max_model_len=32, seed=0,
+                        gpu_memory_utilization=0.05, enforce_eager=True)
+    prompts = [tok(p)["input_ids"] for p in ("1+2=", "37+58=")]
+    before = engine.generate(prompts, n=4, temperature=1.0, max_tokens=6, seed=1)
+    # change the policy, push it in place: the sampler's log-probs must follow the new weights
+    trained = models.load_causal_lm(d)
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    online.push_weights(engine, trained)
+    after = engine.generate(prompts, n=4, temperature=1.0, max_tokens=6, seed=1)
+    samples = [s for g in after for s in g]
+    new_lp = online.completion_logprobs(trained, samples, 256, 1.0, "cpu")
+    old_lp = online.completion_logprobs(model, samples, 256, 1.0, "cpu")
+    diff_new = max((torch.tensor(s.logprobs) - t).abs().max().item() for s, t in zip(samples, new_lp))
+    diff_old = max((torch.tensor(s.logprobs) - t).abs().max().item() for s, t in zip(samples, old_lp))
+    assert diff_new < 1e-3 < diff_old
+    assert [s.completion_ids for g in before for s in g] != [s.completion_ids for s in samples]
