@@ -4,6 +4,6 @@
 from setuptools import setup
 
 setup(
-    packages=["fastrlhf", "fastrlhf.tasks", "fastrlhf.kernels"],
+    packages=["fastrlhf", "fastrlhf.algos", "fastrlhf.rollout", "fastrlhf.tasks", "fastrlhf.kernels"],
     package_dir={"fastrlhf": "fastrlhf", "fastrlhf.kernels": "kernels"},
 )
