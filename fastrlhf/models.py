@@ -7,8 +7,9 @@ differs from running it alone by 0.6 in the logits), so we register our attentio
 "fastrlhf_varlen":
   - CUDA with flash-attn installed: flash_attn_varlen_func over cu_seqlens (no padding, no
     (T, T) mask);
-  - otherwise (CPU, or no flash-attn): PyTorch SDPA with a block-diagonal causal mask built
-    from the position ids. Unpacked (padded) batches use transformers' usual mask.
+  - otherwise (CPU, or no flash-attn): the packed row is split into its sequences, padded to
+    the longest, and run through PyTorch SDPA with a causal + key-padding mask (sum of L^2
+    work, not (total tokens)^2). Unpacked (padded) batches use transformers' usual mask.
 Log-probs. Training never materialises the (B, T, V) logits: `token_logprobs` runs the
 backbone for the last hidden state and calls fastrlhf.kernels.linear_logprob with the lm_head
 weight.
@@ -29,13 +30,12 @@ ATTN = "fastrlhf_varlen"
 _HAS_FLASH = importlib.util.find_spec("flash_attn") is not None
 
 
-def packed_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
-    """(B, T) position ids restarting at 0 per sequence -> (B, 1, T, T) bool: causal within
-    each sequence, nothing across sequences."""
-    seg = (position_ids == 0).cumsum(dim=-1)  # (B, T) sequence index
-    T = position_ids.shape[-1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=position_ids.device).tril()
-    return ((seg[:, :, None] == seg[:, None, :]) & causal)[:, None]
+def _sequence_index(cu: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cu_seqlens (n + 1,) -> (index (n, L) into the packed tokens, valid (n, L) bool), L = max_len."""
+    pos = torch.arange(max_len, device=cu.device)
+    lengths = (cu[1:] - cu[:-1]).long()
+    valid = pos[None] < lengths[:, None]
+    return torch.where(valid, cu[:-1, None].long() + pos[None], 0), valid
 
 
 def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -56,13 +56,22 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
         out = flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, dropout_p=dropout,
                                      softmax_scale=scaling, causal=True)
         return out.view(B, T, h, d), None
-    mask = packed_causal_mask(kwargs["position_ids"])
+    # no varlen kernel: unpack the row into (n, L) padded sequences, causal SDPA with a key
+    # padding mask, pack back. Work is sum over sequences of L^2, not (total tokens)^2 as a
+    # block-diagonal mask over the whole packed row would cost
+    idx, valid = _sequence_index(cu, kwargs["max_length_q"])  # (n, L)
     groups = query.shape[1] // key.shape[1]
     if groups > 1:
         key, value = (x.repeat_interleave(groups, dim=1) for x in (key, value))
-    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask,
-                                                           dropout_p=dropout, scale=scaling)
-    return out.transpose(1, 2).contiguous(), None
+    q, k, v = (x[0][:, idx].transpose(0, 1) for x in (query, key, value))  # (n, heads, L, hd)
+    L = idx.shape[1]
+    causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
+    mask = causal[None, None] & valid[:, None, None, :]  # (n, 1, L, L)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                                           scale=scaling)  # (n, heads, L, hd)
+    packed = query.new_empty(query.shape[2], query.shape[1], query.shape[3])  # (T, heads, hd)
+    packed[idx[valid]] = out.transpose(1, 2)[valid]
+    return packed[None], None
 
 
 def _register_attention() -> None:

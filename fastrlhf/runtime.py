@@ -158,8 +158,9 @@ def atomic_dir(final: str | os.PathLike):
 
 
 class MetricsLog:
-    """metrics.jsonl (one JSON object per step, flushed), TensorBoard when installed, and a
-    one-line progress bar on stderr."""
+    """metrics.jsonl (one JSON object per step, flushed), TensorBoard when installed, Weights &
+    Biases when installed and asked for (FASTRLHF_WANDB_PROJECT=<project>), and a one-line
+    progress bar on stderr."""
 
     def __init__(self, out_dir: Path, total_steps: int, *, desc: str, resume: bool):
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -173,6 +174,17 @@ class MetricsLog:
             self.tb = SummaryWriter(str(out_dir / "tb"))
         except Exception:  # tensorboard not installed: jsonl only
             pass
+        self.wandb = None
+        project = os.environ.get("FASTRLHF_WANDB_PROJECT")
+        if project:
+            try:
+                import wandb
+            except ImportError:
+                print("FASTRLHF_WANDB_PROJECT is set but wandb is not installed: logging to "
+                      f"{self.path} only", file=sys.stderr)
+            else:
+                self.wandb = wandb.init(project=project, name=f"{desc}-{out_dir.name}", dir=str(out_dir),
+                                        resume="allow" if resume else None)
 
     def log(self, step: int, metrics: dict) -> None:
         row = {"step": step, **{k: _num(v) for k, v in metrics.items()}}
@@ -182,6 +194,8 @@ class MetricsLog:
             for k, v in row.items():
                 if isinstance(v, (int, float)) and k != "step":
                     self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=step)
         self.progress(step, row)
 
     def progress(self, step: int, row: dict) -> None:
@@ -199,6 +213,8 @@ class MetricsLog:
         self.file.close()
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 def _num(v):

@@ -208,25 +208,13 @@ def train(cfg: GRPOConfig) -> dict:
     opt, sched, state, log = runtime.optimisation(cfg, model, out, cfg.steps, ckpt, "grpo")
     step, counters = state["step"], {**counters, **state["counters"]}
     swapper = StateSwapper(model, opt, device, offload_params=cfg.offload_params)
-    summary = {}
-    if step == 0:
-        summary.update(online.evaluate(engine, model, heldout, tokenizer, cfg.max_new_tokens, reward_fn))
-        log.log(0, {"rollout/engine": engine.name, **summary})
-        summary = {f"{k}_start": v for k, v in summary.items()}
+    summary = online.start_evaluation(engine, model, heldout, tokenizer, cfg, reward_fn, log) if step == 0 else {}
 
     while step < cfg.steps:
         t_step = time.perf_counter()
         # step 3: generate with the current weights (training state off the device meanwhile)
-        mem = swapper.offload()
-        sync_s = online.push_weights(engine, model)
-        t0 = time.perf_counter()
         group_prompts = step_prompts(prompts, cfg, step)
-        groups = engine.generate([p.ids for p in group_prompts], n=cfg.group_size,
-                                 temperature=cfg.temperature, top_p=cfg.top_p,
-                                 max_tokens=cfg.max_new_tokens, seed=cfg.seed * 1_000_003 + step)
-        generate_s = time.perf_counter() - t0
-        engine.sleep()
-        mem.update(swapper.onload())
+        groups, phase = online.rollout(engine, model, [swapper], group_prompts, cfg, step)
         samples = [s for g in groups for s in g]  # (B,) in group order
 
         # step 4: rewards (failed samples: counted, imputed, not trained on)
@@ -261,9 +249,8 @@ def train(cfg: GRPOConfig) -> dict:
         metrics.update({
             "rollout/engine": engine.name, "reward/mean": raw.mean().item(), "reward/std": raw.std().item(),
             **online.rollout_metrics(samples, trainer_lp if on_policy else old_lp),
-            "time/generate_s": generate_s, "time/weight_sync_s": sync_s, "time/train_s": train_s,
-            "tokens_per_s": n_tokens / (time.perf_counter() - t_step), "lr": sched.get_last_lr()[0],
-            "memory/train_state_mb": swapper.state_mb(), **mem, **counters})
+            **phase, "time/train_s": train_s, "tokens_per_s": n_tokens / (time.perf_counter() - t_step),
+            "lr": sched.get_last_lr()[0], "memory/train_state_mb": swapper.state_mb(), **counters})
         if step % cfg.eval_every == 0 or step == cfg.steps:
             metrics.update(online.evaluate(engine, model, heldout, tokenizer, cfg.max_new_tokens, reward_fn))
             summary.update({k: v for k, v in metrics.items() if k.startswith("eval/")})

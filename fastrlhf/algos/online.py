@@ -209,6 +209,33 @@ def push_weights(engine, model) -> float:
     return time.perf_counter() - t0
 
 
+def rollout(engine, model, swappers, prompts: list[Prompt], cfg, step: int):
+    """Step 3 of both trainers: the training state off the device, the policy's weights into
+    the engine, G samples for each prompt, the engine asleep, the state back.
+    Returns (groups [[Sample] * G] * P, timing and memory metrics)."""
+    metrics: dict = {}
+    for sw in swappers:
+        for k, v in sw.offload().items():
+            metrics[k] = metrics.get(k, 0.0) + v
+    metrics["time/weight_sync_s"] = push_weights(engine, model)
+    t0 = time.perf_counter()
+    groups = engine.generate([p.ids for p in prompts], n=cfg.group_size, temperature=cfg.temperature,
+                             top_p=cfg.top_p, max_tokens=cfg.max_new_tokens, seed=cfg.seed * 1_000_003 + step)
+    metrics["time/generate_s"] = time.perf_counter() - t0
+    engine.sleep()
+    for sw in swappers:
+        for k, v in sw.onload().items():
+            metrics[k] = metrics.get(k, 0.0) + v
+    return groups, metrics
+
+
+def start_evaluation(engine, model, heldout, tokenizer, cfg, reward_fn, log) -> dict:
+    """The held-out scores before any update, logged as step 0; returned as <metric>_start."""
+    res = evaluate(engine, model, heldout, tokenizer, cfg.max_new_tokens, reward_fn)
+    log.log(0, {"rollout/engine": engine.name, **res})
+    return {f"{k}_start": v for k, v in res.items()}
+
+
 def evaluate(engine, model, heldout: list[Prompt], tokenizer, max_new_tokens: int, reward_fn=None) -> dict:
     """Greedy completions of the held-out prompts with the current weights: eval/accuracy
     (exact match) where the prompts carry an answer, eval/reward where a reward function is set."""

@@ -125,28 +125,13 @@ def train(cfg: PPOConfig) -> dict:
     beta = state.get("kl_coef", cfg.kl_coef)
     swappers = [StateSwapper(model, opt, device, offload_params=cfg.offload_params),
                 StateSwapper(critic, critic_opt, device, offload_params=cfg.offload_params)]
-    summary = {}
-    if step == 0:
-        summary.update(online.evaluate(engine, model, heldout, tokenizer, cfg.max_new_tokens, reward_fn))
-        log.log(0, {"rollout/engine": engine.name, **summary})
-        summary = {f"{k}_start": v for k, v in summary.items()}
+    summary = online.start_evaluation(engine, model, heldout, tokenizer, cfg, reward_fn, log) if step == 0 else {}
 
     while step < cfg.steps:
         t_step = time.perf_counter()
         # step 3: generate with the current weights (training state off the device meanwhile)
-        mem = {}
-        for sw in swappers:
-            for k, v in sw.offload().items():
-                mem[k] = mem.get(k, 0.0) + v
-        sync_s = online.push_weights(engine, model)
-        t0 = time.perf_counter()
         step_p = step_prompts(prompts, cfg, step)
-        groups = engine.generate([p.ids for p in step_p], n=cfg.group_size, temperature=cfg.temperature,
-                                 top_p=cfg.top_p, max_tokens=cfg.max_new_tokens, seed=cfg.seed * 1_000_003 + step)
-        generate_s = time.perf_counter() - t0
-        engine.sleep()
-        for sw in swappers:
-            sw.onload()
+        groups, phase = online.rollout(engine, model, swappers, step_p, cfg, step)
         samples = [s for g in groups for s in g if s.completion_ids]
 
         # step 4: scores (reward model at the last token, or the function)
@@ -223,9 +208,9 @@ def train(cfg: PPOConfig) -> dict:
             "rollout/engine": engine.name, "reward/mean": score.mean().item(),
             "reward/kl_penalty": beta * kl_per_sample, "kl": kl_per_sample, "kl_coef": beta,
             **online.rollout_metrics(samples, old_lp),
-            "time/generate_s": generate_s, "time/weight_sync_s": sync_s, "time/train_s": train_s,
-            "tokens_per_s": sum(L) / (time.perf_counter() - t_step), "lr": sched.get_last_lr()[0],
-            "memory/train_state_mb": sum(sw.state_mb() for sw in swappers), **mem, **counters})
+            **phase, "time/train_s": train_s, "tokens_per_s": sum(L) / (time.perf_counter() - t_step),
+            "lr": sched.get_last_lr()[0], "memory/train_state_mb": sum(sw.state_mb() for sw in swappers),
+            **counters})
         beta = adapt_kl(beta, kl_per_sample, cfg, len(samples))
         if step % cfg.eval_every == 0 or step == cfg.steps:
             metrics.update(online.evaluate(engine, model, heldout, tokenizer, cfg.max_new_tokens, reward_fn))

@@ -122,9 +122,10 @@ def test_model_dir_without_tokenizer_is_a_clear_error(tmp_path):
 
 
 def test_packed_equals_padded_loss_and_gradients(base_dir):
-    """Packed sequences are isolated: same per-token log-probs and gradients as padding."""
+    """Packed sequences are isolated: same per-token log-probs and gradients as padding
+    (in float64, so any cross-sequence leak shows far above rounding)."""
     torch.manual_seed(0)
-    model = models.load_causal_lm(base_dir)
+    model = models.load_causal_lm(base_dir, dtype=torch.float64)
     tok = models.load_tokenizer(base_dir)
     counts = data.Truncations()
     seqs = [data.tokenize_pair(tok, p, r, 64, counts)
@@ -133,18 +134,24 @@ def test_packed_equals_padded_loss_and_gradients(base_dir):
     assert len(packed) == 1
     padded = data.pad_batch(seqs, tok.pad_token_id)
 
-    lp_packed = models.token_logprobs(model, packed[0])  # (1, total)
+    def token_logprobs(batch):  # float64 log-probs (linear_logprob takes fp32/bf16/fp16 only)
+        logits = model.lm_head(models.hidden_states(model, batch))
+        labels = batch["labels"]
+        lp = logits.log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+        return torch.where(labels != -100, lp, 0.0)
+
+    lp_packed = token_logprobs(packed[0])  # (1, total)
     loss_p = -lp_packed.sum()
     g_p = torch.autograd.grad(loss_p, list(model.parameters()))
-    lp_padded = models.token_logprobs(model, padded)  # (B, T)
+    lp_padded = token_logprobs(padded)  # (B, T)
     loss_d = -lp_padded.sum()
     g_d = torch.autograd.grad(loss_d, list(model.parameters()))
 
     flat = torch.cat([lp_padded[b, : len(x)] for b, (x, _) in enumerate(seqs)])
-    torch.testing.assert_close(lp_packed[0], flat, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(loss_p, loss_d, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lp_packed[0], flat.to(lp_packed.dtype), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(loss_p, loss_d, rtol=1e-10, atol=1e-10)
     for a, b in zip(g_p, g_d):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
 
 
 def test_token_logprobs_match_materialised_logits(base_dir):
