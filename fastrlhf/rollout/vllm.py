@@ -33,6 +33,8 @@ class VLLMEngine:
         from vllm import LLM
 
         self.on_cuda = torch.device(device).type == "cuda"
+        if not self.on_cuda:
+            _check_cpu_head_dim(model_dir)
         memory = dict(gpu_memory_utilization=gpu_memory_utilization)
         if not self.on_cuda:
             # the CPU backend sizes its KV cache as utilization * RAM minus this process's RSS,
@@ -79,8 +81,11 @@ class VLLMEngine:
 
         params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
                                  logprobs=0, seed=seed * 100003 + i) for i in range(len(prompt_ids))]
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params,
-                                 use_tqdm=False)
+        try:
+            outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params,
+                                     use_tqdm=False)
+        except RuntimeError as e:  # e.g. "Unsupported CPU attention configuration"
+            raise EngineError(_start_hint(e, None).replace("failed to start", "failed to generate")) from e
         groups = []
         for i, (p, out) in enumerate(zip(prompt_ids, outs)):
             groups.append([Sample(i, list(p), list(c.token_ids),
@@ -90,10 +95,23 @@ class VLLMEngine:
         return groups
 
 
-def _start_hint(e: Exception, util: float) -> str:
+def _check_cpu_head_dim(model_dir) -> None:
+    """vLLM's CPU attention needs head_dim >= 32; it only fails at the first generate, so check
+    the model's config before anything is trained."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(model_dir)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    if head_dim < 32:
+        raise EngineError(f"vLLM cannot serve {model_dir} on the CPU: head_dim={head_dim} (hidden_size / "
+                          "num_attention_heads)\n  -> the CPU backend needs head_dim >= 32: use a model with "
+                          "larger heads, or set engine=hf")
+
+
+def _start_hint(e: Exception, util: float | None) -> str:
     msg = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
     low = str(e).lower()
-    if "head" in low and ("size" in low or "dim" in low):
+    if "head" in low and ("size" in low or "dim" in low or "attention configuration" in low):
         hint = ("the attention head_dim is not supported by this vLLM backend (the CPU backend "
                 "needs head_dim >= 32): use a model with larger heads, or set engine=hf")
     elif "memory" in low or "kv cache" in low or "blocks" in low:

@@ -180,3 +180,26 @@ def test_vllm_engine_push_and_logprobs(tiny, tmp_path):
     diff_old = max((torch.tensor(s.logprobs) - t).abs().max().item() for s, t in zip(samples, old_lp))
     assert diff_new < 1e-3 < diff_old
     assert [s.completion_ids for g in before for s in g] != [s.completion_ids for s in samples]
+
+
+def test_vllm_start_failures_say_which_setting_to_change():
+    from fastrlhf.rollout.vllm import _start_hint
+
+    # the message vLLM's CPU worker raised here when the KV cache did not fit
+    kv = ValueError("Available memory on node 0 (19.94/23.54 GiB) on kv cache allocation is less than "
+                    "requested memory for kv (-0.04/3.53 GiB). Reduce CPU memory used by other processes.")
+    assert "raise gpu_memory_utilization" in _start_hint(kv, 0.15) and "0.15" in _start_hint(kv, 0.15)
+    # what vLLM 0.32's CPU backend raises at the first generate for head_dim 16
+    head = RuntimeError("Unsupported CPU attention configuration: head_dim=16 isa=2 kv_cache_idx=0")
+    assert "head_dim >= 32" in _start_hint(head, 0.3)
+    assert "engine=hf" in _start_hint(RuntimeError("something else"), 0.3)
+
+
+def test_vllm_cpu_head_dim_is_checked_before_training(tmp_path):
+    from fastrlhf.rollout import EngineError
+    from fastrlhf.rollout.vllm import _check_cpu_head_dim
+
+    small_heads = ar.save_base_model(tmp_path / "hd16", hidden_size=64, layers=1, heads=4)
+    with pytest.raises(EngineError, match="head_dim=16"):
+        _check_cpu_head_dim(small_heads)
+    _check_cpu_head_dim(ar.save_base_model(tmp_path / "hd64", hidden_size=128, layers=1, heads=2))
