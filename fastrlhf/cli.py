@@ -13,21 +13,30 @@ import argparse
 import sys
 
 
-BENCH_SUITES = ("logprob", "losses")
+BENCH_SUITES = ("logprob", "losses", "train", "step")  # "all": the two kernel suites
 
 
 def _bench(rest: list[str]) -> int:
-    """fastrlhf bench [logprob|losses|all] [benchmark arguments...]"""
+    """fastrlhf bench [logprob|losses|train|step|all] [benchmark arguments...]"""
     suite = rest.pop(0) if rest and rest[0] in BENCH_SUITES + ("all",) else "all"
+    # the console script's sys.path has neither the checkout nor the working directory on it
+    from pathlib import Path
+
+    for root in (Path(__file__).resolve().parents[1], Path.cwd()):
+        if (root / "benchmarks" / "common.py").exists() and str(root) not in sys.path:
+            sys.path.insert(0, str(root))
+            break
     try:
-        from benchmarks import bench_logprob, bench_losses
+        import importlib
+
+        mods = {name: importlib.import_module(f"benchmarks.bench_{name}") for name in BENCH_SUITES}
     except ImportError:
         print("fastrlhf bench: the benchmarks/ folder is not importable; run it from a checkout "
               "of the repository (the benchmarks are not part of the installed package)",
               file=sys.stderr)
         return 2
-    for name, mod in (("logprob", bench_logprob), ("losses", bench_losses)):
-        if suite in (name, "all"):
+    for name, mod in mods.items():
+        if suite == name or (suite == "all" and name in ("logprob", "losses")):
             mod.main(list(rest))
     return 0
 
@@ -69,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                    "(fastrlhf label --help)", add_help=False)
     sub.add_parser("pairs", help="sample two responses per prompt for people to compare "
                    "(fastrlhf pairs --help)", add_help=False)
-    sub.add_parser("bench", help="benchmark the kernels: fastrlhf bench [logprob|losses|all] "
+    sub.add_parser("bench", help="benchmark: fastrlhf bench [logprob|losses|all (the kernels)|train|step] "
                    "[arguments of benchmarks/bench_<suite>.py]", add_help=False)
     args, rest = p.parse_known_args(argv)
     if args.command == "bench":

@@ -52,3 +52,19 @@ def test_cli_bench_selects_a_suite(results, monkeypatch):
     called.clear()
     assert cli.main(["bench"]) == 0
     assert [c[0] for c in called] == ["logprob", "losses"]
+
+
+def test_console_script_finds_the_benchmarks_from_anywhere(tmp_path):
+    """The installed `fastrlhf` script has neither the checkout nor the working directory on
+    sys.path; `fastrlhf bench` must still find benchmarks/ (it used to print 'not importable')."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(sys.executable).with_name("fastrlhf")
+    proc = subprocess.run([str(script), "bench", "train", "--sequences", "2", "--reps", "1", "--no-save",
+                           "--vocab", "256", "--model-size", "tiny"], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "TRITON_INTERPRET": "0"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "train_step" in proc.stdout
