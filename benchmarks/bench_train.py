@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     (-models.token_logprobs(model, batch).sum()).backward()
                 return None
             for mb in data.pack(seqs, args.tokens):
-                mb = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in mb.items()}
+                mb = data.to_device(mb, device)
                 if kind == "packed-fused":
                     lp = models.token_logprobs(model, mb)
                 else:

@@ -41,28 +41,33 @@ def _bench(rest: list[str]) -> int:
     return 0
 
 
-TRAINERS = {
-    "sft": ("fastrlhf.algos.sft", "supervised fine-tuning on demonstrations"),
-    "rm": ("fastrlhf.algos.reward", "reward model on preference pairs (Bradley-Terry)"),
-    "dpo": ("fastrlhf.algos.dpo", "DPO-family training on preference pairs"),
-    "grpo": ("fastrlhf.algos.grpo", "online RL without a critic: GRPO, Dr.GRPO, DAPO, RLOO, REINFORCE++"),
-    "ppo": ("fastrlhf.algos.ppo", "online RL with a critic: PPO against a reward model"),
+# command -> (module with main(argv), help, whether main returns a summary to print)
+COMMANDS = {
+    "demo": ("fastrlhf.demo", "the whole pipeline on the built-in task: SFT -> RM -> PPO (vLLM) -> DPO, GRPO", False),
+    "sft": ("fastrlhf.algos.sft", "supervised fine-tuning on demonstrations", True),
+    "rm": ("fastrlhf.algos.reward", "reward model on preference pairs (Bradley-Terry)", True),
+    "dpo": ("fastrlhf.algos.dpo", "DPO-family training on preference pairs", True),
+    "grpo": ("fastrlhf.algos.grpo", "online RL without a critic: GRPO, Dr.GRPO, DAPO, RLOO, REINFORCE++", True),
+    "ppo": ("fastrlhf.algos.ppo", "online RL with a critic: PPO against a reward model", True),
+    "pairs": ("fastrlhf.pairs", "sample two responses per prompt for people to compare", False),
+    "label": ("fastrlhf.label", "serve the pairwise comparison page / export preferences", False),
 }
 
 
-def _train(command: str, rest: list[str]) -> int:
+def _run(command: str, rest: list[str]) -> int:
     import importlib
 
     from fastrlhf.data import DataError
     from fastrlhf.rollout import EngineError
 
-    module = importlib.import_module(TRAINERS[command][0])
+    module, _, prints_summary = COMMANDS[command]
     try:
-        summary = module.main(rest)
+        summary = importlib.import_module(module).main(rest)
     except (DataError, FileNotFoundError, EngineError) as e:  # bad input: one clear line, no traceback
         print(f"fastrlhf {command}: {e}", file=sys.stderr)
         return 2
-    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
+    if prints_summary:
+        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
     return 0
 
 
@@ -70,42 +75,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(prog="fastrlhf", description="Performance-first RLHF.")
     sub = p.add_subparsers(dest="command", required=True)
-    for name, (_, doc) in TRAINERS.items():
-        sub.add_parser(name, help=f"{doc} (fastrlhf {name} --help for its fields)", add_help=False)
-    sub.add_parser("demo", help="the whole pipeline on the built-in task: SFT -> RM -> PPO (vLLM) -> DPO "
-                   "(fastrlhf demo --help)", add_help=False)
-    sub.add_parser("label", help="serve the pairwise comparison page / export preferences "
-                   "(fastrlhf label --help)", add_help=False)
-    sub.add_parser("pairs", help="sample two responses per prompt for people to compare "
-                   "(fastrlhf pairs --help)", add_help=False)
+    for name, (_, doc, _) in COMMANDS.items():
+        sub.add_parser(name, help=f"{doc} (fastrlhf {name} --help)", add_help=False)
     sub.add_parser("bench", help="benchmark: fastrlhf bench [logprob|losses|all (the kernels)|train|step] "
                    "[arguments of benchmarks/bench_<suite>.py]", add_help=False)
     args, rest = p.parse_known_args(argv)
     if args.command == "bench":
         return _bench(rest)
-    if args.command in ("label", "pairs"):
-        import importlib
-
-        from fastrlhf.data import DataError
-        from fastrlhf.rollout import EngineError
-
-        try:
-            importlib.import_module(f"fastrlhf.{args.command}").main(rest)
-        except (DataError, FileNotFoundError, EngineError) as e:
-            print(f"fastrlhf {args.command}: {e}", file=sys.stderr)
-            return 2
-        return 0
-    if args.command == "demo":
-        from fastrlhf import demo
-        from fastrlhf.rollout import EngineError
-
-        try:
-            demo.main(rest)
-        except EngineError as e:
-            print(f"fastrlhf demo: {e}", file=sys.stderr)
-            return 2
-        return 0
-    return _train(args.command, rest)
+    return _run(args.command, rest)
 
 
 if __name__ == "__main__":

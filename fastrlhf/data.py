@@ -225,6 +225,11 @@ def pack(sequences: list[tuple[list[int], list[int]]], max_tokens: int) -> list[
     return batches
 
 
+def to_device(mb: dict, device) -> dict:
+    """A micro-batch from pack / pad_batch with its tensors on device (seq_index etc. kept)."""
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in mb.items()}
+
+
 def pad_batch(sequences: list[tuple[list[int], list[int]]], pad_id: int) -> dict:
     """The padded alternative (for comparisons): right-padded (B, T) with an attention mask."""
     T = max(len(x) for x, _ in sequences)

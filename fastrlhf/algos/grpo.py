@@ -17,7 +17,7 @@ The variant, per step:
     overlong filtering (truncated samples are not trained on);
   - ppo_epochs passes over `minibatches` minibatches, each on packed micro-batches.
 Old log-probs: with one epoch and one minibatch the update is exactly on-policy, so the
-training forward's own detached log-probs are the old ones (no extra pass, as TRL does).
+training forward's own detached log-probs are the old ones (no extra pass, as TRL does; on_policy).
 
 Logged every step: rollout/engine, reward/mean, reward/std, rollout/logprob_diff_max,
 rollout/response_len, rollout/overlong_frac, kl (when a reference is used), entropy,
@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fastrlhf import models, runtime
+from fastrlhf import data, models, runtime
 from fastrlhf.algos import online
 from fastrlhf.kernels import gae, group_advantages, kl_penalty, policy_loss
 from fastrlhf.memory import StateSwapper
@@ -110,6 +110,12 @@ def step_prompts(prompts: list, cfg, step: int) -> list:
     return [prompts[i] for i in order[index * cfg.prompts_per_step:(index + 1) * cfg.prompts_per_step]]
 
 
+def on_policy(cfg: GRPOConfig) -> bool:
+    """One epoch, one minibatch: the update is exactly on-policy, so the training forward's own
+    detached log-probs are the old ones (no extra pass)."""
+    return cfg.ppo_epochs == 1 and cfg.minibatches == 1
+
+
 def advantages(cfg: GRPOConfig, samples, old_lp, ref_lp) -> list[torch.Tensor]:
     """Per-sample advantages, each (L_i,)."""
     r = torch.tensor([s.reward for s in samples])  # (B,)
@@ -134,7 +140,6 @@ def train_on(cfg, model, opt, sched, batch, counters, device) -> dict:
     """ppo_epochs x minibatches optimiser steps on the rollout batch; weighted-mean metrics."""
     sums: dict[str, float] = {}
     n_updates = 0
-    on_policy = cfg.ppo_epochs == 1 and cfg.minibatches == 1
     samples = batch["samples"]
     trainer_lp = [None] * len(samples)
     for epoch in range(cfg.ppo_epochs):
@@ -144,25 +149,24 @@ def train_on(cfg, model, opt, sched, batch, counters, device) -> dict:
             idx = order[k::cfg.minibatches]
             if not idx:
                 continue
-            mbs = online.micro_batches([samples[i] for i in idx], cfg.tokens_per_micro_batch)
             total_tokens, total_rows = sum(len(samples[i].completion_ids) for i in idx), len(idx)
             ok = True
-            for mb, local in mbs:
-                ids = [idx[j] for j in local]
-                lp, ent = models.token_logprobs(model, online.to_device(mb, device),
+            for mb in online.pack_samples([samples[i] for i in idx], cfg.tokens_per_micro_batch):
+                ids = [idx[j] for j in mb["seq_index"]]
+                lp, ent = models.token_logprobs(model, data.to_device(mb, device),
                                                 temperature=cfg.temperature, return_entropy=True)
                 lp, ent = online.completion_rows(lp, mb), online.completion_rows(ent, mb)  # (b, T)
                 take = lambda key: None if batch[key] is None else online.rows([batch[key][i] for i in ids], device)[0]  # noqa: E731
-                mask = online.rows([batch["adv"][i] for i in ids], device)[1]
-                if on_policy:
+                adv, mask = online.rows([batch["adv"][i] for i in ids], device)
+                if on_policy(cfg):
                     for j, i in enumerate(ids):
                         trainer_lp[i] = lp[j, : len(samples[i].completion_ids)].detach().float().cpu()
-                old = lp.detach() if on_policy else take("old")
+                old = lp.detach() if on_policy(cfg) else take("old")
                 is_w = None
                 if cfg.is_cap > 0:
                     sampler = take("sampler")
                     is_w = online.importance_weights(old, sampler, cfg.is_cap)
-                loss, m = policy_loss(lp, old, take("adv"), mask, clip_low=cfg.clip_low,
+                loss, m = policy_loss(lp, old, adv, mask, clip_low=cfg.clip_low,
                                       clip_high=cfg.clip_high, dual_clip=cfg.dual_clip or None,
                                       ref_logprobs=take("ref") if cfg.advantage != "reinforce_pp" else None,
                                       kl_coef=cfg.kl_coef if cfg.advantage != "reinforce_pp" else 0.0,
@@ -227,8 +231,7 @@ def train(cfg: GRPOConfig) -> dict:
 
         # step 5: old and reference log-probs, advantages
         t0 = time.perf_counter()
-        on_policy = cfg.ppo_epochs == 1 and cfg.minibatches == 1
-        old_lp = None if on_policy and cfg.advantage != "reinforce_pp" else online.completion_logprobs(
+        old_lp = None if on_policy(cfg) and cfg.advantage != "reinforce_pp" else online.completion_logprobs(
             model, samples, cfg.tokens_per_micro_batch, cfg.temperature, device)
         ref_lp = None if ref is None else online.completion_logprobs(
             ref, samples, cfg.tokens_per_micro_batch, cfg.temperature, device)
@@ -248,7 +251,7 @@ def train(cfg: GRPOConfig) -> dict:
         n_tokens = sum(len(s.completion_ids) for s in samples)
         metrics.update({
             "rollout/engine": engine.name, "reward/mean": raw.mean().item(), "reward/std": raw.std().item(),
-            **online.rollout_metrics(samples, trainer_lp if on_policy else old_lp),
+            **online.rollout_metrics(samples, trainer_lp if on_policy(cfg) else old_lp),
             **phase, "time/train_s": train_s, "tokens_per_s": n_tokens / (time.perf_counter() - t_step),
             "lr": sched.get_last_lr()[0], "memory/train_state_mb": swapper.state_mb(), **counters})
         if step % cfg.eval_every == 0 or step == cfg.steps:

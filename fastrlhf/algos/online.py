@@ -98,9 +98,8 @@ def score_with_function(fn, samples: list[Sample], prompts: list[Prompt], tokeni
 def score_with_model(rm, samples: list[Sample], budget: int, device) -> None:
     """Fill sample.reward with the reward model's value at each sequence's last token."""
     rm.eval()
-    scores = []
-    for mb in data.pack(sequences(samples), budget):
-        scores.append(models.sequence_end_values(rm, to_device(mb, device)).float().cpu())
+    scores = [models.sequence_end_values(rm, data.to_device(mb, device)).float().cpu()
+              for mb in pack_samples(samples, budget)]
     for s, r in zip(samples, torch.cat(scores).tolist()):
         s.reward = r
 
@@ -127,8 +126,9 @@ def sequences(samples: list[Sample]) -> list[tuple[list[int], list[int]]]:
             for s in samples]
 
 
-def to_device(mb: dict, device) -> dict:
-    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in mb.items()}
+def pack_samples(samples: list[Sample], budget: int) -> list[dict]:
+    """Packed micro-batches of samples (prompt + completion); mb["seq_index"] says which."""
+    return data.pack(sequences(samples), budget)
 
 
 def completion_rows(token_vals: torch.Tensor, mb: dict) -> torch.Tensor:
@@ -157,32 +157,27 @@ def rows(vals: list[torch.Tensor], device=None) -> tuple[torch.Tensor, torch.Ten
 
 
 @torch.no_grad()
+def per_completion(per_position, samples: list[Sample], budget: int, device) -> list[torch.Tensor]:
+    """per_position(micro-batch) -> (1, total) values, over packed micro-batches; returns each
+    sample's values at its completion positions, [(L_i,)] float32 on CPU."""
+    out = []
+    for mb in pack_samples(samples, budget):
+        vals = completion_rows(per_position(data.to_device(mb, device)), mb)  # (n_seq, T)
+        out += [r[: len(samples[i].completion_ids)].float().cpu() for i, r in zip(mb["seq_index"], vals)]
+    return out
+
+
 def completion_logprobs(model, samples: list[Sample], budget: int, temperature: float, device):
     """The model's log-probs of each sample's completion tokens, [(L_i,)] float32 on CPU."""
     model.eval()
-    out = []
-    for mb in data.pack(sequences(samples), budget):
-        lp = models.token_logprobs(model, to_device(mb, device), temperature=temperature)
-        out += [r[: len(samples[i].completion_ids)].float().cpu()
-                for i, r in zip(mb["seq_index"], completion_rows(lp, mb))]
-    return out
+    return per_completion(lambda mb: models.token_logprobs(model, mb, temperature=temperature),
+                          samples, budget, device)
 
 
-@torch.no_grad()
 def completion_values(critic, samples: list[Sample], budget: int, device):
     """The critic's value at each completion token's position (the state before the token)."""
     critic.eval()
-    out = []
-    for mb in data.pack(sequences(samples), budget):
-        v = models.token_values(critic, to_device(mb, device))
-        out += [r[: len(samples[i].completion_ids)].cpu()
-                for i, r in zip(mb["seq_index"], completion_rows(v, mb))]
-    return out
-
-
-def micro_batches(samples: list[Sample], budget: int) -> list[tuple[dict, list[int]]]:
-    """Packed micro-batches of a minibatch, each with the indices of its samples."""
-    return [(mb, mb["seq_index"]) for mb in data.pack(sequences(samples), budget)]
+    return per_completion(lambda mb: models.token_values(critic, mb), samples, budget, device)
 
 
 def agg_share(mask: torch.Tensor, loss_agg: str, total_tokens: int, total_rows: int) -> float:
@@ -256,7 +251,8 @@ def evaluate(engine, model, heldout: list[Prompt], tokenizer, max_new_tokens: in
 def rollout_metrics(samples: list[Sample], trainer_lp: list[torch.Tensor]) -> dict:
     """rollout/logprob_diff_max: max |sampler - trainer| log-prob over the sampled tokens,
     before the update (the proof that the pushed weights are the trained ones)."""
-    diffs = [(torch.tensor(s.logprobs) - lp).abs().max().item() for s, lp in zip(samples, trainer_lp) if len(s.logprobs)]
+    diffs = [(torch.tensor(s.logprobs) - lp).abs().max().item() for s, lp in zip(samples, trainer_lp)
+             if lp is not None and len(s.logprobs)]  # None: a sample not trained on (on-policy pass)
     lengths = [len(s.completion_ids) for s in samples]
     return {"rollout/logprob_diff_max": max(diffs, default=0.0),
             "rollout/response_len": sum(lengths) / len(lengths),

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fastrlhf import models, runtime
+from fastrlhf import data, models, runtime
 from fastrlhf.algos import online
 from fastrlhf.algos.grpo import step_prompts
 from fastrlhf.kernels import gae, kl_penalty, policy_loss, value_loss
@@ -173,10 +173,10 @@ def train(cfg: PPOConfig) -> dict:
                     continue
                 n_tok = sum(L[i] for i in idx)
                 ok = True
-                for mb, local in online.micro_batches([samples[i] for i in idx], budget):
-                    ids = [idx[j] for j in local]
+                for mb in online.pack_samples([samples[i] for i in idx], budget):
+                    ids = [idx[j] for j in mb["seq_index"]]
                     take = lambda key: online.rows([batch[key][i] for i in ids], device)  # noqa: E731
-                    mbd = online.to_device(mb, device)
+                    mbd = data.to_device(mb, device)
                     lp, ent = models.token_logprobs(model, mbd, temperature=cfg.temperature, return_entropy=True)
                     lp, ent = online.completion_rows(lp, mb), online.completion_rows(ent, mb)
                     o, m = take("old")

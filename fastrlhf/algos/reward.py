@@ -81,9 +81,7 @@ def pair_steps(pairs, pairs_per_step: int, seed: int, epoch: int) -> list[list]:
 def pair_scores(score_fn, pairs, tokens_per_micro_batch: int, device):
     """score_fn(model batch) -> (n_seq,) for packed batches; returns (chosen, rejected) (P,)."""
     flat = [s for c, r in pairs for s in (c, r)]
-    scores = torch.cat([score_fn({k: (v.to(device) if isinstance(v, torch.Tensor) else v)
-                                  for k, v in mb.items()})
-                        for mb in data.pack(flat, tokens_per_micro_batch)])
+    scores = torch.cat([score_fn(data.to_device(mb, device)) for mb in data.pack(flat, tokens_per_micro_batch)])
     return scores[0::2], scores[1::2]
 
 

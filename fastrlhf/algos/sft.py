@@ -94,16 +94,12 @@ def epoch_steps(seqs, cfg: SFTConfig, epoch: int) -> list[list[dict]]:
     return [data.pack(step, cfg.tokens_per_micro_batch) for step in steps]
 
 
-def to_device(mb: dict, device) -> dict:
-    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in mb.items()}
-
-
 @torch.no_grad()
 def eval_loss(model, seqs, cfg: SFTConfig, device) -> float:
     model.eval()
     total, count = 0.0, 0
     for mb in data.pack(seqs, cfg.tokens_per_micro_batch):
-        mb = to_device(mb, device)
+        mb = data.to_device(mb, device)
         total -= models.token_logprobs(model, mb).sum().item()
         count += n_targets(mb)
     return total / max(1, count)
@@ -138,7 +134,7 @@ def train(cfg: SFTConfig) -> dict:
         n_tok = sum(n_targets(mb) for mb in micro_batches)
         loss_sum, ok = 0.0, True
         for mb in micro_batches:
-            mb = to_device(mb, device)
+            mb = data.to_device(mb, device)
             # step 3a: token-mean NLL over the whole step's response tokens
             loss = -models.token_logprobs(model, mb).sum() / n_tok
             if not runtime.finite_or_skip(loss, counters):

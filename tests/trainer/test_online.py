@@ -3,7 +3,6 @@ their failures, REINFORCE++ returns, the adaptive KL controller, the state swapp
 rollout engines' sampling log-probs against the trainer's."""
 
 import math
-import random
 
 import pytest
 import torch

@@ -67,6 +67,19 @@ def test_grpo_reward_failures_are_counted_and_multi_epoch_ratios_move(tiny, tmp_
 
 
 @pytest.mark.slow
+def test_grpo_on_policy_with_failed_rewards_reports_the_trained_samples(tiny, tmp_path, monkeypatch):
+    """One epoch, one minibatch: the trainer's log-probs come from the training pass, which skips
+    failed samples; the log-prob check covers the others (it used to crash on the skipped ones)."""
+    monkeypatch.setenv("FASTRLHF_KERNEL_IMPL", "torch")
+    out = tmp_path / "p"
+    grpo.main(_grpo_args(tiny, out, "--steps", "2", "--reward_fn", "tests.trainer.rewards_for_tests:flaky",
+                         "--eval_every", "100"))
+    rows = _metrics(out)[1:]
+    assert rows[-1]["reward_failures"] > 0
+    assert all(0 <= r["rollout/logprob_diff_max"] < 1e-4 for r in rows)
+
+
+@pytest.mark.slow
 def test_grpo_on_vllm_logprobs_match_after_every_push(tiny, tmp_path):
     pytest.importorskip("vllm")
     out = tmp_path / "v"
