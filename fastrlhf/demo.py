@@ -10,11 +10,13 @@ Stages, in order (each its own trainer, each writing DIR/<stage>/metrics.jsonl a
   4. dpo   DPO (cDPO) from the SFT model on the same comparisons, for contrast
   5. grpo  GRPO from the SFT model with the task's exact-match checker as the reward (a
            verifier instead of a learned reward model), for contrast
-Then every policy is evaluated with one protocol: the task's held-out prompts, greedy decoding
-(transformers generate, at most 5 new tokens), exact match. DIR/summary.json holds the
-accuracies, the reward model's held-out pairwise accuracy and the seconds per stage;
-DIR/report.png draws reward, KL and held-out accuracy over the PPO steps (and GRPO's held-out
-accuracy beside PPO's) and every stage's accuracy side by side.
+Then every policy is evaluated with one protocol: the task's held-out prompts, transformers
+generate (at most 5 new tokens), exact match, as the share of 4 samples per prompt at
+temperature 1 that are right (<stage>_accuracy: the policy as it behaves when sampled, where
+the demonstrators' copied mistakes show) and greedy (<stage>_greedy_accuracy: the policy's
+mode, which hides them). DIR/summary.json holds the accuracies, the reward model's held-out
+pairwise accuracy and the seconds per stage; DIR/report.png draws reward, KL and held-out
+accuracy over the PPO steps (and GRPO's beside PPO's) and every stage's accuracy side by side.
 
 The stage settings below are the examples' (examples/*.yaml; a test keeps them in step).
 `--fast` shrinks everything to the tiny model and a few steps per stage: a smoke run.
@@ -33,12 +35,12 @@ from fastrlhf.tasks import arithmetic as ar
 
 # the examples' settings (examples/<stage>.yaml without output_dir)
 STAGES = {
-    "sft": {"max_len": 64, "tokens_per_step": 256, "epochs": 6, "lr": 2.0e-3, "warmup_steps": 20,
-            "eval_every": 50, "save_every": 100},
+    "sft": {"max_len": 64, "task_examples": 9000, "tokens_per_step": 256, "epochs": 10, "lr": 5.0e-4,
+            "warmup_steps": 20, "eval_every": 50, "save_every": 100},
     "rm": {"pairs_per_step": 64, "epochs": 2, "lr": 1.0e-3, "eval_every": 25},
-    "ppo": {"prompts_per_step": 64, "group_size": 1, "max_new_tokens": 6, "steps": 40, "ppo_epochs": 2,
-            "minibatches": 2, "lr": 1.0e-5, "critic_lr": 1.0e-4, "kl_coef": 0.05, "gamma": 1.0,
-            "lam": 0.95, "eval_every": 10, "save_every": 20},
+    "ppo": {"prompts_per_step": 256, "group_size": 1, "max_new_tokens": 6, "steps": 40, "ppo_epochs": 1,
+            "minibatches": 1, "lr": 2.0e-5, "critic_lr": 1.0e-4, "critic_warmup": 5, "kl_coef": 0.05,
+            "gamma": 1.0, "lam": 0.95, "eval_every": 10, "save_every": 20},
     "dpo": {"loss_type": "sigmoid", "beta": 0.5, "label_smoothing": 0.1, "pairs_per_step": 32,
             "epochs": 2, "lr": 5.0e-5, "eval_every": 50},
     "grpo": {"reward_fn": "fastrlhf.tasks.arithmetic:exact_match", "advantage": "grpo", "prompts_per_step": 32,
@@ -50,7 +52,7 @@ FAST = {
     "sft": {"task_model_size": "tiny", "task_examples": 300, "epochs": 1, "tokens_per_step": 128,
             "warmup_steps": 2, "eval_every": 1000, "task_eval_prompts": 16},
     "rm": {"task_pairs": 128, "task_eval_pairs": 32, "pairs_per_step": 32, "epochs": 1, "warmup_steps": 1},
-    "ppo": {"prompts_per_step": 8, "steps": 2, "eval_every": 1, "task_prompts": 64, "task_eval_prompts": 16,
+    "ppo": {"prompts_per_step": 8, "steps": 2, "critic_warmup": 1, "eval_every": 1, "task_prompts": 64, "task_eval_prompts": 16,
             "enforce_eager": True, "gpu_memory_utilization": 0.05},
     "dpo": {"task_pairs": 64, "task_eval_pairs": 16, "pairs_per_step": 16, "epochs": 1, "warmup_steps": 1,
             "task_eval_prompts": 16},
@@ -79,14 +81,17 @@ def run_stage(name: str, module, argv: list[str], times: dict) -> dict:
 
 
 def evaluate_policies(dirs: dict[str, Path], n_prompts: int) -> dict[str, float]:
-    """The one protocol for every policy: held-out prompts, greedy, exact match."""
+    """The one protocol for every policy, on the same held-out prompts: <name>_accuracy is the
+    exact-match rate of ar.EVAL_SAMPLES samples per prompt at temperature 1 (the policy as it
+    behaves when sampled, where imitated mistakes show); <name>_greedy_accuracy is greedy."""
     from fastrlhf import models
 
     heldout = ar.heldout_prompts(ar.ArithmeticTask(), n_prompts)
     out = {}
     for name, d in dirs.items():
         model, tok = models.load_causal_lm(d), models.load_tokenizer(d)
-        out[f"{name}_accuracy"] = ar.accuracy(model, tok, heldout)
+        out[f"{name}_accuracy"] = ar.accuracy(model, tok, heldout, temperature=1.0, samples=ar.EVAL_SAMPLES)
+        out[f"{name}_greedy_accuracy"] = ar.accuracy(model, tok, heldout)
     return out
 
 
@@ -99,26 +104,27 @@ def draw_report(out: Path, summary: dict) -> Path:
 
     rows = [json.loads(x) for x in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "reward/mean" in r]
-    evals = [r for r in rows if "eval/accuracy" in r]
+    evals = [r for r in rows if "eval/sample_accuracy" in r]
     fig, ax = plt.subplots(1, 4, figsize=(18, 3.8))
     ax[0].plot([r["step"] for r in steps], [r["reward/mean"] for r in steps])
     ax[0].set(title="PPO: reward-model score of samples", xlabel="step")
     ax[1].plot([r["step"] for r in steps], [r["kl"] for r in steps], color="C1")
     ax[1].set(title="PPO: KL to the SFT model (per sample)", xlabel="step")
-    ax[2].plot([r["step"] for r in evals], [r["eval/accuracy"] for r in evals], marker="o", label="PPO (reward model)")
+    ax[2].plot([r["step"] for r in evals], [r["eval/sample_accuracy"] for r in evals], marker="o",
+               label="PPO (reward model)")
     g = [json.loads(x) for x in (out / "grpo" / "metrics.jsonl").read_text().splitlines()]
-    g = [r for r in g if "eval/accuracy" in r]
-    ax[2].plot([r["step"] for r in g], [r["eval/accuracy"] for r in g], marker="o", color="C2",
+    g = [r for r in g if "eval/sample_accuracy" in r]
+    ax[2].plot([r["step"] for r in g], [r["eval/sample_accuracy"] for r in g], marker="o", color="C2",
                label="GRPO (verifier)")
     ax[2].axhline(summary["sft_accuracy"], ls="--", color="gray", label="SFT")
-    ax[2].set(title="held-out accuracy (greedy) over RL steps", xlabel="step", ylim=(0, 1))
+    ax[2].set(title="held-out accuracy (sampled, T=1) over RL steps", xlabel="step", ylim=(0, 1))
     ax[2].legend()
     names = ["sft", "rlhf", "dpo", "grpo"]
     vals = [summary[f"{n}_accuracy"] for n in names] + [summary["reward_model_accuracy"]]
     bars = ax[3].bar(["SFT", "PPO\n(vs RM)", "DPO", "GRPO\n(verifier)", "RM\npairwise"], vals,
                      color=["gray", "C0", "C3", "C2", "C4"])
     ax[3].bar_label(bars, fmt="%.2f")
-    ax[3].set(title="held-out accuracy by stage", ylim=(0, 1))
+    ax[3].set(title="held-out accuracy by stage (sampled, T=1)", ylim=(0, 1))
     fig.tight_layout()
     path = out / "report.png"
     tmp = path.with_suffix(".tmp.png")
@@ -155,17 +161,18 @@ def main(argv: list[str] | None = None) -> dict:
     run_stage("grpo", grpo, _flags(cfg["grpo"]) + common + [
         "--model", str(sft_dir), "--engine", args.engine, "--output_dir", str(out / "grpo")], times)
 
-    print("== evaluation (held-out prompts, greedy, exact match)", file=sys.stderr, flush=True)
+    print("== evaluation (held-out prompts, exact match, sampled and greedy)", file=sys.stderr, flush=True)
     summary = evaluate_policies({"sft": sft_dir, "rlhf": out / "ppo" / "final", "dpo": out / "dpo" / "final",
                                  "grpo": out / "grpo" / "final"}, 16 if args.fast else EVAL_PROMPTS)
     summary.update({"reward_model_accuracy": rm_sum["eval/accuracy"],
                     "sft_eval_loss": sft_sum.get("eval/loss"), **times,
                     "total_seconds": round(sum(times.values()), 1), "fast": args.fast,
-                    "eval_protocol": f"{16 if args.fast else EVAL_PROMPTS} held-out prompts, greedy, "
-                                     "at most 5 new tokens, exact match"})
+                    "eval_protocol": f"{16 if args.fast else EVAL_PROMPTS} held-out prompts, exact match, "
+                                     f"at most 5 new tokens; *_accuracy: {ar.EVAL_SAMPLES} samples per prompt "
+                                     "at temperature 1; *_greedy_accuracy: greedy"})
     runtime.write_atomic(out / "summary.json", json.dumps(summary, indent=2))
     draw_report(out, summary)
-    print(" ".join(f"{k}={v:.3f}" for k, v in summary.items() if k.endswith("accuracy")) +
+    print(" ".join(f"{k}={v:.3f}" for k, v in summary.items() if k.endswith("accuracy") and "greedy" not in k) +
           f"  -> {out / 'summary.json'}, {out / 'report.png'}")
     return summary
 

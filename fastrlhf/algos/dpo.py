@@ -11,7 +11,8 @@ fly for each step. Both sides of a pair are packed together into micro-batches.
 Logged every step: loss/dpo, rewards/chosen, rewards/rejected, rewards/margin,
 rewards/accuracy, lr, grad_norm; every eval_every steps: eval/loss, eval/reward_accuracy
 (implicit-reward accuracy on held-out pairs) and, on the built-in task, eval/accuracy (greedy
-exact match on held-out prompts, the same protocol as SFT's).
+exact match on held-out prompts, the same protocol as SFT's) and eval/sample_accuracy (the same
+at temperature 1, ar.EVAL_SAMPLES draws per prompt); start/... are the SFT model's.
 """
 
 from __future__ import annotations
@@ -87,6 +88,13 @@ def reference_logps(ref, pairs, cfg, device):
     return list(zip(c.tolist(), r.tolist()))
 
 
+def task_accuracy(policy, tokenizer, heldout, prefix: str) -> dict:
+    """Built-in task: greedy and sampled (temperature 1, ar.EVAL_SAMPLES per prompt) exact match."""
+    return {f"{prefix}/accuracy": ar.accuracy(policy, tokenizer, heldout),
+            f"{prefix}/sample_accuracy": ar.accuracy(policy, tokenizer, heldout, temperature=1.0,
+                                                     samples=ar.EVAL_SAMPLES)}
+
+
 def train(cfg: DPOConfig) -> dict:
     out, device = runtime.begin(cfg)
 
@@ -129,13 +137,13 @@ def train(cfg: DPOConfig) -> dict:
         loss, m = dpo_loss(policy, refs_for(idx, eval_tok, eval_ref), eval_tok, cfg, device)
         res = {"eval/loss": loss.item(), "eval/reward_accuracy": m["rewards/accuracy"].item()}
         if heldout:
-            res["eval/accuracy"] = ar.accuracy(policy, tokenizer, heldout)
+            res.update(task_accuracy(policy, tokenizer, heldout, "eval"))
         return res
 
     # step 3: the loop
     step, counters, summary = state["step"], state["counters"], {}
     if step == 0 and heldout:
-        summary["start/accuracy"] = ar.accuracy(policy, tokenizer, heldout)
+        summary.update(task_accuracy(policy, tokenizer, heldout, "start"))
     while step < total:
         epoch, index = divmod(step, steps_per_epoch)
         idx = pair_steps(indexed, cfg.pairs_per_step, cfg.seed, epoch)[index]

@@ -23,7 +23,8 @@ Logged every step: rollout/engine, reward/mean, reward/std, rollout/logprob_diff
 rollout/response_len, rollout/overlong_frac, kl (when a reference is used), entropy,
 clipfrac, ratio_mean, approx_kl, loss/policy, grad_norm, lr, time/generate_s,
 time/weight_sync_s, time/train_s, tokens_per_s, memory/*; every eval_every steps:
-eval/accuracy (greedy exact match where prompts carry answers), eval/reward.
+eval/accuracy (greedy exact match where prompts carry answers), eval/sample_accuracy (the same
+over 4 samples per prompt at temperature 1), eval/reward.
 """
 
 from __future__ import annotations

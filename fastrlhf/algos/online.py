@@ -232,15 +232,21 @@ def start_evaluation(engine, model, heldout, tokenizer, cfg, reward_fn, log) -> 
 
 
 def evaluate(engine, model, heldout: list[Prompt], tokenizer, max_new_tokens: int, reward_fn=None) -> dict:
-    """Greedy completions of the held-out prompts with the current weights: eval/accuracy
-    (exact match) where the prompts carry an answer, eval/reward where a reward function is set."""
+    """The held-out prompts with the current weights. Where they carry an answer:
+    eval/accuracy (greedy, exact match) and eval/sample_accuracy (ar.EVAL_SAMPLES draws
+    per prompt at temperature 1, the policy's own distribution: what RL changes most); with a
+    reward function, eval/reward of the greedy completions."""
     push_weights(engine, model)
     groups = engine.generate([p.ids for p in heldout], n=1, temperature=0.0,
                              max_tokens=max_new_tokens, seed=0)
-    texts = [tokenizer.decode(g[0].completion_ids, skip_special_tokens=True) for g in groups]
+    text = lambda s: tokenizer.decode(s.completion_ids, skip_special_tokens=True).strip()  # noqa: E731
     out = {}
     if all(p.record.get("answer") is not None for p in heldout):
-        out["eval/accuracy"] = sum(t.strip() == p.record["answer"] for t, p in zip(texts, heldout)) / len(heldout)
+        out["eval/accuracy"] = sum(text(g[0]) == p.record["answer"] for g, p in zip(groups, heldout)) / len(heldout)
+        drawn = engine.generate([p.ids for p in heldout], n=ar.EVAL_SAMPLES, temperature=1.0,
+                                max_tokens=max_new_tokens, seed=0)
+        hits = [text(s) == p.record["answer"] for g, p in zip(drawn, heldout) for s in g]
+        out["eval/sample_accuracy"] = sum(hits) / len(hits)
     if reward_fn is not None:
         samples = [g[0] for g in groups]
         score_with_function(reward_fn, samples, heldout, tokenizer, {})

@@ -9,7 +9,9 @@
     does, else from the policy with a zero head) gives V(s_t) at every completion position;
     GAE(gamma, lam) -> advantages (whitened over the batch) and returns;
   - ppo_epochs passes over `minibatches` minibatches: the clipped policy loss and the clipped
-    value loss (fastrlhf.kernels.policy_loss / value_loss), two AdamW optimisers;
+    value loss (fastrlhf.kernels.policy_loss / value_loss), two AdamW optimisers; during the
+    first `critic_warmup` steps only the critic learns (as verl's critic_warmup), so that the
+    policy's first updates get per-token credit from a critic that has seen the rewards;
   - the same rollout engines, weight push, memory swapping and importance weights against the
     sampler's log-probs as grpo.py.
 
@@ -72,6 +74,7 @@ class PPOConfig:
     is_cap: float = field(default=2.0, metadata={"help": "truncation of the sampler-vs-trainer importance weights (0: off)"})
     lr: float = field(default=1e-5, metadata={"help": "policy learning rate"})
     critic_lr: float = field(default=1e-4, metadata={"help": "critic learning rate"})
+    critic_warmup: int = field(default=0, metadata={"help": "first steps train only the critic, so the policy's first update has informed advantages"})
     warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps"})
     schedule: str = field(default="constant", metadata={"help": "cosine | linear | constant after warm-up"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (matrices only)"})
@@ -163,6 +166,7 @@ def train(cfg: PPOConfig) -> dict:
         # step 6: PPO epochs over minibatches: policy and critic
         model.train()
         critic.train()
+        train_policy = step >= cfg.critic_warmup
         sums, n_updates = {}, 0
         for epoch in range(cfg.ppo_epochs):
             order = list(range(len(samples)))
@@ -190,12 +194,14 @@ def train(cfg: PPOConfig) -> dict:
                     if not (runtime.finite_or_skip(p_loss, counters) and runtime.finite_or_skip(v_loss, counters)):
                         ok = False
                         break
-                    ((p_loss + v_loss) * share).backward()  # disjoint parameters: one backward
+                    loss = p_loss + v_loss if train_policy else v_loss  # disjoint parameters: one backward
+                    (loss * share).backward()
                     for key, val in {"loss/policy": p_loss, "loss/value": v_loss, **pm,
                                      "value/clipfrac": vm["clipfrac"], "value/mean": vm["vpred_mean"]}.items():
                         sums[key] = sums.get(key, 0.0) + float(val.detach()) * share
-                sums["grad_norm"] = sums.get("grad_norm", 0.0) + runtime.optimizer_step(
-                    model, opt, sched, cfg.grad_clip, counters, ok)
+                if train_policy:
+                    sums["grad_norm"] = sums.get("grad_norm", 0.0) + runtime.optimizer_step(
+                        model, opt, sched, cfg.grad_clip, counters, ok)
                 runtime.optimizer_step(critic, critic_opt, critic_sched, cfg.grad_clip, {}, ok)
                 n_updates += 1
         train_s = time.perf_counter() - t0

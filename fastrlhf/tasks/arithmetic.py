@@ -83,31 +83,41 @@ def sft_examples(task: ArithmeticTask, n: int, *, error_rate: float = 0.15, seed
     rng = random.Random(seed)
     out = []
     for a, b in task.split(n, "train"):
-        ans = wrong_answer(a, b, rng) if rng.random() < error_rate else a + b
+        ans = demonstrator_answer(a, b, rng, error_rate)
         out.append({"prompt": task.prompt(a, b), "response": str(ans)})
     return out
+
+
+def demonstrator_answer(a: int, b: int, rng: random.Random, error_rate: float = 0.15) -> int:
+    """One imperfect demonstrator's answer: right, or with probability error_rate a human-like
+    mistake (wrong_answer)."""
+    return wrong_answer(a, b, rng) if rng.random() < error_rate else a + b
+
+
+def two_answers(a: int, b: int, rng: random.Random, error_rate: float = 0.15) -> tuple[int, int]:
+    """Two different answers to compare, as the annotator sees them: two demonstrators (or two
+    samples of a policy trained on them) answering the same prompt, drawn again while they
+    agree (identical responses carry no preference)."""
+    for _ in range(100):
+        x, y = demonstrator_answer(a, b, rng, error_rate), demonstrator_answer(a, b, rng, error_rate)
+        if x != y:
+            return x, y
+    return a + b, wrong_answer(a, b, rng)
 
 
 def preference_pairs(task: ArithmeticTask, n: int, *, label_noise: float = 0.1, seed: int = 1,
                      candidates=None, split: str = "train"):
     """{"prompt", "chosen", "rejected"} from a simulated annotator.
 
-    candidates(a, b, rng) -> (x, y) gives the two responses to compare (default: the correct
-    answer or a near miss against another near miss); the annotator prefers the one whose
+    candidates(a, b, rng) -> (x, y) gives the two responses to compare (default: two_answers,
+    two imperfect demonstrators' different answers, so most pairs hold one right and one wrong
+    answer, as in comparisons of an SFT model's samples); the annotator prefers the one whose
     value is closer to a + b (ties broken at random) and flips with probability label_noise.
     """
     rng = random.Random(seed)
     out = []
     for a, b in task.split(n, split):
-        if candidates is not None:
-            x, y = candidates(a, b, rng)
-        else:
-            x = a + b if rng.random() < 0.5 else wrong_answer(a, b, rng)
-            y = wrong_answer(a, b, rng)
-            for _ in range(8):  # equally far answers carry no preference signal: resample
-                if abs(y - (a + b)) != abs(x - (a + b)):
-                    break
-                y = wrong_answer(a, b, rng) + rng.choice((0, 0, 1, -1, 10))
+        x, y = (candidates or two_answers)(a, b, rng)
         better = annotate(a, b, x, y, rng, label_noise)
         chosen, rejected = (x, y) if better == 0 else (y, x)
         out.append({"prompt": task.prompt(a, b), "chosen": str(chosen), "rejected": str(rejected)})
@@ -205,30 +215,45 @@ def save_base_model(out_dir: str | os.PathLike, **model_kw) -> Path:
 # ----------------------------------------------------------------------------------------
 
 
-def greedy_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 5) -> list[str]:
-    """Greedy completions, batched by prompt length (no padding needed for this task)."""
+def answers(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 5, temperature: float = 0.0,
+            samples: int = 1, seed: int = 0) -> list[list[str]]:
+    """Completions of each prompt: greedy (temperature 0, one per prompt) or `samples` draws at
+    `temperature` from the full distribution (no top-k/top-p), seeded without touching the
+    global RNG. Batched by prompt length (no padding needed for this task)."""
     import torch
 
+    sample = temperature > 0
+    n = samples if sample else 1
     model.eval()
-    out = [""] * len(prompts)
+    out: list[list[str]] = [[] for _ in prompts]
     by_len: dict[int, list[int]] = {}
     encoded = [tokenizer(p)["input_ids"] for p in prompts]
     for i, ids in enumerate(encoded):
         by_len.setdefault(len(ids), []).append(i)
     device = next(model.parameters()).device
-    with torch.no_grad():
-        for n, idx in by_len.items():
+    kw = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, num_return_sequences=n) if sample \
+        else dict(do_sample=False)
+    with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for length, idx in sorted(by_len.items()):
             ids = torch.tensor([encoded[i] for i in idx], device=device)
-            gen = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                 max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=tokenizer.eos_token_id)
-            for i, row in zip(idx, gen[:, n:].tolist()):
-                out[i] = tokenizer.decode(row, skip_special_tokens=True)
+            gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **kw)
+            rows = gen[:, length:].tolist()  # (len(idx) * n, new tokens), each prompt's n rows together
+            for j, i in enumerate(idx):
+                out[i] = [tokenizer.decode(r, skip_special_tokens=True) for r in rows[j * n:(j + 1) * n]]
     return out
 
 
-def accuracy(model, tokenizer, heldout: list[dict], max_new_tokens: int = 5) -> float:
-    """Share of held-out prompts answered exactly (greedy decoding): the task metric every
-    stage of the pipeline reports."""
-    answers = greedy_answers(model, tokenizer, [r["prompt"] for r in heldout], max_new_tokens)
-    return sum(ar == r["answer"] for ar, r in zip(answers, heldout)) / max(1, len(heldout))
+EVAL_SAMPLES = 4  # draws per held-out prompt when accuracy is measured by sampling
+
+
+def accuracy(model, tokenizer, heldout: list[dict], *, max_new_tokens: int = 5, temperature: float = 0.0,
+             samples: int = 1, seed: int = 0) -> float:
+    """Share of held-out answers that are exact: greedy by default; with temperature > 0 the
+    mean over `samples` draws per prompt (the policy's behaviour when sampled, which greedy
+    decoding hides: a model that copied 15% wrong demonstrations is usually right at its mode)."""
+    got = answers(model, tokenizer, [r["prompt"] for r in heldout], max_new_tokens=max_new_tokens,
+                  temperature=temperature, samples=samples, seed=seed)
+    hits = [a == r["answer"] for outs, r in zip(got, heldout) for a in outs]
+    return sum(hits) / max(1, len(hits))

@@ -28,10 +28,14 @@ def test_demo_fast_runs_every_stage(tmp_path, monkeypatch):
     for key in ("sft_accuracy", "rlhf_accuracy", "dpo_accuracy", "grpo_accuracy", "reward_model_accuracy",
                 "sft_seconds", "rm_seconds", "ppo_seconds", "dpo_seconds", "grpo_seconds", "eval_protocol"):
         assert key in summary, key
+    for stage in ("sft", "rlhf", "dpo", "grpo"):  # sampled (4 per prompt: multiples of 1/64) and greedy (1/16)
+        assert (summary[f"{stage}_accuracy"] * 64) % 1 == pytest.approx(0, abs=1e-9), stage
+        assert (summary[f"{stage}_greedy_accuracy"] * 16) % 1 == pytest.approx(0, abs=1e-9), stage
     for stage in ("sft", "rm", "ppo", "dpo", "grpo"):
         assert (out / stage / "final" / "config.json").exists(), stage
         assert summary[f"{stage}_seconds"] > 0
     assert 0.0 <= summary["reward_model_accuracy"] <= 1.0
     rows = [json.loads(x) for x in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "reward/mean" in r] == [1, 2]
+    assert [r["step"] for r in rows if "eval/sample_accuracy" in r] == [0, 1, 2]
     assert (out / "report.png").stat().st_size > 10_000

@@ -118,6 +118,24 @@ def test_ppo_with_reward_model_runs_saves_critic_and_resumes(tiny, tmp_path, mon
         assert y["loss/value"] == pytest.approx(x["loss/value"], abs=1e-5)
 
 
+@pytest.mark.slow
+def test_ppo_critic_warmup_holds_the_policy_and_trains_the_critic(tiny, tmp_path, monkeypatch):
+    """critic_warmup=2: steps 1-2 update only the critic, so step 3 samples from the unchanged
+    policy (its KL to the reference, the same weights, is exactly 0) while the critic has moved;
+    from step 3 on the policy learns (step 4's KL is not 0)."""
+    monkeypatch.setenv("FASTRLHF_KERNEL_IMPL", "torch")
+    out = tmp_path / "w"
+    ppo.main(["--model", tiny, "--reward_fn", REWARD, "--output_dir", str(out), "--engine", "hf",
+              "--prompts_per_step", "16", "--max_new_tokens", "4", "--steps", "4", "--critic_warmup", "2",
+              "--eval_every", "100", "--save_every", "0", "--lr", "1e-3", "--task_prompts", "200",
+              "--task_eval_prompts", "8", "--device", "cpu"])
+    rows = _metrics(out)[1:]
+    assert [r["kl"] for r in rows[:3]] == pytest.approx([0.0, 0.0, 0.0], abs=1e-6)
+    assert "grad_norm" not in rows[0] and "grad_norm" not in rows[1] and "grad_norm" in rows[2]
+    assert abs(rows[3]["kl"]) > 1e-4
+    assert rows[2]["value/mean"] != rows[0]["value/mean"]
+
+
 def test_cli_bad_reward_function_is_one_clear_line(tiny, tmp_path, capsys):
     code = cli.main(["grpo", "--model", tiny, "--reward_fn", "no_such_module:f", "--engine", "hf",
                      "--output-dir", str(tmp_path / "o"), "--device", "cpu"])

@@ -42,6 +42,32 @@ def test_sft_error_rate_and_annotator_noise():
     agree = sum(abs(int(p["chosen"]) - eval(p["prompt"][:-1])) <= abs(int(p["rejected"]) - eval(p["prompt"][:-1]))
                 for p in pairs) / len(pairs)
     assert 0.85 < agree < 0.95
+    # two demonstrators' different answers: one of them is the sum unless both erred
+    # (P = 2 * 0.85 * 0.15 / (1 - 0.85^2 - P(same mistake)) ~ 0.93)
+    assert all(p["chosen"] != p["rejected"] for p in pairs)
+    has_sum = sum(str(eval(p["prompt"][:-1])) in (p["chosen"], p["rejected"]) for p in pairs) / len(pairs)
+    assert 0.88 < has_sum < 0.98
+
+
+def test_sampled_accuracy_matches_the_model_distribution(base_dir):
+    """A model whose next-token distribution is known exactly: an untrained one with the lm_head
+    zeroed is uniform over the 16 tokens, so a sample's first token is the first answer digit
+    with probability 1/16. Greedy is deterministic and ignores the seed; sampling is seeded."""
+    import torch
+
+    model, tok = models.load_causal_lm(base_dir), models.load_tokenizer(base_dir)
+    torch.nn.init.zeros_(model.lm_head.weight)
+    heldout = ar.heldout_prompts(ar.ArithmeticTask(), 50)
+    prompts = [r["prompt"] for r in heldout]
+    drawn = ar.answers(model, tok, prompts, max_new_tokens=1, temperature=1.0, samples=8, seed=3)
+    assert [len(d) for d in drawn] == [8] * 50
+    firsts = [o[:1] for outs in drawn for o in outs]  # special tokens decode to ""
+    hit = sum(o[:1] == r["answer"][0] for outs, r in zip(drawn, heldout) for o in outs) / 400
+    assert abs(hit - 1 / 16) < 3 * (1 / 16 * 15 / 16 / 400) ** 0.5  # within 3 standard errors
+    assert len(set(firsts)) > 8  # many different tokens, not one repeated
+    assert drawn == ar.answers(model, tok, prompts, max_new_tokens=1, temperature=1.0, samples=8, seed=3)
+    assert drawn != ar.answers(model, tok, prompts, max_new_tokens=1, temperature=1.0, samples=8, seed=4)
+    assert ar.answers(model, tok, prompts[:3]) == ar.answers(model, tok, prompts[:3], seed=9)
 
 
 def test_exact_match():
