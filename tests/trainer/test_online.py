@@ -78,6 +78,36 @@ def test_failed_rewards_are_counted_imputed_and_not_trained_on():
     assert [s.reward for s in group] == [1.0, 0.5, 0.5, 0.0]  # the failed ones get the valid mean
 
 
+class _ScriptedEngine:
+    """Returns fixed completions: greedy -> "12", samples -> "12", "12", "13", "</s>" (3 of 4 right
+    on the first prompt, whose answer is 12), recording the sampling settings it was asked for."""
+
+    name = "scripted"
+
+    def __init__(self, tokenizer):
+        self.tok, self.calls = tokenizer, []
+
+    def update_weights(self, named):
+        list(named)
+
+    def generate(self, prompt_ids, *, n, temperature, max_tokens, seed):
+        self.calls.append((n, temperature))
+        texts = ["12"] if temperature == 0 else ["12", "12", "13", ""]
+        ids = lambda t: self.tok(t, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]  # noqa: E731
+        return [[Sample(i, p, ids(t), [0.0] * len(ids(t)), "stop") for t in texts] for i, p in enumerate(prompt_ids)]
+
+
+def test_evaluate_reports_greedy_and_sampled_accuracy(tiny):
+    _, model, tok = tiny
+    heldout = [online.Prompt({"prompt": "5+7=", "answer": "12"}, tok("5+7=")["input_ids"]),
+               online.Prompt({"prompt": "6+7=", "answer": "13"}, tok("6+7=")["input_ids"])]
+    engine = _ScriptedEngine(tok)
+    res = online.evaluate(engine, model, heldout, tok, max_new_tokens=4)
+    assert res["eval/accuracy"] == 0.5  # greedy "12": right for the first prompt only
+    assert res["eval/sample_accuracy"] == 3 / 8  # 2 of 4 right on the first, 1 of 4 on the second
+    assert engine.calls == [(1, 0.0), (ar.EVAL_SAMPLES, 1.0)]
+
+
 def test_reward_function_spec_errors():
     assert online.reward_function("fastrlhf.tasks.arithmetic:exact_match") is ar.exact_match
     with pytest.raises(ValueError, match="expected 'module:function'"):

@@ -115,7 +115,7 @@ def test_dpo_starts_at_the_hand_derived_loss(tmp_path, tiny_base, loss_type, fir
     assert rows[0]["loss/dpo"] == pytest.approx(first_loss, rel=1e-5)
     assert rows[0]["rewards/margin"] == pytest.approx(0.0, abs=1e-6)
     assert rows[-1]["loss/dpo"] < first_loss  # it learns the training pairs
-    assert {"eval/reward_accuracy", "eval/accuracy"} <= set(summary)
+    assert {"eval/reward_accuracy", "eval/accuracy", "eval/sample_accuracy", "start/sample_accuracy"} <= set(summary)
 
 
 @pytest.mark.slow
