@@ -11,9 +11,12 @@ Everything the pipeline needs comes from here, with no downloads:
   - data generators that imitate the human parts of RLHF:
       * SFT demonstrations from imperfect demonstrators: a share of answers is wrong by a
         little (a carry forgotten, a digit off by one), as people's demonstrations are;
-      * preference pairs labelled by a simulated annotator who prefers the correct answer, or
-        else the one closer to it, and picks the other one with probability `label_noise`;
-      * held-out prompts with their ground truth, and the exact-match reward for them.
+      * preference pairs: two demonstrators' different answers to a prompt (mostly one right,
+        one wrong, as two samples of an SFT model are), labelled by a simulated annotator who
+        prefers the correct answer, or else the one closer to it, and picks the other one with
+        probability `label_noise`;
+      * held-out prompts with their ground truth, the exact-match reward for them, and the
+        accuracy every stage reports (greedy, or sampled at temperature 1).
 """
 
 from __future__ import annotations
