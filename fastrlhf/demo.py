@@ -90,7 +90,7 @@ def evaluate_policies(dirs: dict[str, Path], n_prompts: int) -> dict[str, float]
     out = {}
     for name, d in dirs.items():
         model, tok = models.load_causal_lm(d), models.load_tokenizer(d)
-        out[f"{name}_accuracy"] = ar.accuracy(model, tok, heldout, temperature=1.0, samples=ar.EVAL_SAMPLES)
+        out[f"{name}_accuracy"] = ar.sampled_accuracy(model, tok, heldout)
         out[f"{name}_greedy_accuracy"] = ar.accuracy(model, tok, heldout)
     return out
 

@@ -89,10 +89,9 @@ def reference_logps(ref, pairs, cfg, device):
 
 
 def task_accuracy(policy, tokenizer, heldout, prefix: str) -> dict:
-    """Built-in task: greedy and sampled (temperature 1, ar.EVAL_SAMPLES per prompt) exact match."""
+    """Built-in task: greedy and sampled exact match (ar.accuracy, ar.sampled_accuracy)."""
     return {f"{prefix}/accuracy": ar.accuracy(policy, tokenizer, heldout),
-            f"{prefix}/sample_accuracy": ar.accuracy(policy, tokenizer, heldout, temperature=1.0,
-                                                     samples=ar.EVAL_SAMPLES)}
+            f"{prefix}/sample_accuracy": ar.sampled_accuracy(policy, tokenizer, heldout)}
 
 
 def train(cfg: DPOConfig) -> dict:

@@ -234,7 +234,7 @@ def start_evaluation(engine, model, heldout, tokenizer, cfg, reward_fn, log) -> 
 def evaluate(engine, model, heldout: list[Prompt], tokenizer, max_new_tokens: int, reward_fn=None) -> dict:
     """The held-out prompts with the current weights. Where they carry an answer:
     eval/accuracy (greedy, exact match) and eval/sample_accuracy (ar.EVAL_SAMPLES draws
-    per prompt at temperature 1, the policy's own distribution: what RL changes most); with a
+    per prompt at ar.EVAL_TEMPERATURE, the policy's own distribution: what RL changes most); with a
     reward function, eval/reward of the greedy completions."""
     push_weights(engine, model)
     groups = engine.generate([p.ids for p in heldout], n=1, temperature=0.0,
@@ -243,7 +243,7 @@ def evaluate(engine, model, heldout: list[Prompt], tokenizer, max_new_tokens: in
     out = {}
     if all(p.record.get("answer") is not None for p in heldout):
         out["eval/accuracy"] = sum(text(g[0]) == p.record["answer"] for g, p in zip(groups, heldout)) / len(heldout)
-        drawn = engine.generate([p.ids for p in heldout], n=ar.EVAL_SAMPLES, temperature=1.0,
+        drawn = engine.generate([p.ids for p in heldout], n=ar.EVAL_SAMPLES, temperature=ar.EVAL_TEMPERATURE,
                                 max_tokens=max_new_tokens, seed=0)
         hits = [text(s) == p.record["answer"] for g, p in zip(drawn, heldout) for s in g]
         out["eval/sample_accuracy"] = sum(hits) / len(hits)

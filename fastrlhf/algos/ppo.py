@@ -181,13 +181,14 @@ def train(cfg: PPOConfig) -> dict:
                     ids = [idx[j] for j in mb["seq_index"]]
                     take = lambda key: online.rows([batch[key][i] for i in ids], device)  # noqa: E731
                     mbd = data.to_device(mb, device)
-                    lp, ent = models.token_logprobs(model, mbd, temperature=cfg.temperature, return_entropy=True)
-                    lp, ent = online.completion_rows(lp, mb), online.completion_rows(ent, mb)
                     o, m = take("old")
-                    is_w = online.importance_weights(o, take("sampler")[0], cfg.is_cap) if cfg.is_cap > 0 else None
-                    p_loss, pm = policy_loss(lp, o, take("adv")[0], m, clip_low=cfg.clip_low,
-                                             clip_high=cfg.clip_high, entropy=ent,
-                                             entropy_coef=cfg.entropy_coef, is_weights=is_w)
+                    with torch.set_grad_enabled(train_policy):  # critic warm-up: the policy loss is only logged
+                        lp, ent = models.token_logprobs(model, mbd, temperature=cfg.temperature, return_entropy=True)
+                        lp, ent = online.completion_rows(lp, mb), online.completion_rows(ent, mb)
+                        is_w = online.importance_weights(o, take("sampler")[0], cfg.is_cap) if cfg.is_cap > 0 else None
+                        p_loss, pm = policy_loss(lp, o, take("adv")[0], m, clip_low=cfg.clip_low,
+                                                 clip_high=cfg.clip_high, entropy=ent,
+                                                 entropy_coef=cfg.entropy_coef, is_weights=is_w)
                     v = online.completion_rows(models.token_values(critic, mbd), mb)
                     v_loss, vm = value_loss(v, take("val")[0], take("ret")[0], m, clip=cfg.value_clip)
                     share = int(m.sum()) / n_tok

@@ -249,6 +249,7 @@ def answers(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 5, te
 
 
 EVAL_SAMPLES = 4  # draws per held-out prompt when accuracy is measured by sampling
+EVAL_TEMPERATURE = 1.0  # ... at the policy's own distribution
 
 
 def accuracy(model, tokenizer, heldout: list[dict], *, max_new_tokens: int = 5, temperature: float = 0.0,
@@ -260,3 +261,10 @@ def accuracy(model, tokenizer, heldout: list[dict], *, max_new_tokens: int = 5, 
                   temperature=temperature, samples=samples, seed=seed)
     hits = [a == r["answer"] for outs, r in zip(got, heldout) for a in outs]
     return sum(hits) / max(1, len(hits))
+
+
+def sampled_accuracy(model, tokenizer, heldout: list[dict], max_new_tokens: int = 5) -> float:
+    """The sampled protocol every stage reports: accuracy over EVAL_SAMPLES draws per prompt at
+    EVAL_TEMPERATURE."""
+    return accuracy(model, tokenizer, heldout, max_new_tokens=max_new_tokens, temperature=EVAL_TEMPERATURE,
+                    samples=EVAL_SAMPLES)
