@@ -4,7 +4,9 @@
 
 Stages, in order (each its own trainer, each writing DIR/<stage>/metrics.jsonl and final/):
   1. sft   supervised fine-tuning on imperfect demonstrations (15% wrong)
-  2. rm    a reward model on the simulated annotator's comparisons (10% label noise)
+  2. rm    a reward model on the simulated annotator's comparisons (10% label noise): the
+           log-prob head, beta * log p(response | prompt) under a copy of the SFT model tuned
+           with the Bradley-Terry loss (reward_model_start_accuracy: before that tuning)
   3. ppo   PPO from the SFT model against that reward model, KL penalty to the SFT model,
            generation by colocated vLLM (when installed)
   4. dpo   DPO (cDPO) from the SFT model on the same comparisons, for contrast
@@ -37,10 +39,10 @@ from fastrlhf.tasks import arithmetic as ar
 STAGES = {
     "sft": {"max_len": 64, "task_examples": 9000, "tokens_per_step": 256, "epochs": 10, "lr": 5.0e-4,
             "warmup_steps": 20, "eval_every": 50, "save_every": 100},
-    "rm": {"pairs_per_step": 64, "epochs": 2, "lr": 1.0e-3, "eval_every": 25},
-    "ppo": {"prompts_per_step": 256, "group_size": 1, "max_new_tokens": 6, "steps": 40, "ppo_epochs": 1,
-            "minibatches": 1, "lr": 2.0e-5, "critic_lr": 1.0e-4, "critic_warmup": 5, "kl_coef": 0.05,
-            "gamma": 1.0, "lam": 0.95, "eval_every": 10, "save_every": 20},
+    "rm": {"head": "logprob", "beta": 1.0, "pairs_per_step": 64, "epochs": 2, "lr": 5.0e-5, "eval_every": 25},
+    "ppo": {"prompts_per_step": 512, "group_size": 1, "max_new_tokens": 6, "steps": 40, "ppo_epochs": 1,
+            "minibatches": 1, "lr": 1.0e-4, "warmup_steps": 10, "critic_lr": 1.0e-4, "critic_warmup": 3,
+            "kl_coef": 0.05, "gamma": 1.0, "lam": 0.95, "eval_every": 10, "save_every": 20},
     "dpo": {"loss_type": "sigmoid", "beta": 0.5, "label_smoothing": 0.1, "pairs_per_step": 32,
             "epochs": 2, "lr": 5.0e-5, "eval_every": 50},
     "grpo": {"reward_fn": "fastrlhf.tasks.arithmetic:exact_match", "advantage": "grpo", "prompts_per_step": 32,
@@ -165,6 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary = evaluate_policies({"sft": sft_dir, "rlhf": out / "ppo" / "final", "dpo": out / "dpo" / "final",
                                  "grpo": out / "grpo" / "final"}, 16 if args.fast else EVAL_PROMPTS)
     summary.update({"reward_model_accuracy": rm_sum["eval/accuracy"],
+                    "reward_model_start_accuracy": rm_sum.get("start/accuracy"),
                     "sft_eval_loss": sft_sum.get("eval/loss"), **times,
                     "total_seconds": round(sum(times.values()), 1), "fast": args.fast,
                     "eval_protocol": f"{16 if args.fast else EVAL_PROMPTS} held-out prompts, exact match, "

@@ -136,6 +136,7 @@ def load_value_model(path: str | Path, *, device="cpu", dtype=None, gradient_che
             attn_implementation=ATTN)
     if not any(a.endswith("ForSequenceClassification") for a in model.config.architectures or []):
         nn.init.zeros_(model.score.weight)  # a fresh head: every value starts at 0
+    model.config.reward_head = "value"  # a critic built from a log-prob reward model is a value model
     if gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return model.to(device)
@@ -191,6 +192,38 @@ def sequence_end_values(model, batch: dict) -> torch.Tensor:
         return v[0, batch["cu_seqlens"][1:].long().to(v.device) - 1]
     last = batch["attention_mask"].sum(dim=1) - 1
     return v.gather(1, last[:, None].to(v.device)).squeeze(1)
+
+
+REWARD_HEADS = ("value", "logprob")
+
+
+def reward_head(path: str | Path) -> str:
+    """Which kind of reward model an HF directory holds: config.json's "reward_head" (written by
+    fastrlhf rm), else "value" (any sequence-classification model, e.g. one trained by TRL)."""
+    import json
+
+    head = json.loads((check_model_dir(path) / "config.json").read_text()).get("reward_head", "value")
+    if head not in REWARD_HEADS:
+        raise ValueError(f"{path}/config.json: reward_head {head!r} is not one of {REWARD_HEADS}")
+    return head
+
+
+def load_reward_model(path: str | Path, *, device="cpu", dtype=None):
+    """A trained reward model, frozen, whichever its head (see sequence_rewards)."""
+    load = load_causal_lm if reward_head(path) == "logprob" else load_value_model
+    return load(path, device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def sequence_rewards(model, batch: dict) -> torch.Tensor:
+    """The reward of each sequence in a packed batch (n_seq,), by the model's head:
+      value    the scalar head at the sequence's last token (TRL / OpenRLHF reward models);
+      logprob  beta * log p(response | prompt) under the model's own LM head, summed over the
+               response tokens (labels != -100): a generative, reference-free reward model
+               whose score is read where a language model keeps what it knows (the LM head's
+               comparison of each token with its prediction), through linear_logprob."""
+    if getattr(model.config, "reward_head", "value") == "logprob":
+        return model.config.reward_beta * per_sequence(token_logprobs(model, batch), batch)
+    return sequence_end_values(model, batch)
 
 
 def save_hf_dir(model, tokenizer, out_dir: str | Path) -> None:

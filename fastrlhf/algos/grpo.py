@@ -203,7 +203,7 @@ def train(cfg: GRPOConfig) -> dict:
         ref = models.load_causal_lm(model_dir, device=device).eval().requires_grad_(False)
     prompts, heldout = online.load_prompt_sets(cfg, tokenizer, counters)
     reward_fn = None if cfg.reward_model else online.reward_function(cfg.reward_fn)
-    rm = models.load_value_model(cfg.reward_model, device=device).eval() if cfg.reward_model else None
+    rm = models.load_reward_model(cfg.reward_model, device=device) if cfg.reward_model else None
     engine = make_engine(cfg.engine, model_dir=model_dir, policy=model, tokenizer=tokenizer,
                          max_model_len=cfg.max_len, seed=cfg.seed,
                          gpu_memory_utilization=cfg.gpu_memory_utilization, enforce_eager=cfg.enforce_eager)

@@ -96,9 +96,9 @@ def score_with_function(fn, samples: list[Sample], prompts: list[Prompt], tokeni
 
 @torch.no_grad()
 def score_with_model(rm, samples: list[Sample], budget: int, device) -> None:
-    """Fill sample.reward with the reward model's value at each sequence's last token."""
+    """Fill sample.reward with the reward model's score (models.sequence_rewards)."""
     rm.eval()
-    scores = [models.sequence_end_values(rm, data.to_device(mb, device)).float().cpu()
+    scores = [models.sequence_rewards(rm, data.to_device(mb, device)).float().cpu()
               for mb in pack_samples(samples, budget)]
     for s, r in zip(samples, torch.cat(scores).tolist()):
         s.reward = r

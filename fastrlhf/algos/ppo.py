@@ -1,10 +1,12 @@
 """PPO with a critic, as in the RLHF papers (Ziegler et al. 2019, InstructGPT):
 
   - the policy starts from the SFT model, which also stays frozen as the reference;
-  - per sample, the reward model's score at the last token (or a Python reward function);
+  - per sample, the reward model's score (models.sequence_rewards) or a Python reward function's;
   - per-token rewards  r_t = -beta * (log pi_old(y_t) - log pi_ref(y_t))  (the KL penalty, k1)
-    with the score added at the last completion token; beta fixed, or adapted towards
-    kl_target (Ziegler's proportional controller, horizon kl_horizon samples);
+    with the score added at the last completion token (token_rewards with a logprob reward
+    model: each token's own beta_rm * log p_rm(y_t) added at that token, a process reward that
+    sums to the same score); beta fixed, or adapted towards kl_target (Ziegler's proportional
+    controller, horizon kl_horizon samples);
   - a critic (scalar head; initialised from the reward model when one is given, as OpenRLHF
     does, else from the policy with a zero head) gives V(s_t) at every completion position;
     GAE(gamma, lam) -> advantages (whitened over the batch) and returns;
@@ -44,6 +46,7 @@ class PPOConfig:
     model: str = field(default="", metadata={"help": "HF policy directory (the SFT run's final/); empty: built-in tiny model"})
     reward_model: str = field(default="", metadata={"help": "reward model directory (the rm run's final/); empty: use reward_fn"})
     reward_fn: str = field(default="fastrlhf.tasks.arithmetic:exact_match", metadata={"help": "module:function used when reward_model is empty"})
+    token_rewards: bool = field(default=False, metadata={"help": "logprob reward model: each completion token's beta * log p is its own reward (a process reward), not their sum at the last token"})
     critic: str = field(default="", metadata={"help": "critic initialisation; empty: the reward model, else the policy with a zero head"})
     data: str = field(default="", metadata={"help": "prompts JSONL/parquet; empty: the built-in task's training prompts"})
     eval_data: str = field(default="", metadata={"help": "held-out prompts; empty: built-in held-out prompts or a 5% split"})
@@ -107,9 +110,11 @@ def train(cfg: PPOConfig) -> dict:
     ref = models.load_causal_lm(model_dir, device=device).eval().requires_grad_(False)
     critic_ckpt = ckpt / "critic" if ckpt else None
     critic = models.load_value_model(critic_ckpt or cfg.critic or cfg.reward_model or model_dir, device=device)
-    rm = models.load_value_model(cfg.reward_model, device=device).eval().requires_grad_(False) \
-        if cfg.reward_model else None
+    rm = models.load_reward_model(cfg.reward_model, device=device) if cfg.reward_model else None
     reward_fn = None if rm is not None else online.reward_function(cfg.reward_fn)
+    if cfg.token_rewards and (rm is None or rm.config.reward_head != "logprob"):
+        raise ValueError("token_rewards needs a logprob reward model (fastrlhf rm --head logprob); "
+                         f"reward_model={cfg.reward_model!r}")
     prompts, heldout = online.load_prompt_sets(cfg, tokenizer, counters)
     engine = make_engine(cfg.engine, model_dir=model_dir, policy=model, tokenizer=tokenizer,
                          max_model_len=cfg.max_len, seed=cfg.seed,
@@ -139,7 +144,13 @@ def train(cfg: PPOConfig) -> dict:
 
         # step 4: scores (reward model at the last token, or the function)
         t0 = time.perf_counter()
-        if rm is not None:
+        rm_tokens = None
+        if rm is not None and cfg.token_rewards:  # beta * log p_rm(y_t): [(L_i,)]
+            rm_tokens = [rm.config.reward_beta * t for t in
+                         online.completion_logprobs(rm, samples, cfg.tokens_per_micro_batch, 1.0, device)]
+            for s, t in zip(samples, rm_tokens):
+                s.reward = t.sum().item()  # the sequence's reward, as score_with_model gives it
+        elif rm is not None:
             online.score_with_model(rm, samples, cfg.tokens_per_micro_batch, device)
         else:
             online.score_with_function(reward_fn, samples, step_p, tokenizer, counters)
@@ -154,7 +165,10 @@ def train(cfg: PPOConfig) -> dict:
         old, mask = online.rows(old_lp)  # (B, T)
         kl = kl_penalty(old, online.rows(ref_lp)[0], kind="k1") * mask
         rewards = -beta * kl
-        rewards[torch.arange(len(samples)), mask.sum(1) - 1] += score
+        if rm_tokens is not None:  # a process reward: each token's own share of the score
+            rewards += online.rows(rm_tokens)[0] * mask
+        else:
+            rewards[torch.arange(len(samples)), mask.sum(1) - 1] += score
         adv, returns = gae(rewards, online.rows(vals)[0], mask, gamma=cfg.gamma, lam=cfg.lam)
         valid = adv[mask]
         adv = (adv - valid.mean()) / (valid.std() + 1e-8) * mask

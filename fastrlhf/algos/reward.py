@@ -1,15 +1,23 @@
 """Reward model from people's pairwise choices: the Bradley-Terry loss.
 
-The variant: a scalar head on the (SFT) backbone (models.load_value_model); the reward of a
-response is the head's output at its last token; for each pair the loss is
+For each pair the loss is
     -log sigmoid(r(prompt, chosen) - r(prompt, rejected)),
-averaged over the pairs of an optimiser step (`pairs_per_step`). Both sides of every pair are
+averaged over the pairs of an optimiser step (`pairs_per_step`). The reward r, by `head`
+(models.sequence_rewards; saved in config.json as reward_head, so PPO/GRPO score the same way):
+  value    a scalar head on the (SFT) backbone, read at the response's last token (as TRL's
+           RewardTrainer and OpenRLHF): the default;
+  logprob  beta * log p(response | prompt) under the model's own LM head, summed over the response
+           tokens (a generative, reference-free reward model: SimPO's implicit reward without the
+           length average). A small model can rank answers by what it knows only through its LM
+           head: on the built-in task a linear probe of the SFT model's hidden states tells a right
+           answer from a wrong one 55-59% of the time, its likelihood 99% (README). Both sides of every pair are
 packed together into micro-batches (no padding). Rankings of K responses arrive as their
 K(K-1)/2 pairs (data.load_preferences).
 
 Logged every step: loss/rm, accuracy (share of the step's pairs ranked right), margin (mean
 r_chosen - r_rejected), lr, grad_norm; every eval_every steps: eval/loss, eval/accuracy on
-held-out pairs (labelled by the same noisy annotator, so it is bounded by 1 - label noise).
+held-out pairs (labelled by the same noisy annotator, so it is bounded by 1 - label noise);
+start/loss, start/accuracy: the same before the first step (a fresh value head scores 0.5).
 """
 
 from __future__ import annotations
@@ -48,6 +56,8 @@ class RMConfig:
     save_every: int = field(default=100, metadata={"help": "checkpoint every k steps (0: only final/)"})
     seed: int = field(default=0, metadata={"help": "seed for data order"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
+    head: str = field(default="value", metadata={"help": "value (scalar head at the last token) | logprob (beta * the response's log-likelihood)"})
+    beta: float = field(default=1.0, metadata={"help": "logprob head: the reward is beta * log p(response | prompt)"})
     task_pairs: int = field(default=4000, metadata={"help": "built-in task: pairs the simulated annotator labels"})
     task_label_noise: float = field(default=0.1, metadata={"help": "built-in task: annotator's chance to pick the worse one"})
     task_eval_pairs: int = field(default=400, metadata={"help": "built-in task: held-out pairs"})
@@ -86,7 +96,7 @@ def pair_scores(score_fn, pairs, tokens_per_micro_batch: int, device):
 
 
 def bt_loss(model, pairs, cfg, device):
-    r_c, r_r = pair_scores(lambda mb: models.sequence_end_values(model, mb), pairs,
+    r_c, r_r = pair_scores(lambda mb: models.sequence_rewards(model, mb), pairs,
                            cfg.tokens_per_micro_batch, device)
     return -F.logsigmoid(r_c - r_r).mean(), r_c.detach(), r_r.detach()
 
@@ -95,17 +105,29 @@ def bt_loss(model, pairs, cfg, device):
 def evaluate(model, eval_pairs, cfg, device) -> dict:
     model.eval()
     loss, r_c, r_r = bt_loss(model, eval_pairs, cfg, device)
-    return {"eval/loss": loss.item(), "eval/accuracy": (r_c > r_r).float().mean().item()}
+    return {"eval/loss": loss.item(), "eval/accuracy": pairwise_accuracy(r_c, r_r)}
+
+
+def pairwise_accuracy(r_c: torch.Tensor, r_r: torch.Tensor) -> float:
+    """Share of pairs ranked right, a tie counting half (a fresh value head scores 0.5)."""
+    return ((r_c > r_r).float() + 0.5 * (r_c == r_r).float()).mean().item()
 
 
 def train(cfg: RMConfig) -> dict:
     out, device = runtime.begin(cfg)
 
-    # step 1: model with a scalar head, tokenizer, pairs
+    # step 1: model with its reward head, tokenizer, pairs
+    if cfg.head not in models.REWARD_HEADS:
+        raise ValueError(f"head {cfg.head!r}: expected one of {models.REWARD_HEADS}")
     model_dir, pairs, eval_pairs = prepare_pairs(cfg, out)
     ckpt = runtime.latest_checkpoint(out)
     tokenizer = models.load_tokenizer(model_dir)
-    model = models.load_value_model(ckpt or model_dir, device=device)
+    if cfg.head == "logprob":
+        model = models.load_causal_lm(ckpt or model_dir, device=device)
+        model.config.reward_beta = cfg.beta  # saved with the model: scorers read both
+    else:
+        model = models.load_value_model(ckpt or model_dir, device=device)
+    model.config.reward_head = cfg.head
     train_pairs = data.tokenize_pairs(tokenizer, pairs, cfg.max_len, "rm data")
     eval_tok = data.tokenize_pairs(tokenizer, eval_pairs, cfg.max_len, "rm eval data")
     steps_per_epoch = len(pair_steps(train_pairs, cfg.pairs_per_step, cfg.seed, 0))
@@ -117,6 +139,10 @@ def train(cfg: RMConfig) -> dict:
 
     # step 3: the loop
     step, counters, summary = state["step"], state["counters"], {}
+    if step == 0:  # what the comparisons add: held-out accuracy before any training
+        start = {k.replace("eval/", "start/"): v for k, v in evaluate(model, eval_tok, cfg, device).items()}
+        log.log(0, start)
+        summary.update(start)
     while step < total:
         epoch, index = divmod(step, steps_per_epoch)
         batch = pair_steps(train_pairs, cfg.pairs_per_step, cfg.seed, epoch)[index]
@@ -125,7 +151,7 @@ def train(cfg: RMConfig) -> dict:
         loss, r_c, r_r = bt_loss(model, batch, cfg, device)  # step 3a: Bradley-Terry
         grad_norm = runtime.backward_and_step(loss, model, opt, sched, cfg.grad_clip, counters)
         step += 1
-        metrics = {"loss/rm": loss.item(), "accuracy": (r_c > r_r).float().mean().item(),
+        metrics = {"loss/rm": loss.item(), "accuracy": pairwise_accuracy(r_c, r_r),
                    "margin": (r_c - r_r).mean().item(), "lr": sched.get_last_lr()[0],
                    "grad_norm": grad_norm, "pairs_per_s": len(batch) / (time.time() - t0), **counters}
         if step % cfg.eval_every == 0 or step == total:  # step 4: held-out pairs

@@ -136,6 +136,36 @@ def test_ppo_critic_warmup_holds_the_policy_and_trains_the_critic(tiny, tmp_path
     assert rows[2]["value/mean"] != rows[0]["value/mean"]
 
 
+@pytest.mark.slow
+def test_ppo_token_rewards_from_a_logprob_reward_model(tiny, tmp_path, monkeypatch):
+    """A logprob reward model scores a sample beta * log p_rm(completion). token_rewards spreads
+    that sum over the completion's tokens: the same samples get the same reward/mean, but the
+    critic's returns (and so its loss) change, the policy's credit differs, and the runs part
+    after the first update. A value-head reward model refuses token_rewards by name."""
+    monkeypatch.setenv("FASTRLHF_KERNEL_IMPL", "torch")
+    lm, tok = models.load_causal_lm(tiny), models.load_tokenizer(tiny)
+    torch.manual_seed(0)
+    for p in lm.parameters():
+        p.data += 0.05 * torch.randn_like(p)
+    lm.config.reward_head, lm.config.reward_beta = "logprob", 2.0
+    rm_dir = models.save_pretrained_atomic(lm, tok, tmp_path / "rm")
+    args = lambda out, *x: ["--model", tiny, "--reward_model", str(rm_dir), "--output_dir", str(out),  # noqa: E731
+                            "--engine", "hf", "--prompts_per_step", "16", "--max_new_tokens", "4", "--steps", "2",
+                            "--eval_every", "100", "--save_every", "0", "--lr", "1e-3", "--task_prompts", "200",
+                            "--task_eval_prompts", "8", "--device", "cpu", *x]
+    ppo.main(args(tmp_path / "seq"))
+    ppo.main(args(tmp_path / "tok", "--token_rewards", "true"))
+    seq, tok_rows = _metrics(tmp_path / "seq")[1:], _metrics(tmp_path / "tok")[1:]
+    assert tok_rows[0]["reward/mean"] == pytest.approx(seq[0]["reward/mean"], abs=1e-5)
+    assert seq[0]["reward/mean"] < -1.0  # 2 * log p of a few tokens under an opinionated model
+    assert tok_rows[0]["loss/value"] != pytest.approx(seq[0]["loss/value"], abs=1e-4)
+    assert tok_rows[1]["reward/mean"] != pytest.approx(seq[1]["reward/mean"], abs=1e-6)
+    vm = models.load_value_model(tiny)
+    models.save_pretrained_atomic(vm, tok, tmp_path / "vrm")
+    with pytest.raises(ValueError, match="token_rewards needs a logprob reward model"):
+        ppo.main(args(tmp_path / "v", "--token_rewards", "true", "--reward_model", str(tmp_path / "vrm")))
+
+
 def test_cli_bad_reward_function_is_one_clear_line(tiny, tmp_path, capsys):
     code = cli.main(["grpo", "--model", tiny, "--reward_fn", "no_such_module:f", "--engine", "hf",
                      "--output-dir", str(tmp_path / "o"), "--device", "cpu"])

@@ -25,6 +25,16 @@ def test_splits_are_disjoint_and_deterministic():
     assert train == task.split(2000, "train")
 
 
+def test_asking_for_more_than_a_split_holds_returns_all_of_it():
+    """(an infinite loop before: the split stopped only on a count it never reached)"""
+    task = ar.ArithmeticTask()
+    test, train = task.split(5000, "test"), task.split(20000, "train")
+    everything = {(a, b) for a in range(100) for b in range(100)}
+    assert len(set(test)) == len(test) == task.split_size("test")
+    assert set(test) | set(train) == everything and not set(test) & set(train)
+    assert test[:200] == task.split(200, "test")  # the prefix does not depend on n
+
+
 def test_wrong_answers_are_wrong_and_close():
     rng = random.Random(0)
     for a, b in ar.ArithmeticTask().split(300, "train"):
@@ -218,3 +228,40 @@ def test_heldout_split_has_no_arithmetic_structure():
     test = ar.ArithmeticTask().split(300, "test")
     assert len({(a + b) % 10 for a, b in test}) == 10
     assert len(test) == 300
+
+
+def test_logprob_reward_head_is_beta_times_the_response_loglikelihood(base_dir, tmp_path):
+    """The generative reward: beta * sum of log p(response token) under the model's LM head,
+    against the float64 log-softmax of materialised logits, sequence by sequence; saved with
+    its head so load_reward_model reads it back; a critic made from it is a value model."""
+    tok = models.load_tokenizer(base_dir)
+    lm = models.load_causal_lm(base_dir)
+    torch.manual_seed(0)
+    for p in lm.parameters():  # a model with opinions (the built-in base is near uniform)
+        p.data += 0.05 * torch.randn_like(p)
+    lm.config.reward_head, lm.config.reward_beta = "logprob", 0.7
+    pairs = [("1+2=", "3"), ("10+20=", "30"), ("99+99=", "198")]
+    seqs = [data.tokenize_pair(tok, p, r, 64, data.Truncations()) for p, r in pairs]
+    with torch.no_grad():
+        ours = models.sequence_rewards(lm, data.pack(seqs, 64)[0])
+        for i, (ids, labels) in enumerate(seqs):
+            batch = data.pad_batch([(ids, labels)], tok.pad_token_id)
+            logits = lm(input_ids=batch["input_ids"]).logits.double()[0]  # (T, V)
+            lab = batch["labels"][0]
+            keep = lab != -100
+            ref = torch.log_softmax(logits, -1)[keep].gather(-1, lab[keep][:, None]).sum()
+            assert keep.sum() == len(pairs[i][1]) + 1  # the answer's characters and the end token
+            assert ours[i].item() == pytest.approx(0.7 * ref.item(), rel=1e-5, abs=1e-5)
+    out = models.save_pretrained_atomic(lm, tok, tmp_path / "rm")
+    assert models.reward_head(out) == "logprob"
+    rm = models.load_reward_model(out)
+    assert not any(p.requires_grad for p in rm.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(models.sequence_rewards(rm, data.pack(seqs, 64)[0]), ours)
+    critic = models.load_value_model(out)  # PPO's critic from this reward model: a fresh value head
+    assert critic.config.reward_head == "value"
+    assert models.reward_head(base_dir) == "value"  # a directory without the field: a value model
+    cfg = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**cfg, "reward_head": "pairwise"}))
+    with pytest.raises(ValueError, match="config.json: reward_head 'pairwise'"):
+        models.load_reward_model(out)

@@ -133,10 +133,49 @@ def test_reward_model_learns_a_learnable_preference(tmp_path, tiny_base):
                            "--epochs", "2", "--lr", "3e-3", "--warmup_steps", "1", "--eval_every", "100",
                            "--device", "cpu"])
     rows = _metrics(out)
-    assert rows[0]["loss/rm"] == pytest.approx(math.log(2), abs=1e-6)  # fresh head: r = 0 for all
+    assert rows[0] == {"step": 0, "start/loss": pytest.approx(math.log(2), abs=1e-6), "start/accuracy": 0.5}
+    assert rows[1]["loss/rm"] == pytest.approx(math.log(2), abs=1e-6)  # fresh head: r = 0 for all
     assert summary["eval/accuracy"] > 0.9
     rm = models.load_value_model(out / "final")  # a reward-model directory transformers can load
     assert rm.config.architectures == ["LlamaForSequenceClassification"]
+
+
+@pytest.mark.slow
+def test_logprob_reward_model_scores_by_likelihood_and_learns(tmp_path, tiny_base, monkeypatch):
+    """head=logprob: r = beta * log p(response | prompt). The held-out loss before training equals
+    the Bradley-Terry loss of beta * (log p(chosen) - log p(rejected)) from the base model's
+    materialised float64 logits; training turns the ranking round (chosen is the longer answer,
+    which an untrained likelihood ranks below); the saved directory is a causal LM that PPO/GRPO
+    load as a log-prob reward model."""
+    monkeypatch.setenv("FASTRLHF_KERNEL_IMPL", "torch")
+    task = ar.ArithmeticTask()
+    for name, split, n in (("train", "train", 256), ("eval", "test", 32)):
+        ar.write_jsonl([{"prompt": task.prompt(a, b), "chosen": f"{a + b}0", "rejected": str(a + b)}
+                        for a, b in task.split(n, split)], tmp_path / f"{name}.jsonl")
+    beta = 0.5
+    base, tok = models.load_causal_lm(tiny_base).double(), models.load_tokenizer(tiny_base)
+
+    def loglik(prompt, response):  # independent of the packed path: one padded sequence, float64
+        ids = tok(prompt + response)["input_ids"] + [tok.eos_token_id]
+        n_prompt = len(tok(prompt)["input_ids"])
+        with torch.no_grad():
+            logp = torch.log_softmax(base(input_ids=torch.tensor([ids])).logits[0], -1)  # (T, V)
+        return sum(logp[t - 1, ids[t]].item() for t in range(n_prompt, len(ids)))
+
+    evals = [json.loads(x) for x in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    margins = torch.tensor([beta * (loglik(e["prompt"], e["chosen"]) - loglik(e["prompt"], e["rejected"]))
+                            for e in evals], dtype=torch.float64)
+    out = tmp_path / "rm"
+    summary = reward.main(["--model", tiny_base, "--output_dir", str(out), "--head", "logprob", "--beta", str(beta),
+                           "--data", str(tmp_path / "train.jsonl"), "--eval_data", str(tmp_path / "eval.jsonl"),
+                           "--pairs_per_step", "32", "--epochs", "4", "--lr", "3e-3", "--warmup_steps", "1",
+                           "--eval_every", "100", "--device", "cpu"])
+    assert summary["start/loss"] == pytest.approx(-torch.nn.functional.logsigmoid(margins).mean().item(), rel=1e-4)
+    assert summary["start/accuracy"] == pytest.approx((margins > 0).double().mean().item())
+    assert summary["start/accuracy"] < 0.5 and summary["eval/accuracy"] > 0.9
+    assert models.reward_head(out / "final") == "logprob"
+    rm = models.load_reward_model(out / "final")
+    assert rm.config.architectures == ["LlamaForCausalLM"] and rm.config.reward_beta == beta
 
 
 @pytest.mark.slow
