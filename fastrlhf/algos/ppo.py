@@ -142,7 +142,7 @@ def train(cfg: PPOConfig) -> dict:
         groups, phase = online.rollout(engine, model, swappers, step_p, cfg, step)
         samples = [s for g in groups for s in g if s.completion_ids]
 
-        # step 4: scores (reward model at the last token, or the function)
+        # step 4: scores (the reward model's, per sequence or per token; or the function's)
         t0 = time.perf_counter()
         rm_tokens = None
         if rm is not None and cfg.token_rewards:  # beta * log p_rm(y_t): [(L_i,)]

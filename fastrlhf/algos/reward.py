@@ -10,9 +10,9 @@ averaged over the pairs of an optimiser step (`pairs_per_step`). The reward r, b
            tokens (a generative, reference-free reward model: SimPO's implicit reward without the
            length average). A small model can rank answers by what it knows only through its LM
            head: on the built-in task a linear probe of the SFT model's hidden states tells a right
-           answer from a wrong one 55-59% of the time, its likelihood 99% (README). Both sides of every pair are
-packed together into micro-batches (no padding). Rankings of K responses arrive as their
-K(K-1)/2 pairs (data.load_preferences).
+           answer from a wrong one 55-59% of the time, its likelihood 99% (README).
+Both sides of every pair are packed together into micro-batches (no padding). Rankings of K
+responses arrive as their K(K-1)/2 pairs (data.load_preferences).
 
 Logged every step: loss/rm, accuracy (share of the step's pairs ranked right), margin (mean
 r_chosen - r_rejected), lr, grad_norm; every eval_every steps: eval/loss, eval/accuracy on
