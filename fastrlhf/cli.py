@@ -63,7 +63,7 @@ def _run(command: str, rest: list[str]) -> int:
     module, _, prints_summary = COMMANDS[command]
     try:
         summary = importlib.import_module(module).main(rest)
-    except (DataError, FileNotFoundError, EngineError) as e:  # bad input: one clear line, no traceback
+    except (DataError, FileNotFoundError, EngineError, ValueError) as e:  # bad input or settings: one line
         print(f"fastrlhf {command}: {e}", file=sys.stderr)
         return 2
     if prints_summary:

@@ -173,6 +173,17 @@ def test_cli_bad_reward_function_is_one_clear_line(tiny, tmp_path, capsys):
     assert code == 2 and "reward function 'no_such_module:f'" in err and "Traceback" not in err
 
 
+def test_cli_bad_settings_are_one_clear_line(tiny, tmp_path, capsys):
+    code = cli.main(["rm", "--model", tiny, "--head", "pairwise", "--output-dir", str(tmp_path / "r"),
+                     "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and "head 'pairwise': expected one of ('value', 'logprob')" in err and "Traceback" not in err
+    code = cli.main(["ppo", "--model", tiny, "--token_rewards", "true", "--engine", "hf",
+                     "--output-dir", str(tmp_path / "p"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and "token_rewards needs a logprob reward model" in err and "Traceback" not in err
+
+
 def test_unknown_advantage_and_engine():
     with pytest.raises(ValueError, match="advantage 'ppo'"):
         grpo.check(grpo.GRPOConfig(advantage="ppo"))
