@@ -214,6 +214,14 @@ def load_reward_model(path: str | Path, *, device="cpu", dtype=None):
     return load(path, device=device, dtype=dtype).eval().requires_grad_(False)
 
 
+def token_rewards(model, batch: dict) -> torch.Tensor:
+    """A logprob reward model's per-token rewards beta * log p(labels[t]) (B, T) float32, 0 where
+    labels == -100: their sum over a response is its sequence reward."""
+    if getattr(model.config, "reward_head", "value") != "logprob":
+        raise ValueError("per-token rewards need a logprob reward model (fastrlhf rm --head logprob)")
+    return model.config.reward_beta * token_logprobs(model, batch)
+
+
 def sequence_rewards(model, batch: dict) -> torch.Tensor:
     """The reward of each sequence in a packed batch (n_seq,), by the model's head:
       value    the scalar head at the sequence's last token (TRL / OpenRLHF reward models);
@@ -222,7 +230,7 @@ def sequence_rewards(model, batch: dict) -> torch.Tensor:
                whose score is read where a language model keeps what it knows (the LM head's
                comparison of each token with its prediction), through linear_logprob."""
     if getattr(model.config, "reward_head", "value") == "logprob":
-        return model.config.reward_beta * per_sequence(token_logprobs(model, batch), batch)
+        return per_sequence(token_rewards(model, batch), batch)
     return sequence_end_values(model, batch)
 
 

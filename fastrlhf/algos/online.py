@@ -104,6 +104,16 @@ def score_with_model(rm, samples: list[Sample], budget: int, device) -> None:
         s.reward = r
 
 
+def score_tokens_with_model(rm, samples: list[Sample], budget: int, device) -> list[torch.Tensor]:
+    """A logprob reward model's per-token rewards of each completion, [(L_i,)] (models.token_rewards);
+    sample.reward is their sum, the score score_with_model gives."""
+    rm.eval()
+    per_token = per_completion(lambda mb: models.token_rewards(rm, mb), samples, budget, device)
+    for s, t in zip(samples, per_token):
+        s.reward = t.sum().item()
+    return per_token
+
+
 def impute_failed(groups: list[list[Sample]]) -> None:
     """A failed sample takes its group's mean valid reward: it then moves neither the group's
     baseline nor anyone's advantage (its own advantage is ~0 and it is not trained on)."""

@@ -144,12 +144,9 @@ def train(cfg: PPOConfig) -> dict:
 
         # step 4: scores (the reward model's, per sequence or per token; or the function's)
         t0 = time.perf_counter()
-        rm_tokens = None
-        if rm is not None and cfg.token_rewards:  # beta * log p_rm(y_t): [(L_i,)]
-            rm_tokens = [rm.config.reward_beta * t for t in
-                         online.completion_logprobs(rm, samples, cfg.tokens_per_micro_batch, 1.0, device)]
-            for s, t in zip(samples, rm_tokens):
-                s.reward = t.sum().item()  # the sequence's reward, as score_with_model gives it
+        rm_tokens = None  # token_rewards: beta * log p_rm(y_t) per completion, [(L_i,)]
+        if rm is not None and cfg.token_rewards:
+            rm_tokens = online.score_tokens_with_model(rm, samples, cfg.tokens_per_micro_batch, device)
         elif rm is not None:
             online.score_with_model(rm, samples, cfg.tokens_per_micro_batch, device)
         else:
