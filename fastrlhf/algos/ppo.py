@@ -16,6 +16,10 @@
     policy's first updates get per-token credit from a critic that has seen the rewards;
   - the same rollout engines, weight push, memory swapping and importance weights against the
     sampler's log-probs as grpo.py.
+Old log-probs: with one epoch and one minibatch (on_policy) the update is exactly on-policy, so no
+separate pass recomputes them: the KL reward uses the sampler's log-probs of the same weights (as
+verl's bypass mode; rollout/logprob_diff_max measures how far they are from the trainer's) and the
+ratio's denominator is the training forward's own detached log-probs (ratio 1, as grpo.py).
 
 Logged every step: everything grpo.py logs, plus loss/value, value/clipfrac, value/mean,
 kl_coef, reward/kl_penalty (beta * the summed per-token KL of a sample, batch mean; reward/mean
@@ -32,7 +36,7 @@ import torch
 
 from fastrlhf import data, models, runtime
 from fastrlhf.algos import online
-from fastrlhf.algos.grpo import step_prompts
+from fastrlhf.algos.grpo import on_policy, step_prompts
 from fastrlhf.kernels import gae, kl_penalty, policy_loss, value_loss
 from fastrlhf.memory import StateSwapper
 from fastrlhf.rollout import make_engine
@@ -156,10 +160,11 @@ def train(cfg: PPOConfig) -> dict:
 
         # step 5: old / reference log-probs, values; KL-penalised token rewards; GAE
         budget = cfg.tokens_per_micro_batch
-        old_lp = online.completion_logprobs(model, samples, budget, cfg.temperature, device)
+        sampler_lp = [torch.tensor(s.logprobs) for s in samples]
+        old_lp = None if on_policy(cfg) else online.completion_logprobs(model, samples, budget, cfg.temperature, device)
         ref_lp = online.completion_logprobs(ref, samples, budget, cfg.temperature, device)
         vals = online.completion_values(critic, samples, budget, device)
-        old, mask = online.rows(old_lp)  # (B, T)
+        old, mask = online.rows(sampler_lp if old_lp is None else old_lp)  # (B, T)
         kl = kl_penalty(old, online.rows(ref_lp)[0], kind="k1") * mask
         rewards = -beta * kl
         if rm_tokens is not None:  # a process reward: each token's own share of the score
@@ -172,7 +177,8 @@ def train(cfg: PPOConfig) -> dict:
         L = [len(s.completion_ids) for s in samples]
         per = lambda t: [t[i, : L[i]] for i in range(len(samples))]  # noqa: E731
         batch = {"old": old_lp, "adv": per(adv), "ret": per(returns), "val": vals,
-                 "sampler": [torch.tensor(s.logprobs) for s in samples]}
+                 "sampler": sampler_lp}
+        trainer_lp = [None] * len(samples)  # on_policy: the training forward's log-probs, for the metrics
 
         # step 6: PPO epochs over minibatches: policy and critic
         model.train()
@@ -192,10 +198,13 @@ def train(cfg: PPOConfig) -> dict:
                     ids = [idx[j] for j in mb["seq_index"]]
                     take = lambda key: online.rows([batch[key][i] for i in ids], device)  # noqa: E731
                     mbd = data.to_device(mb, device)
-                    o, m = take("old")
                     with torch.set_grad_enabled(train_policy):  # critic warm-up: the policy loss is only logged
                         lp, ent = models.token_logprobs(model, mbd, temperature=cfg.temperature, return_entropy=True)
                         lp, ent = online.completion_rows(lp, mb), online.completion_rows(ent, mb)
+                        if on_policy(cfg):
+                            for j, i in enumerate(ids):
+                                trainer_lp[i] = lp[j, : L[i]].detach().float().cpu()
+                        o, m = (lp.detach(), take("sampler")[1]) if on_policy(cfg) else take("old")
                         is_w = online.importance_weights(o, take("sampler")[0], cfg.is_cap) if cfg.is_cap > 0 else None
                         p_loss, pm = policy_loss(lp, o, take("adv")[0], m, clip_low=cfg.clip_low,
                                                  clip_high=cfg.clip_high, entropy=ent,
@@ -225,7 +234,7 @@ def train(cfg: PPOConfig) -> dict:
         metrics.update({
             "rollout/engine": engine.name, "reward/mean": score.mean().item(),
             "reward/kl_penalty": beta * kl_per_sample, "kl": kl_per_sample, "kl_coef": beta,
-            **online.rollout_metrics(samples, old_lp),
+            **online.rollout_metrics(samples, trainer_lp if on_policy(cfg) else old_lp),
             **phase, "time/train_s": train_s, "tokens_per_s": sum(L) / (time.perf_counter() - t_step),
             "lr": sched.get_last_lr()[0], "memory/train_state_mb": sum(sw.state_mb() for sw in swappers),
             **counters})

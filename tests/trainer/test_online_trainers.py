@@ -119,6 +119,34 @@ def test_ppo_with_reward_model_runs_saves_critic_and_resumes(tiny, tmp_path, mon
 
 
 @pytest.mark.slow
+def test_ppo_on_policy_skips_the_old_logprob_pass_with_the_same_updates(tiny, tmp_path, monkeypatch):
+    """One epoch, one minibatch: the KL reward takes the sampler's log-probs and the ratio the
+    training forward's, instead of a separate pass recomputing them. The runs agree with the
+    recomputing path to the sampler-vs-trainer mismatch (< 1e-4 with the HF engine), the
+    separate pass is skipped, and the log-prob check still pairs each sample with its own row."""
+    monkeypatch.setenv("FASTRLHF_KERNEL_IMPL", "torch")
+    args = lambda out: ["--model", tiny, "--reward_fn", REWARD, "--output_dir", str(out), "--engine", "hf",  # noqa: E731
+                        "--prompts_per_step", "16", "--max_new_tokens", "4", "--steps", "3", "--ppo_epochs", "1",
+                        "--minibatches", "1", "--eval_every", "100", "--save_every", "0", "--lr", "1e-3",
+                        "--task_prompts", "200", "--task_eval_prompts", "8", "--device", "cpu"]
+    passes = []
+    real = ppo.online.completion_logprobs
+    monkeypatch.setattr(ppo.online, "completion_logprobs", lambda m, *a: passes.append(m) or real(m, *a))
+    ppo.main(args(tmp_path / "on"))
+    assert len(passes) == 3  # the reference's only, once per step
+    monkeypatch.setattr(ppo, "on_policy", lambda cfg: False)
+    ppo.main(args(tmp_path / "recompute"))
+    assert len(passes) == 3 + 6
+    on, rec = _metrics(tmp_path / "on")[1:], _metrics(tmp_path / "recompute")[1:]
+    assert abs(on[2]["kl"]) > 1e-3  # the policy has moved: the KL term is live
+    for x, y in zip(on, rec):
+        assert 0 <= x["rollout/logprob_diff_max"] < 1e-4
+        for key in ("reward/mean", "kl", "loss/value", "loss/policy", "grad_norm", "entropy"):
+            assert x[key] == pytest.approx(y[key], rel=1e-3, abs=1e-4), key
+        assert x["clipfrac"] == 0 and x["ratio_mean"] == pytest.approx(1.0, abs=1e-4)
+
+
+@pytest.mark.slow
 def test_ppo_critic_warmup_holds_the_policy_and_trains_the_critic(tiny, tmp_path, monkeypatch):
     """critic_warmup=2: steps 1-2 update only the critic, so step 3 samples from the unchanged
     policy (its KL to the reference, the same weights, is exactly 0) while the critic has moved;
