@@ -69,7 +69,7 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
     mask = causal[None, None] & valid[:, None, None, :]  # (n, 1, L, L)
     out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
                                                            scale=scaling)  # (n, heads, L, hd)
-    packed = query.new_empty(query.shape[2], query.shape[1], query.shape[3])  # (T, heads, hd)
+    packed = out.new_empty(query.shape[2], query.shape[1], query.shape[3])  # (T, heads, hd), SDPA's dtype (autocast)
     packed[idx[valid]] = out.transpose(1, 2)[valid]
     return packed[None], None
 

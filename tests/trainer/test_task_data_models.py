@@ -190,6 +190,27 @@ def test_packed_equals_padded_loss_and_gradients(base_dir):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
 
 
+def test_packed_attention_under_bf16_autocast(base_dir):
+    """Under autocast SDPA returns bf16 while the query may be float32: the packed path used to
+    allocate its output in the query's dtype and fail on the copy. Packed and padded agree to
+    bf16 rounding (both autocast) and stay within bf16 error of the float32 log-probs."""
+    model = models.load_causal_lm(base_dir)
+    tok = models.load_tokenizer(base_dir)
+    seqs = [data.tokenize_pair(tok, p, r, 64, data.Truncations())
+            for p, r in [("37+58=", "95"), ("1+2=", "3"), ("99+99=", "198")]]
+    packed, padded = data.pack(seqs, max_tokens=64)[0], data.pad_batch(seqs, tok.pad_token_id)
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            lp_packed = models.token_logprobs(model, packed)[0]  # (total,)
+            lp_padded = models.token_logprobs(model, padded)  # (B, T)
+        lp_fp32 = models.token_logprobs(model, packed)[0]
+    flat = torch.cat([lp_padded[b, : len(x)] for b, (x, _) in enumerate(seqs)])
+    assert lp_packed.dtype == torch.float32 and (lp_packed != 0).sum() == (packed["labels"] != -100).sum()
+    torch.testing.assert_close(lp_packed, flat, rtol=0, atol=0.05)
+    torch.testing.assert_close(lp_packed, lp_fp32, rtol=0, atol=0.1)
+    assert (lp_packed - lp_fp32).abs().max() > 0  # bf16 really ran
+
+
 def test_token_logprobs_match_materialised_logits(base_dir):
     model = models.load_causal_lm(base_dir)
     tok = models.load_tokenizer(base_dir)
