@@ -160,8 +160,7 @@ def train_on(cfg, model, opt, sched, batch, counters, device) -> dict:
                 take = lambda key: None if batch[key] is None else online.rows([batch[key][i] for i in ids], device)[0]  # noqa: E731
                 adv, mask = online.rows([batch["adv"][i] for i in ids], device)
                 if on_policy(cfg):
-                    for j, i in enumerate(ids):
-                        trainer_lp[i] = lp[j, : len(samples[i].completion_ids)].detach().float().cpu()
+                    online.keep_rows(trainer_lp, lp, ids, samples)
                 old = lp.detach() if on_policy(cfg) else take("old")
                 is_w = None
                 if cfg.is_cap > 0:

@@ -177,6 +177,13 @@ def per_completion(per_position, samples: list[Sample], budget: int, device) -> 
     return out
 
 
+def keep_rows(dest: list, rows: torch.Tensor, ids: list[int], samples: list[Sample]) -> None:
+    """dest[ids[j]] = row j of a micro-batch's (b, T) completion values, cut to that sample's
+    completion, detached, float32 on CPU (the on-policy trainers' log-probs for rollout_metrics)."""
+    for j, i in enumerate(ids):
+        dest[i] = rows[j, : len(samples[i].completion_ids)].detach().float().cpu()
+
+
 def completion_logprobs(model, samples: list[Sample], budget: int, temperature: float, device):
     """The model's log-probs of each sample's completion tokens, [(L_i,)] float32 on CPU."""
     model.eval()

@@ -202,10 +202,10 @@ def train(cfg: PPOConfig) -> dict:
                         lp, ent = models.token_logprobs(model, mbd, temperature=cfg.temperature, return_entropy=True)
                         lp, ent = online.completion_rows(lp, mb), online.completion_rows(ent, mb)
                         if on_policy(cfg):
-                            for j, i in enumerate(ids):
-                                trainer_lp[i] = lp[j, : L[i]].detach().float().cpu()
-                        o, m = (lp.detach(), take("sampler")[1]) if on_policy(cfg) else take("old")
-                        is_w = online.importance_weights(o, take("sampler")[0], cfg.is_cap) if cfg.is_cap > 0 else None
+                            online.keep_rows(trainer_lp, lp, ids, samples)
+                        sampler, m = take("sampler")
+                        o = lp.detach() if on_policy(cfg) else take("old")[0]
+                        is_w = online.importance_weights(o, sampler, cfg.is_cap) if cfg.is_cap > 0 else None
                         p_loss, pm = policy_loss(lp, o, take("adv")[0], m, clip_low=cfg.clip_low,
                                                  clip_high=cfg.clip_high, entropy=ent,
                                                  entropy_coef=cfg.entropy_coef, is_weights=is_w)
