@@ -13,6 +13,7 @@ eval/accuracy (greedy exact match on held-out prompts).
 
 from __future__ import annotations
 
+import functools
 import random
 import time
 from dataclasses import dataclass, field
@@ -84,14 +85,28 @@ def n_targets(batch: dict) -> int:
     return int((batch["labels"] != data.IGNORE).sum())
 
 
-def epoch_steps(seqs, cfg: SFTConfig, epoch: int) -> list[list[dict]]:
-    """The optimiser steps of one epoch: a seeded shuffle, split into steps of about
-    tokens_per_step response tokens, each step packed into micro-batches."""
+def epoch_split(seqs, cfg: SFTConfig, epoch: int) -> list[list]:
+    """The sequences of each optimiser step of one epoch: a seeded shuffle, split into steps of
+    about tokens_per_step response tokens. How many steps that makes differs from epoch to epoch
+    (the shuffle changes where the budget falls)."""
     order = list(range(len(seqs)))
     random.Random(cfg.seed * 1000 + epoch).shuffle(order)
-    steps = runtime.split_by_budget([seqs[i] for i in order], cfg.tokens_per_step,
-                                    lambda s: sum(y != data.IGNORE for y in s[1]))
-    return [data.pack(step, cfg.tokens_per_micro_batch) for step in steps]
+    return runtime.split_by_budget([seqs[i] for i in order], cfg.tokens_per_step,
+                                   lambda s: sum(y != data.IGNORE for y in s[1]))
+
+
+def epoch_steps(seqs, cfg: SFTConfig, epoch: int) -> list[list[dict]]:
+    """The optimiser steps of one epoch, each packed into micro-batches."""
+    return [data.pack(step, cfg.tokens_per_micro_batch) for step in epoch_split(seqs, cfg, epoch)]
+
+
+def locate(step: int, steps_in) -> tuple[int, int]:
+    """(epoch, index within it) of a global step; steps_in(epoch) -> that epoch's step count."""
+    epoch = 0
+    while step >= steps_in(epoch):
+        step -= steps_in(epoch)
+        epoch += 1
+    return epoch, step
 
 
 @torch.no_grad()
@@ -114,8 +129,8 @@ def train(cfg: SFTConfig) -> dict:
     tokenizer = models.load_tokenizer(model_dir)
     model = models.load_causal_lm(ckpt or model_dir, device=device)
     seqs, eval_seqs = tokenize(tokenizer, records, cfg.max_len), tokenize(tokenizer, eval_records, cfg.max_len)
-    steps_per_epoch = len(epoch_steps(seqs, cfg, 0))
-    total = cfg.max_steps or steps_per_epoch * cfg.epochs
+    steps_in = functools.cache(lambda epoch: len(epoch_split(seqs, cfg, epoch)))  # (cheap: no packing)
+    total = cfg.max_steps or sum(steps_in(e) for e in range(cfg.epochs))
     runtime.save_config(cfg, out)
 
     # step 2: optimiser, schedule, resume
@@ -124,7 +139,7 @@ def train(cfg: SFTConfig) -> dict:
     # step 3: the loop
     step, counters, summary, epochs = state["step"], state["counters"], {}, {}
     while step < total:
-        epoch, index = divmod(step, steps_per_epoch)
+        epoch, index = locate(step, steps_in)
         if epoch not in epochs:
             epochs.clear()
             epochs[epoch] = epoch_steps(seqs, cfg, epoch)

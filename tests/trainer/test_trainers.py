@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from fastrlhf import cli, models
+from fastrlhf import cli, models, runtime
 from fastrlhf.algos import dpo, reward, sft
 from fastrlhf.tasks import arithmetic as ar
 
@@ -44,6 +44,32 @@ def test_sft_first_loss_is_uniform_then_falls_and_resume_is_exact(tmp_path):
     for x, y in zip(rows[3:], resumed):
         assert y["loss/sft"] == pytest.approx(x["loss/sft"], abs=1e-6)
         assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-5)
+
+
+def test_sft_epochs_of_different_step_counts_each_train_on_every_example(tmp_path):
+    # packing by a token budget after a fresh shuffle gives each epoch its own number of steps;
+    # the schedule counts them all (it once took epoch 0's count for every epoch: an epoch with
+    # fewer steps crashed, one with more lost its tail)
+    import random
+
+    rng = random.Random(0)
+    rows = [{"prompt": f"{i}+1=", "response": str(rng.randrange(10 ** rng.randint(0, 7)))} for i in range(60)]
+    train, held = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    ar.write_jsonl(rows, train)
+    ar.write_jsonl(rows[:4], held)
+    args = ["--data", str(train), "--eval_data", str(held), "--task_model_size", "tiny", "--tokens_per_step", "20",
+            "--epochs", "3", "--warmup_steps", "1", "--eval_every", "1000", "--save_every", "0", "--device", "cpu"]
+    cfg = runtime.load_config(sft.SFTConfig, args)
+    seqs = sft.tokenize(models.load_tokenizer(ar.save_base_model(tmp_path / "b", **ar.MODEL_SIZES["tiny"])), rows, 64)
+    counts = [len(sft.epoch_split(seqs, cfg, e)) for e in range(3)]
+    assert len(set(counts)) > 1, counts  # the case under test: epochs of different lengths
+    out = tmp_path / "o"
+    sft.main(args + ["--output_dir", str(out)])
+    logged = _metrics(out)
+    assert len(logged) == sum(counts)
+    per_epoch = [sum(r["tokens"] for r in logged if r["epoch"] == e) for e in range(3)]
+    # every response token (its characters and the end token) once per epoch
+    assert per_epoch == [sum(len(r["response"]) + 1 for r in rows)] * 3
 
 
 @pytest.mark.slow
