@@ -2,6 +2,7 @@
 
 import json
 import math
+import random
 import shutil
 
 import pytest
@@ -50,8 +51,6 @@ def test_sft_epochs_of_different_step_counts_each_train_on_every_example(tmp_pat
     # packing by a token budget after a fresh shuffle gives each epoch its own number of steps;
     # the schedule counts them all (it once took epoch 0's count for every epoch: an epoch with
     # fewer steps crashed, one with more lost its tail)
-    import random
-
     rng = random.Random(0)
     rows = [{"prompt": f"{i}+1=", "response": str(rng.randrange(10 ** rng.randint(0, 7)))} for i in range(60)]
     train, held = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
@@ -60,7 +59,7 @@ def test_sft_epochs_of_different_step_counts_each_train_on_every_example(tmp_pat
     args = ["--data", str(train), "--eval_data", str(held), "--task_model_size", "tiny", "--tokens_per_step", "20",
             "--epochs", "3", "--warmup_steps", "1", "--eval_every", "1000", "--save_every", "0", "--device", "cpu"]
     cfg = runtime.load_config(sft.SFTConfig, args)
-    seqs = sft.tokenize(models.load_tokenizer(ar.save_base_model(tmp_path / "b", **ar.MODEL_SIZES["tiny"])), rows, 64)
+    seqs = sft.tokenize(ar.build_tokenizer(), rows, cfg.max_len)
     counts = [len(sft.epoch_split(seqs, cfg, e)) for e in range(3)]
     assert len(set(counts)) > 1, counts  # the case under test: epochs of different lengths
     out = tmp_path / "o"
