@@ -175,7 +175,8 @@ def main(argv: list[str] | None = None) -> dict:
                                      "at temperature 1; *_greedy_accuracy: greedy"})
     runtime.write_atomic(out / "summary.json", json.dumps(summary, indent=2))
     draw_report(out, summary)
-    print(" ".join(f"{k}={v:.3f}" for k, v in summary.items() if k.endswith("accuracy") and "greedy" not in k) +
+    print(" ".join(f"{k}={v:.3f}" for k, v in summary.items()
+                   if k.endswith("accuracy") and "greedy" not in k and isinstance(v, float)) +
           f"  -> {out / 'summary.json'}, {out / 'report.png'}")
     return summary
 

@@ -120,12 +120,14 @@ def begin(cfg) -> tuple[Path, torch.device]:
 
 
 def optimisation(cfg, model, out: Path, total: int, ckpt: Path | None, desc: str):
-    """AdamW + warm-up schedule, the resumed trainer state (step, counters) from ckpt if any,
-    and the metrics log: (opt, sched, state, log)."""
+    """AdamW + warm-up schedule, the resumed trainer state (step, counters, summary: what the
+    run has reported so far, e.g. its start/* scores) from ckpt if any, and the metrics log:
+    (opt, sched, state, log)."""
     opt = make_optimizer(model.parameters(), cfg.lr, cfg.weight_decay)
     sched = make_schedule(opt, cfg.warmup_steps, total, cfg.schedule)
     state = load_trainer_state(ckpt, opt, sched) if ckpt else {"step": 0, "counters": {}}
-    return opt, sched, state, MetricsLog(out, total, desc=desc, resume=ckpt is not None)
+    state.setdefault("summary", {})
+    return opt, sched, state, MetricsLog(out, total, desc=desc, resume_step=state["step"] if ckpt else None)
 
 
 # ----------------------------------------------------------------------------------------
@@ -160,11 +162,18 @@ def atomic_dir(final: str | os.PathLike):
 class MetricsLog:
     """metrics.jsonl (one JSON object per step, flushed), TensorBoard when installed, Weights &
     Biases when installed and asked for (FASTRLHF_WANDB_PROJECT=<project>), and a one-line
-    progress bar on stderr."""
+    progress bar on stderr. Resuming from the checkpoint of step resume_step keeps the rows up to
+    it and drops the later ones (logged before a crash, or by a finished run rerun), which the
+    resumed run logs again."""
 
-    def __init__(self, out_dir: Path, total_steps: int, *, desc: str, resume: bool):
+    def __init__(self, out_dir: Path, total_steps: int, *, desc: str, resume_step: int | None):
         out_dir.mkdir(parents=True, exist_ok=True)
         self.path = out_dir / "metrics.jsonl"
+        resume = resume_step is not None
+        if resume and self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            write_atomic(self.path, "".join(line + "\n" for line in kept))
         self.file = open(self.path, "a" if resume else "w")
         self.total, self.desc, self.t0 = total_steps, desc, time.time()
         self.tb = None
@@ -346,10 +355,11 @@ def finite_or_skip(loss: torch.Tensor, counters: dict) -> bool:
 
 
 def maybe_checkpoint(out_dir: Path, cfg, step: int, total: int, model, tokenizer, opt, sched,
-                     counters: dict) -> None:
+                     counters: dict, summary: dict) -> None:
     """Every cfg.save_every steps (not at the last step: final/ is written then)."""
     if cfg.save_every and step % cfg.save_every == 0 and step < total:
-        save_checkpoint(out_dir, step, model, tokenizer, opt, sched, {"step": step, "counters": counters})
+        save_checkpoint(out_dir, step, model, tokenizer, opt, sched,
+                        {"step": step, "counters": counters, "summary": summary})
 
 
 def finish(out_dir: Path, log: MetricsLog, model, tokenizer, summary: dict, step: int,

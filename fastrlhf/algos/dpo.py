@@ -140,7 +140,7 @@ def train(cfg: DPOConfig) -> dict:
         return res
 
     # step 3: the loop
-    step, counters, summary = state["step"], state["counters"], {}
+    step, counters, summary = state["step"], state["counters"], state["summary"]
     if step == 0 and heldout:
         summary.update(task_accuracy(policy, tokenizer, heldout, "start"))
     while step < total:
@@ -159,7 +159,7 @@ def train(cfg: DPOConfig) -> dict:
             metrics.update(evaluate())
             summary.update({k: v for k, v in metrics.items() if k.startswith("eval/")})
         log.log(step, metrics)
-        runtime.maybe_checkpoint(out, cfg, step, total, policy, tokenizer, opt, sched, counters)
+        runtime.maybe_checkpoint(out, cfg, step, total, policy, tokenizer, opt, sched, counters, summary)
     # step 5: the final model, an HF directory
     return runtime.finish(out, log, policy, tokenizer, summary, step, counters)
 

@@ -212,7 +212,7 @@ def train(cfg: GRPOConfig) -> dict:
     opt, sched, state, log = runtime.optimisation(cfg, model, out, cfg.steps, ckpt, "grpo")
     step, counters = state["step"], {**counters, **state["counters"]}
     swapper = StateSwapper(model, opt, device, offload_params=cfg.offload_params)
-    summary = online.start_evaluation(engine, model, heldout, tokenizer, cfg, reward_fn, log) if step == 0 else {}
+    summary = online.start_evaluation(engine, model, heldout, tokenizer, cfg, reward_fn, log) if step == 0 else state["summary"]
 
     while step < cfg.steps:
         t_step = time.perf_counter()
@@ -258,7 +258,7 @@ def train(cfg: GRPOConfig) -> dict:
             metrics.update(online.evaluate(engine, model, heldout, tokenizer, cfg.max_new_tokens, reward_fn))
             summary.update({k: v for k, v in metrics.items() if k.startswith("eval/")})
         log.log(step, metrics)
-        runtime.maybe_checkpoint(out, cfg, step, cfg.steps, model, tokenizer, opt, sched, counters)
+        runtime.maybe_checkpoint(out, cfg, step, cfg.steps, model, tokenizer, opt, sched, counters, summary)
     # step 8: the final policy, an HF directory
     return runtime.finish(out, log, model, tokenizer, summary, step, counters)
 

@@ -137,7 +137,7 @@ def train(cfg: PPOConfig) -> dict:
     beta = state.get("kl_coef", cfg.kl_coef)
     swappers = [StateSwapper(model, opt, device, offload_params=cfg.offload_params),
                 StateSwapper(critic, critic_opt, device, offload_params=cfg.offload_params)]
-    summary = online.start_evaluation(engine, model, heldout, tokenizer, cfg, reward_fn, log) if step == 0 else {}
+    summary = online.start_evaluation(engine, model, heldout, tokenizer, cfg, reward_fn, log) if step == 0 else state["summary"]
 
     while step < cfg.steps:
         t_step = time.perf_counter()
@@ -245,7 +245,7 @@ def train(cfg: PPOConfig) -> dict:
         log.log(step, metrics)
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
             runtime.save_checkpoint(out, step, model, tokenizer, opt, sched,
-                                    {"step": step, "counters": counters, "kl_coef": beta},
+                                    {"step": step, "counters": counters, "summary": summary, "kl_coef": beta},
                                     extra=lambda tmp: save_critic(tmp / "critic", critic, tokenizer,
                                                                   critic_opt, critic_sched))
     # step 8: the final policy (final/) and critic (critic/), HF directories

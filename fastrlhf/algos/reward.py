@@ -138,7 +138,7 @@ def train(cfg: RMConfig) -> dict:
     opt, sched, state, log = runtime.optimisation(cfg, model, out, total, ckpt, "rm")
 
     # step 3: the loop
-    step, counters, summary = state["step"], state["counters"], {}
+    step, counters, summary = state["step"], state["counters"], state["summary"]
     if step == 0:  # what the comparisons add: held-out accuracy before any training
         start = {k.replace("eval/", "start/"): v for k, v in evaluate(model, eval_tok, cfg, device).items()}
         log.log(0, start)
@@ -158,7 +158,7 @@ def train(cfg: RMConfig) -> dict:
             metrics.update(evaluate(model, eval_tok, cfg, device))
             summary.update({k: v for k, v in metrics.items() if k.startswith("eval/")})
         log.log(step, metrics)
-        runtime.maybe_checkpoint(out, cfg, step, total, model, tokenizer, opt, sched, counters)
+        runtime.maybe_checkpoint(out, cfg, step, total, model, tokenizer, opt, sched, counters, summary)
     # step 5: the final model, an HF directory
     return runtime.finish(out, log, model, tokenizer, summary, step, counters)
 

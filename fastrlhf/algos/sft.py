@@ -137,7 +137,7 @@ def train(cfg: SFTConfig) -> dict:
     opt, sched, state, log = runtime.optimisation(cfg, model, out, total, ckpt, "sft")
 
     # step 3: the loop
-    step, counters, summary, epochs = state["step"], state["counters"], {}, {}
+    step, counters, summary, epochs = state["step"], state["counters"], state["summary"], {}
     while step < total:
         epoch, index = locate(step, steps_in)
         if epoch not in epochs:
@@ -170,7 +170,7 @@ def train(cfg: SFTConfig) -> dict:
                 metrics["eval/accuracy"] = ar.accuracy(model, tokenizer, heldout)
             summary.update({k: metrics[k] for k in metrics if k.startswith("eval/")})
         log.log(step, metrics)
-        runtime.maybe_checkpoint(out, cfg, step, total, model, tokenizer, opt, sched, counters)
+        runtime.maybe_checkpoint(out, cfg, step, total, model, tokenizer, opt, sched, counters, summary)
     # step 5: the final model, an HF directory
     return runtime.finish(out, log, model, tokenizer, summary, step, counters)
 

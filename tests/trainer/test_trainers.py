@@ -165,6 +165,25 @@ def test_reward_model_learns_a_learnable_preference(tmp_path, tiny_base):
     assert rm.config.architectures == ["LlamaForSequenceClassification"]
 
 
+def test_rerun_resumes_from_the_checkpoint_without_duplicate_rows_or_a_lost_summary(tmp_path, tiny_base):
+    """Rerunning a run in its own directory resumes from its last checkpoint (step 3 of 5): the
+    metrics log keeps steps 0-3 and gets 4-5 again once (not twice), and the summary still holds
+    the start/* scores measured at step 0, which the resumed run cannot measure again."""
+    out = tmp_path / "rm"
+    args = ["--model", tiny_base, "--output_dir", str(out), "--max_steps", "5", "--save_every", "3",
+            "--eval_every", "2"] + TINY_PAIRS
+    first = reward.main(args)
+    rows = _metrics(out)
+    second = reward.main(args)
+    again = _metrics(out)
+    assert [r["step"] for r in again] == [0, 1, 2, 3, 4, 5]
+    assert again[:4] == rows[:4]  # kept as written
+    for x, y in zip(rows[4:], again[4:]):  # logged again by an exact resume
+        assert y["loss/rm"] == pytest.approx(x["loss/rm"], abs=1e-6)
+    assert "start/accuracy" in first and second == pytest.approx(first)
+    assert json.loads((out / "summary.json").read_text()) == pytest.approx(first)
+
+
 @pytest.mark.slow
 def test_logprob_reward_model_scores_by_likelihood_and_learns(tmp_path, tiny_base, monkeypatch):
     """head=logprob: r = beta * log p(response | prompt). The held-out loss before training equals
