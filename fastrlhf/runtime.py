@@ -119,11 +119,15 @@ def begin(cfg) -> tuple[Path, torch.device]:
     return out, resolve_device(cfg.device)
 
 
-def optimisation(cfg, model, out: Path, total: int, ckpt: Path | None, desc: str):
+def optimisation(cfg, model, out: Path, total: int, ckpt: Path | None, desc: str, *, head_lr: float = 0.0):
     """AdamW + warm-up schedule, the resumed trainer state (step, counters, summary: what the
     run has reported so far, e.g. its start/* scores) from ckpt if any, and the metrics log:
-    (opt, sched, state, log)."""
-    opt = make_optimizer(model.parameters(), cfg.lr, cfg.weight_decay)
+    (opt, sched, state, log). head_lr > 0: the output layer (lm_head) learns at head_lr, the
+    rest at cfg.lr (make_optimizer)."""
+    if head_lr < 0:
+        raise ValueError(f"head_lr={head_lr}: expected >= 0 (0: the output layer learns at lr)")
+    head = list(model.get_output_embeddings().parameters()) if head_lr else []
+    opt = make_optimizer(model.parameters(), cfg.lr, cfg.weight_decay, head=head, head_lr=head_lr)
     sched = make_schedule(opt, cfg.warmup_steps, total, cfg.schedule)
     state = load_trainer_state(ckpt, opt, sched) if ckpt else {"step": 0, "counters": {}}
     state.setdefault("summary", {})
@@ -237,12 +241,31 @@ def _num(v):
 # ----------------------------------------------------------------------------------------
 
 
-def make_optimizer(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+def make_optimizer(params, lr: float, weight_decay: float, *, head=(), head_lr: float = 0.0) -> torch.optim.Optimizer:
+    """AdamW, weight decay on matrices only. `head`: parameters (the output layer) in their own
+    group at head_lr, as nanochat's unembedding_lr; the schedule scales every group alike.
+    Why: in online RL on a small model the gain is mostly sharpening the output distribution,
+    which the output layer does in few, low-noise parameters, while equally large Adam steps on
+    every body weight are mostly noise (README, "Online RL")."""
+    head_ids = {id(p) for p in head}
     params = [p for p in params if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+    body = [p for p in params if id(p) not in head_ids]
+    groups = [{"params": [p for p in body if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in body if p.dim() < 2], "weight_decay": 0.0}]
+    tail = [p for p in params if id(p) in head_ids]
+    for decayed in (True, False):
+        ps = [p for p in tail if (p.dim() >= 2) == decayed]
+        if ps:
+            groups.append({"params": ps, "lr": head_lr, "weight_decay": weight_decay if decayed else 0.0,
+                           "name": "head"})
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
+
+
+def lr_metrics(opt) -> dict:
+    """The learning rates a step used: lr (the body's), and lr/head when the output layer has its own."""
+    out = {"lr": opt.param_groups[0]["lr"]}
+    out.update({"lr/head": g["lr"] for g in opt.param_groups if g.get("name") == "head"})
+    return out
 
 
 def make_schedule(opt, warmup_steps: int, total_steps: int, kind: str):

@@ -81,6 +81,7 @@ class GRPOConfig:
     overlong_filter: bool = field(default=False, metadata={"help": "do not train on samples that hit max_new_tokens"})
     is_cap: float = field(default=2.0, metadata={"help": "truncation of the sampler-vs-trainer importance weights (0: off)"})
     lr: float = field(default=1e-5, metadata={"help": "peak learning rate"})
+    head_lr: float = field(default=0.0, metadata={"help": "learning rate of the output layer (lm_head), as nanochat's unembedding_lr; 0: lr"})
     warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps"})
     schedule: str = field(default="constant", metadata={"help": "cosine | linear | constant after warm-up"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (matrices only)"})
@@ -209,7 +210,7 @@ def train(cfg: GRPOConfig) -> dict:
     runtime.save_config(cfg, out)
 
     # step 2: optimiser, schedule, resume, the state swapper
-    opt, sched, state, log = runtime.optimisation(cfg, model, out, cfg.steps, ckpt, "grpo")
+    opt, sched, state, log = runtime.optimisation(cfg, model, out, cfg.steps, ckpt, "grpo", head_lr=cfg.head_lr)
     step, counters = state["step"], {**counters, **state["counters"]}
     swapper = StateSwapper(model, opt, device, offload_params=cfg.offload_params)
     summary = online.start_evaluation(engine, model, heldout, tokenizer, cfg, reward_fn, log) if step == 0 else state["summary"]
@@ -253,7 +254,7 @@ def train(cfg: GRPOConfig) -> dict:
             "rollout/engine": engine.name, "reward/mean": raw.mean().item(), "reward/std": raw.std().item(),
             **online.rollout_metrics(samples, trainer_lp if on_policy(cfg) else old_lp),
             **phase, "time/train_s": train_s, "tokens_per_s": n_tokens / (time.perf_counter() - t_step),
-            "lr": sched.get_last_lr()[0], "memory/train_state_mb": swapper.state_mb(), **counters})
+            **runtime.lr_metrics(opt), "memory/train_state_mb": swapper.state_mb(), **counters})
         if step % cfg.eval_every == 0 or step == cfg.steps:
             metrics.update(online.evaluate(engine, model, heldout, tokenizer, cfg.max_new_tokens, reward_fn))
             summary.update({k: v for k, v in metrics.items() if k.startswith("eval/")})

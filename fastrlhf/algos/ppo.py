@@ -80,6 +80,7 @@ class PPOConfig:
     entropy_coef: float = field(default=0.0, metadata={"help": "entropy bonus"})
     is_cap: float = field(default=2.0, metadata={"help": "truncation of the sampler-vs-trainer importance weights (0: off)"})
     lr: float = field(default=1e-5, metadata={"help": "policy learning rate"})
+    head_lr: float = field(default=0.0, metadata={"help": "learning rate of the policy's output layer (lm_head), as nanochat's unembedding_lr; 0: lr"})
     critic_lr: float = field(default=1e-4, metadata={"help": "critic learning rate"})
     critic_warmup: int = field(default=0, metadata={"help": "first steps train only the critic, so the policy's first update has informed advantages"})
     warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps"})
@@ -126,7 +127,7 @@ def train(cfg: PPOConfig) -> dict:
     runtime.save_config(cfg, out)
 
     # step 2: two optimisers, resume, state swappers
-    opt, sched, state, log = runtime.optimisation(cfg, model, out, cfg.steps, ckpt, "ppo")
+    opt, sched, state, log = runtime.optimisation(cfg, model, out, cfg.steps, ckpt, "ppo", head_lr=cfg.head_lr)
     critic_opt = runtime.make_optimizer(critic.parameters(), cfg.critic_lr, cfg.weight_decay)
     critic_sched = runtime.make_schedule(critic_opt, cfg.warmup_steps, cfg.steps, cfg.schedule)
     if critic_ckpt is not None:
@@ -173,6 +174,8 @@ def train(cfg: PPOConfig) -> dict:
             rewards[torch.arange(len(samples)), mask.sum(1) - 1] += score
         adv, returns = gae(rewards, online.rows(vals)[0], mask, gamma=cfg.gamma, lam=cfg.lam)
         valid = adv[mask]
+        v_old, ret = online.rows(vals)[0][mask], returns[mask]  # (n_tokens,)
+        explained_var = (1 - (ret - v_old).var() / (ret.var() + 1e-8)).item()
         adv = (adv - valid.mean()) / (valid.std() + 1e-8) * mask
         L = [len(s.completion_ids) for s in samples]
         per = lambda t: [t[i, : L[i]] for i in range(len(samples))]  # noqa: E731
@@ -233,10 +236,10 @@ def train(cfg: PPOConfig) -> dict:
         metrics = {k: v / max(1, n_updates) for k, v in sums.items()}
         metrics.update({
             "rollout/engine": engine.name, "reward/mean": score.mean().item(),
-            "reward/kl_penalty": beta * kl_per_sample, "kl": kl_per_sample, "kl_coef": beta,
+            "value/explained_var": explained_var, "reward/kl_penalty": beta * kl_per_sample, "kl": kl_per_sample, "kl_coef": beta,
             **online.rollout_metrics(samples, trainer_lp if on_policy(cfg) else old_lp),
             **phase, "time/train_s": train_s, "tokens_per_s": sum(L) / (time.perf_counter() - t_step),
-            "lr": sched.get_last_lr()[0], "memory/train_state_mb": sum(sw.state_mb() for sw in swappers),
+            **runtime.lr_metrics(opt), "memory/train_state_mb": sum(sw.state_mb() for sw in swappers),
             **counters})
         beta = adapt_kl(beta, kl_per_sample, cfg, len(samples))
         if step % cfg.eval_every == 0 or step == cfg.steps:

@@ -165,6 +165,24 @@ def test_ppo_critic_warmup_holds_the_policy_and_trains_the_critic(tiny, tmp_path
 
 
 @pytest.mark.slow
+def test_ppo_head_lr_steps_the_output_layer_at_its_own_rate(tiny, tmp_path, monkeypatch):
+    """--head_lr reaches the policy's optimiser: after one update (Adam's first step moves a weight
+    by its lr wherever the gradient is not tiny) the largest change of an lm_head weight is
+    head_lr and of any other weight lr; both are logged."""
+    monkeypatch.setenv("FASTRLHF_KERNEL_IMPL", "torch")
+    out = tmp_path / "h"
+    ppo.main(["--model", tiny, "--reward_fn", REWARD, "--output_dir", str(out), "--engine", "hf",
+              "--prompts_per_step", "16", "--max_new_tokens", "4", "--steps", "1", "--lr", "1e-4",
+              "--head_lr", "1e-2", "--ppo_epochs", "1", "--minibatches", "1", "--eval_every", "100", "--save_every", "0", "--task_prompts", "200",
+              "--task_eval_prompts", "8", "--device", "cpu"])
+    before = dict(models.load_causal_lm(tiny).named_parameters())
+    moved = {n: (p - before[n]).abs().max().item() for n, p in models.load_causal_lm(out / "final").named_parameters()}
+    assert moved.pop("lm_head.weight") == pytest.approx(1e-2, rel=1e-3)
+    assert max(moved.values()) == pytest.approx(1e-4, rel=1e-2)
+    assert _metrics(out)[1]["lr/head"] == pytest.approx(1e-2) and _metrics(out)[1]["lr"] == pytest.approx(1e-4)
+
+
+@pytest.mark.slow
 def test_ppo_token_rewards_from_a_logprob_reward_model(tiny, tmp_path, monkeypatch):
     """A logprob reward model scores a sample beta * log p_rm(completion). token_rewards spreads
     that sum over the completion's tokens: the same samples get the same reward/mean, but the
@@ -210,6 +228,10 @@ def test_cli_bad_settings_are_one_clear_line(tiny, tmp_path, capsys):
                      "--output-dir", str(tmp_path / "p"), "--device", "cpu"])
     err = capsys.readouterr().err
     assert code == 2 and "token_rewards needs a logprob reward model" in err and "Traceback" not in err
+    code = cli.main(["grpo", "--model", tiny, "--head_lr=-1e-3", "--engine", "hf",
+                     "--output-dir", str(tmp_path / "g"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and "head_lr=-0.001: expected >= 0" in err and "Traceback" not in err
 
 
 def test_unknown_advantage_and_engine():

@@ -91,6 +91,30 @@ def test_nonfinite_loss_is_skipped_and_counted(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("head_lr", [0.0, 1e-2])
+def test_head_lr_gives_the_output_layer_its_own_step_size(head_lr):
+    """Adam's first step moves every weight by lr * g / (|g| + eps), i.e. by exactly lr where the
+    gradient is not tiny; the warm-up schedule scales each group (factor 1/4 at step 0 of 4).
+    With head_lr the output layer moves by head_lr / 4 and the body by lr / 4; without it the
+    optimiser keeps its two groups (decayed matrices, the rest) and everything moves by lr / 4."""
+    model = ar.build_model(**ar.MODEL_SIZES["tiny"])
+    head = list(model.get_output_embeddings().parameters())
+    opt = runtime.make_optimizer(model.parameters(), 1e-3, 0.0, head=head if head_lr else (), head_lr=head_lr)
+    sched = runtime.make_schedule(opt, 4, 10, "constant")
+    assert len(opt.param_groups) == (3 if head_lr else 2)
+    assert runtime.lr_metrics(opt) == pytest.approx({"lr": 2.5e-4, **({"lr/head": 2.5e-3} if head_lr else {})})
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    torch.manual_seed(0)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p).sign() * (0.5 + torch.rand_like(p))  # |g| in [0.5, 1.5]
+    opt.step()
+    sched.step()
+    for n, p in model.named_parameters():
+        lr = (head_lr or 1e-3) if n == "lm_head.weight" else 1e-3
+        assert (p.detach() - before[n]).abs() == pytest.approx(torch.full_like(p, lr / 4), rel=1e-3), n  # float32 rounding of p + step
+    assert runtime.lr_metrics(opt)["lr"] == pytest.approx(5e-4)
+
+
 def test_cli_bad_data_is_one_clear_line(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "1+1=", "response": "2"}\n{"prompt": "1+2="\n')
