@@ -172,10 +172,10 @@ def train(cfg: PPOConfig) -> dict:
             rewards += online.rows(rm_tokens)[0] * mask
         else:
             rewards[torch.arange(len(samples)), mask.sum(1) - 1] += score
-        adv, returns = gae(rewards, online.rows(vals)[0], mask, gamma=cfg.gamma, lam=cfg.lam)
+        v_old = online.rows(vals)[0]  # (B, T)
+        adv, returns = gae(rewards, v_old, mask, gamma=cfg.gamma, lam=cfg.lam)
         valid = adv[mask]
-        v_old, ret = online.rows(vals)[0][mask], returns[mask]  # (n_tokens,)
-        explained_var = (1 - (ret - v_old).var() / (ret.var() + 1e-8)).item()
+        explained_var = (1 - (returns - v_old)[mask].var() / (returns[mask].var() + 1e-8)).item()
         adv = (adv - valid.mean()) / (valid.std() + 1e-8) * mask
         L = [len(s.completion_ids) for s in samples]
         per = lambda t: [t[i, : L[i]] for i in range(len(samples))]  # noqa: E731
@@ -236,7 +236,8 @@ def train(cfg: PPOConfig) -> dict:
         metrics = {k: v / max(1, n_updates) for k, v in sums.items()}
         metrics.update({
             "rollout/engine": engine.name, "reward/mean": score.mean().item(),
-            "value/explained_var": explained_var, "reward/kl_penalty": beta * kl_per_sample, "kl": kl_per_sample, "kl_coef": beta,
+            "reward/kl_penalty": beta * kl_per_sample, "kl": kl_per_sample, "kl_coef": beta,
+            "value/explained_var": explained_var,
             **online.rollout_metrics(samples, trainer_lp if on_policy(cfg) else old_lp),
             **phase, "time/train_s": train_s, "tokens_per_s": sum(L) / (time.perf_counter() - t_step),
             **runtime.lr_metrics(opt), "memory/train_state_mb": sum(sw.state_mb() for sw in swappers),

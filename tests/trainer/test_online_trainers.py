@@ -162,6 +162,9 @@ def test_ppo_critic_warmup_holds_the_policy_and_trains_the_critic(tiny, tmp_path
     assert "grad_norm" not in rows[0] and "grad_norm" not in rows[1] and "grad_norm" in rows[2]
     assert abs(rows[3]["kl"]) > 1e-4
     assert rows[2]["value/mean"] != rows[0]["value/mean"]
+    # the fresh zero head predicts 0 everywhere: it explains none of the returns' variance
+    assert rows[0]["value/explained_var"] == pytest.approx(0.0, abs=1e-6)
+    assert rows[2]["value/explained_var"] != pytest.approx(0.0, abs=1e-6)
 
 
 @pytest.mark.slow
