@@ -8,7 +8,8 @@ Stages, in order (each its own trainer, each writing DIR/<stage>/metrics.jsonl a
            log-prob head, beta * log p(response | prompt) under a copy of the SFT model tuned
            with the Bradley-Terry loss (reward_model_start_accuracy: before that tuning)
   3. ppo   PPO from the SFT model against that reward model, KL penalty to the SFT model,
-           generation by colocated vLLM (when installed)
+           generation by colocated vLLM (when installed); the output layer learns at its own
+           rate (head_lr 1e-3, 20x the body's), as in grpo: RL's gain on this task is sharpening
   4. dpo   DPO (cDPO) from the SFT model on the same comparisons, for contrast
   5. grpo  GRPO from the SFT model with the task's exact-match checker as the reward (a
            verifier instead of a learned reward model), for contrast
