@@ -247,17 +247,14 @@ def make_optimizer(params, lr: float, weight_decay: float, *, head=(), head_lr: 
     Why: in online RL on a small model the gain is mostly sharpening the output distribution,
     which the output layer does in few, low-noise parameters, while equally large Adam steps on
     every body weight are mostly noise (README, "Online RL")."""
+    def decay_split(ps, **extra):  # matrices decayed, the rest not
+        return [{"params": [p for p in ps if p.dim() >= 2], "weight_decay": weight_decay, **extra},
+                {"params": [p for p in ps if p.dim() < 2], "weight_decay": 0.0, **extra}]
+
     head_ids = {id(p) for p in head}
     params = [p for p in params if p.requires_grad]
-    body = [p for p in params if id(p) not in head_ids]
-    groups = [{"params": [p for p in body if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in body if p.dim() < 2], "weight_decay": 0.0}]
-    tail = [p for p in params if id(p) in head_ids]
-    for decayed in (True, False):
-        ps = [p for p in tail if (p.dim() >= 2) == decayed]
-        if ps:
-            groups.append({"params": ps, "lr": head_lr, "weight_decay": weight_decay if decayed else 0.0,
-                           "name": "head"})
+    groups = decay_split([p for p in params if id(p) not in head_ids])
+    groups += [g for g in decay_split([p for p in params if id(p) in head_ids], lr=head_lr, name="head") if g["params"]]
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
 
 

@@ -176,10 +176,11 @@ def test_ppo_head_lr_steps_the_output_layer_at_its_own_rate(tiny, tmp_path, monk
     out = tmp_path / "h"
     ppo.main(["--model", tiny, "--reward_fn", REWARD, "--output_dir", str(out), "--engine", "hf",
               "--prompts_per_step", "16", "--max_new_tokens", "4", "--steps", "1", "--lr", "1e-4",
-              "--head_lr", "1e-2", "--ppo_epochs", "1", "--minibatches", "1", "--eval_every", "100", "--save_every", "0", "--task_prompts", "200",
-              "--task_eval_prompts", "8", "--device", "cpu"])
+              "--head_lr", "1e-2", "--ppo_epochs", "1", "--minibatches", "1", "--eval_every", "100",
+              "--save_every", "0", "--task_prompts", "200", "--task_eval_prompts", "8", "--device", "cpu"])
     before = dict(models.load_causal_lm(tiny).named_parameters())
-    moved = {n: (p - before[n]).abs().max().item() for n, p in models.load_causal_lm(out / "final").named_parameters()}
+    after = models.load_causal_lm(out / "final").named_parameters()
+    moved = {n: (p - before[n]).abs().max().item() for n, p in after}
     assert moved.pop("lm_head.weight") == pytest.approx(1e-2, rel=1e-3)
     assert max(moved.values()) == pytest.approx(1e-4, rel=1e-2)
     assert _metrics(out)[1]["lr/head"] == pytest.approx(1e-2) and _metrics(out)[1]["lr"] == pytest.approx(1e-4)

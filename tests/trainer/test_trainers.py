@@ -90,7 +90,6 @@ def test_nonfinite_loss_is_skipped_and_counted(tmp_path, monkeypatch):
     assert all(torch.isfinite(p).all() for p in final.parameters())
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("head_lr", [0.0, 1e-2])
 def test_head_lr_gives_the_output_layer_its_own_step_size(head_lr):
     """Adam's first step moves every weight by lr * g / (|g| + eps), i.e. by exactly lr where the
@@ -115,6 +114,7 @@ def test_head_lr_gives_the_output_layer_its_own_step_size(head_lr):
     assert runtime.lr_metrics(opt)["lr"] == pytest.approx(5e-4)
 
 
+@pytest.mark.slow
 def test_cli_bad_data_is_one_clear_line(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "1+1=", "response": "2"}\n{"prompt": "1+2="\n')
