@@ -17,5 +17,10 @@ def eager_logprob(logits, labels, *, temperature=1.0, ignore_index=-100, return_
     return logp, torch.where(valid, -(logp_all.exp() * logp_all).sum(-1), 0.0)
 
 
-def eager_linear_logprob(hidden, weight, labels, *, bias=None, **kw):
-    return eager_logprob(torch.nn.functional.linear(hidden, weight, bias), labels, **kw)  # (..., V) logits
+def eager_linear_logprob(hidden, weight, labels, *, bias=None, logit_scale=1.0, softcap=None, **kw):
+    logits = torch.nn.functional.linear(hidden, weight, bias)  # (..., V), as HF's lm_head
+    if logit_scale != 1.0:
+        logits = logits * logit_scale  # Cohere / Granite
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap  # Gemma 2, in the logits' dtype as HF does
+    return eager_logprob(logits, labels, **kw)

@@ -129,6 +129,14 @@ def _cast(x, dtype: tl.constexpr, INTERPRET: tl.constexpr):
 
 
 @triton.jit
+def _tanh(x):
+    """tanh from one exp, stable at any |x| (no overflow: exp of a non-positive number)."""
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
 def _init_stats(LABELS, rows, row_ok, ignore_index, BLOCK_N: tl.constexpr):
     """Labels of the rows and empty running statistics (m, s, t, zl) for `_online_update`."""
     labels = tl.load(LABELS + rows, mask=row_ok, other=ignore_index)

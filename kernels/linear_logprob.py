@@ -1,8 +1,15 @@
 """linear_logprob: per-token log-probabilities (and entropy) straight from hidden states.
 
-    logits  = (hidden @ weight.T + bias) / temperature          (N, V), never stored
+    u       = logit_scale * (hidden @ weight.T + bias)              (N, V), never stored
+    u       = softcap * tanh(u / softcap)                           when softcap is given
+    logits  = u / temperature
     logp[n] = logits[n, label[n]] - logsumexp(logits[n])
     ent[n]  = logsumexp(logits[n]) - sum_j softmax(logits[n])_j * logits[n, j]
+
+The output transforms are those real architectures apply after the lm_head matmul: an output
+bias (Phi), a logit scale (Cohere's logit_scale; Granite's 1 / logits_scaling) and final-logit
+softcapping (Gemma 2 / 3). They are applied to each tile in registers, so they cost no memory;
+the backward chains through them: d u / d raw = logit_scale * (1 - (u / softcap)^2).
 
 The memory argument. Eager torch materialises the logits: at N=16384 tokens, V=152064, bf16
 that is N*V*2 B = 5.0 GB, and the fp32 log_softmax on top of it 10 GB more, and autograd
@@ -35,6 +42,9 @@ of the algorithm. `linear_logprob_ref` is the float64 materialised version for t
 
 from __future__ import annotations
 
+import math
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -47,6 +57,7 @@ from ._common import (
     _init_stats,
     _row_dlogits,
     _online_update,
+    _tanh,
     check_float,
     check_labels,
     cat_stats,
@@ -67,10 +78,11 @@ from ._common import (
 
 @triton.jit
 def _logits_tile(H, W, BIAS, rows, row_ok, cols, col_ok, D, stride_hn, stride_hd, stride_wv,
-                 stride_wd, inv_temp, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
-                 INTERPRET: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-                 BLOCK_D: tl.constexpr):
-    """(hidden[rows] @ weight[cols].T + bias[cols]) / T as an fp32 (BLOCK_N, BLOCK_V) tile."""
+                 stride_wd, scale, softcap, inv_temp, HAS_BIAS: tl.constexpr,
+                 SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+    """softcap(scale * (hidden[rows] @ weight[cols].T + bias[cols])) / T as an fp32
+    (BLOCK_N, BLOCK_V) tile."""
     offs_d = tl.arange(0, BLOCK_D)
     h_ptrs = H + rows[:, None] * stride_hn + offs_d[None, :] * stride_hd  # (BLOCK_N, BLOCK_D)
     w_ptrs = W + cols[None, :] * stride_wv + offs_d[:, None] * stride_wd  # (BLOCK_D, BLOCK_V)
@@ -84,6 +96,9 @@ def _logits_tile(H, W, BIAS, rows, row_ok, cols, col_ok, D, stride_hn, stride_hd
         w_ptrs += BLOCK_D * stride_wd
     if HAS_BIAS:
         acc += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    acc = acc * scale
+    if SOFTCAP:
+        acc = softcap * _tanh(acc / softcap)
     return acc * inv_temp
 
 
@@ -96,10 +111,10 @@ def _linear_logprob_fwd_kernel(
     # strides
     stride_hn, stride_hd, stride_wv, stride_wd, stride_stat, stride_split,
     # scalars
-    inv_temp, ignore_index,
+    scale, softcap, inv_temp, ignore_index,
     # flags and tiles
-    HAS_BIAS: tl.constexpr, ENTROPY: tl.constexpr, PRECISION: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, ENTROPY: tl.constexpr,
+    PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -114,8 +129,8 @@ def _linear_logprob_fwd_kernel(
         cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)  # (BLOCK_V,)
         col_ok = cols < v_end
         z = _logits_tile(H, W, BIAS, rows, row_ok, cols, col_ok, D, stride_hn, stride_hd,
-                         stride_wv, stride_wd, inv_temp, HAS_BIAS, PRECISION, INTERPRET,
-                         BLOCK_N, BLOCK_V, BLOCK_D)
+                         stride_wv, stride_wd, scale, softcap, inv_temp, HAS_BIAS, SOFTCAP,
+                         PRECISION, INTERPRET, BLOCK_N, BLOCK_V, BLOCK_D)
         m, s, t, zl = _online_update(m, s, t, zl, z, cols, col_ok, labels, ENTROPY)
 
     out = STATS + split * stride_split + rows
@@ -135,10 +150,10 @@ def _linear_logprob_dlogits_kernel(
     # strides
     stride_hn, stride_hd, stride_wv, stride_wd, stride_zn, stride_zv,
     # scalars
-    inv_temp, ignore_index,
+    scale, softcap, inv_temp, ignore_index,
     # flags and tiles
-    HAS_BIAS: tl.constexpr, ENTROPY: tl.constexpr, PRECISION: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, ENTROPY: tl.constexpr,
+    PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -149,9 +164,14 @@ def _linear_logprob_dlogits_kernel(
     col_ok = local < Vc
     cols = v_offset + local  # column in the vocabulary
     z = _logits_tile(H, W, BIAS, rows, row_ok, cols, col_ok, D, stride_hn, stride_hd, stride_wv,
-                     stride_wd, inv_temp, HAS_BIAS, PRECISION, INTERPRET, BLOCK_N, BLOCK_V, BLOCK_D)
+                     stride_wd, scale, softcap, inv_temp, HAS_BIAS, SOFTCAP, PRECISION, INTERPRET,
+                     BLOCK_N, BLOCK_V, BLOCK_D)
     dz = _row_dlogits(z, cols, col_ok, LABELS, LSE, EZ, G_LP, G_ENT, rows, row_ok, ignore_index,
-                      inv_temp, ENTROPY, BLOCK_N)
+                      inv_temp, ENTROPY, BLOCK_N)  # d / d u (after the softcap, before 1 / T)
+    if SOFTCAP:
+        c = z / (inv_temp * softcap)  # tanh(scale * raw / softcap)
+        dz = dz * (1.0 - c * c)
+    dz = dz * scale  # d / d raw = hidden @ weight.T + bias
     z_ptrs = DZ + rows[:, None] * stride_zn + local[None, :] * stride_zv
     tl.store(z_ptrs, _cast(dz, DZ.dtype.element_ty, INTERPRET), mask=row_ok[:, None] & col_ok[None, :])
 
@@ -245,7 +265,19 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, accumulate: bool)
     )
 
 
-def _fwd_triton(h, w, bias, labels, inv_temp, ignore_index, want_entropy):
+class LogitTransform(NamedTuple):
+    """What turns raw logits (hidden @ weight.T + bias) into the sampled distribution's logits:
+    softcap * tanh(scale * raw / softcap) * inv_temp (no tanh when softcap is None)."""
+
+    scale: float = 1.0
+    softcap: float | None = None
+    inv_temp: float = 1.0
+
+    def kernel_args(self) -> dict:
+        return dict(scale=self.scale, softcap=self.softcap or 1.0, inv_temp=self.inv_temp)
+
+
+def _fwd_triton(h, w, bias, labels, xf: LogitTransform, ignore_index, want_entropy):
     N, D = h.shape
     V = w.shape[0]
     cfg = LOGITS_CONFIGS[config_key(h)]
@@ -257,8 +289,9 @@ def _fwd_triton(h, w, bias, labels, inv_temp, ignore_index, want_entropy):
         h, w, bias, labels, stats,
         N, V, D, v_per_split,
         h.stride(0), h.stride(1), w.stride(0), w.stride(1), stats.stride(0), stats.stride(1),
-        inv_temp, ignore_index,
-        HAS_BIAS=bias is not None, ENTROPY=want_entropy, PRECISION=dot_precision(h.dtype),
+        **xf.kernel_args(), ignore_index=ignore_index,
+        HAS_BIAS=bias is not None, SOFTCAP=xf.softcap is not None, ENTROPY=want_entropy,
+        PRECISION=dot_precision(h.dtype),
         INTERPRET=INTERPRET,
         BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -266,7 +299,7 @@ def _fwd_triton(h, w, bias, labels, inv_temp, ignore_index, want_entropy):
     return combine_splits(*stats.unbind(0), labels != ignore_index, want_entropy)
 
 
-def _bwd_triton(h, w, bias, labels, lse, ez, g_lp, g_ent, inv_temp, ignore_index, needs):
+def _bwd_triton(h, w, bias, labels, lse, ez, g_lp, g_ent, xf: LogitTransform, ignore_index, needs):
     N, D = h.shape
     V = w.shape[0]
     key = config_key(h)
@@ -291,8 +324,9 @@ def _bwd_triton(h, w, bias, labels, lse, ez, g_lp, g_ent, inv_temp, ignore_index
             h, w, bias, labels, lse, ez if entropy else lse, g_lp, g_ent if entropy else g_lp, dz_c,
             N, vlen, D, v0,
             h.stride(0), h.stride(1), w.stride(0), w.stride(1), dz_c.stride(0), dz_c.stride(1),
-            inv_temp, ignore_index,
-            HAS_BIAS=bias is not None, ENTROPY=entropy, PRECISION=dot_precision(h.dtype),
+            **xf.kernel_args(), ignore_index=ignore_index,
+            HAS_BIAS=bias is not None, SOFTCAP=xf.softcap is not None, ENTROPY=entropy,
+            PRECISION=dot_precision(h.dtype),
             INTERPRET=INTERPRET,
             BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -319,24 +353,33 @@ def _torch_rows(V: int) -> int:
     return max(1, TORCH_CHUNK_ELEMS // V)
 
 
-def _torch_logits(h, w32, b32, inv_temp):
+def _torch_logits(h, w32, b32, xf: LogitTransform):
     z = h.float() @ w32.t() if b32 is None else torch.addmm(b32, h.float(), w32.t())  # (n, V)
-    return z.mul_(inv_temp)
+    if xf.softcap is None:
+        return z.mul_(xf.scale * xf.inv_temp)
+    return z.mul_(xf.scale / xf.softcap).tanh_().mul_(xf.softcap * xf.inv_temp)
 
 
-def _fwd_torch(h, w, bias, labels, inv_temp, ignore_index, want_entropy):
+def _torch_chain(dz, z, xf: LogitTransform):
+    """d / d u (after the softcap) -> d / d raw, in place: * scale * (1 - tanh^2)."""
+    if xf.softcap is not None:
+        dz.mul_(torch.mul(z, 1.0 / (xf.inv_temp * xf.softcap)).square_().neg_().add_(1.0))
+    return dz.mul_(xf.scale) if xf.scale != 1.0 else dz
+
+
+def _fwd_torch(h, w, bias, labels, xf: LogitTransform, ignore_index, want_entropy):
     w32, b32 = w.float(), None if bias is None else bias.float()
     valid = labels != ignore_index
     rows = _torch_rows(w.shape[0])
     parts = [
-        torch_stats(_torch_logits(h[i:i + rows], w32, b32, inv_temp), labels[i:i + rows],
+        torch_stats(_torch_logits(h[i:i + rows], w32, b32, xf), labels[i:i + rows],
                     valid[i:i + rows], want_entropy)
         for i in range(0, h.shape[0], rows)
     ]
     return cat_stats(parts, h, want_entropy)
 
 
-def _bwd_torch(h, w, bias, labels, lse, ez, g_lp, g_ent, inv_temp, ignore_index, needs):
+def _bwd_torch(h, w, bias, labels, lse, ez, g_lp, g_ent, xf: LogitTransform, ignore_index, needs):
     N, D = h.shape
     V = w.shape[0]
     need_dh, need_dw, need_db = needs
@@ -349,9 +392,10 @@ def _bwd_torch(h, w, bias, labels, lse, ez, g_lp, g_ent, inv_temp, ignore_index,
     for i in range(0, N, rows):
         sl = slice(i, i + rows)
         h32 = h[sl].float()
-        z = _torch_logits(h32, w32, b32, inv_temp)
+        z = _torch_logits(h32, w32, b32, xf)
         dz = torch_dlogits(z, labels[sl], valid[sl], lse[sl], None if ez is None else ez[sl],
-                           g_lp[sl], None if g_ent is None else g_ent[sl], inv_temp)  # (n, V)
+                           g_lp[sl], None if g_ent is None else g_ent[sl], xf.inv_temp)  # (n, V)
+        dz = _torch_chain(dz, z, xf)
         if need_dh:
             dh[sl] = dz @ w32
         if need_dw:
@@ -368,13 +412,12 @@ def _bwd_torch(h, w, bias, labels, lse, ez, g_lp, g_ent, inv_temp, ignore_index,
 
 class LinearLogprobFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, temperature, ignore_index, return_entropy, impl):
-        # hidden (N, H), weight (V, H), bias (V,) | None, labels (N,)
+    def forward(ctx, hidden, weight, bias, labels, xf, ignore_index, return_entropy, impl):
+        # hidden (N, H), weight (V, H), bias (V,) | None, labels (N,), xf a LogitTransform
         fwd = _fwd_triton if impl == "triton" else _fwd_torch
-        logp, entropy, lse, ez = fwd(hidden, weight, bias, labels, 1.0 / temperature,
-                                     ignore_index, return_entropy)
+        logp, entropy, lse, ez = fwd(hidden, weight, bias, labels, xf, ignore_index, return_entropy)
         ctx.save_for_backward(hidden, weight, bias, labels, lse, ez)
-        ctx.inv_temp, ctx.ignore_index, ctx.impl = 1.0 / temperature, ignore_index, impl
+        ctx.xf, ctx.ignore_index, ctx.impl = xf, ignore_index, impl
         ctx.set_materialize_grads(False)
         return (logp, entropy) if return_entropy else logp
 
@@ -387,7 +430,7 @@ class LinearLogprobFunction(torch.autograd.Function):
         g_lp = torch.zeros_like(lse) if g_lp is None else g_lp.float().contiguous()
         g_ent = None if g_ent is None else g_ent.float().contiguous()
         bwd = _bwd_triton if ctx.impl == "triton" else _bwd_torch
-        dh, dw, db = bwd(hidden, weight, bias, labels, lse, ez, g_lp, g_ent, ctx.inv_temp,
+        dh, dw, db = bwd(hidden, weight, bias, labels, lse, ez, g_lp, g_ent, ctx.xf,
                          ctx.ignore_index, needs)
         if db is not None:
             db = db.to(bias.dtype)
@@ -399,16 +442,21 @@ class LinearLogprobFunction(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------
 
 
-def linear_logprob(hidden, weight, labels, *, bias=None, temperature=1.0, ignore_index=-100,
-                   return_entropy=False, impl=None):
-    """Log-probabilities of `labels` under softmax((hidden @ weight.T + bias) / temperature).
+def linear_logprob(hidden, weight, labels, *, bias=None, logit_scale=1.0, softcap=None,
+                   temperature=1.0, ignore_index=-100, return_entropy=False, impl=None):
+    """Log-probabilities of `labels` under softmax(z / temperature), with the raw logits
+    r = hidden @ weight.T + bias and z = softcap * tanh(logit_scale * r / softcap)
+    (z = logit_scale * r without softcap).
 
     Args:
         hidden: (..., H) float32 / bfloat16 / float16, e.g. the last hidden state (B, T, H).
         weight: (V, H), the lm_head weight, same dtype and device as hidden.
         labels: (...) int64, the token whose log-prob is wanted at each position;
             positions equal to ignore_index give 0 and no gradient.
-        bias: optional (V,).
+        bias: optional (V,), e.g. Phi's lm_head bias.
+        logit_scale: multiplies the raw logits (Cohere's logit_scale, Granite's
+            1 / logits_scaling); a finite number != 0.
+        softcap: final-logit softcapping cap > 0 (Gemma 2's final_logit_softcapping), or None.
         temperature: the sampling temperature (> 0); logits are divided by it.
         return_entropy: also return the entropy of the full distribution at each position.
         impl: "triton" | "torch" | None (triton on CUDA or under TRITON_INTERPRET=1, else torch;
@@ -418,6 +466,10 @@ def linear_logprob(hidden, weight, labels, *, bias=None, temperature=1.0, ignore
         logprobs (...) float32 [, entropy (...) float32]; differentiable w.r.t. hidden, weight
         and bias through both outputs. The (..., V) logits are never materialised.
     """
+    if not (math.isfinite(logit_scale) and logit_scale != 0):
+        raise ValueError(f"logit_scale must be a finite nonzero number, got {logit_scale}")
+    if softcap is not None and not (math.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"softcap must be a finite number > 0 or None, got {softcap}")
     if hidden.dim() < 1 or weight.dim() != 2:
         raise ValueError(f"hidden must be (..., H) and weight (V, H); got hidden "
                          f"{tuple(hidden.shape)}, weight {tuple(weight.shape)}")
@@ -443,18 +495,22 @@ def linear_logprob(hidden, weight, labels, *, bias=None, temperature=1.0, ignore
     impl = resolve_impl(impl, hidden)
 
     lead = labels.shape
-    out = LinearLogprobFunction.apply(hidden.reshape(-1, D), weight, bias, labels.reshape(-1),
-                                      float(temperature), int(ignore_index), bool(return_entropy),
-                                      impl)
+    xf = LogitTransform(float(logit_scale), None if softcap is None else float(softcap),
+                        1.0 / float(temperature))
+    out = LinearLogprobFunction.apply(hidden.reshape(-1, D), weight, bias, labels.reshape(-1), xf,
+                                      int(ignore_index), bool(return_entropy), impl)
     if return_entropy:
         return out[0].view(lead), out[1].view(lead)
     return out.view(lead)
 
 
-def linear_logprob_ref(hidden, weight, labels, *, bias=None, temperature=1.0, ignore_index=-100,
-                       return_entropy=False):
+def linear_logprob_ref(hidden, weight, labels, *, bias=None, logit_scale=1.0, softcap=None,
+                       temperature=1.0, ignore_index=-100, return_entropy=False):
     """float64, materialised-logits reference (for tests)."""
     logits = hidden.double() @ weight.double().t()  # (..., V)
     if bias is not None:
         logits = logits + bias.double()
+    logits = logits * logit_scale
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
     return logprob_ref(logits, labels, temperature, ignore_index, return_entropy)

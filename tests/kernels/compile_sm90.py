@@ -167,9 +167,10 @@ def collect_launches(N: int, H: int, V: int):
                 vec = torch.empty(N, dtype=torch.float32, **meta)
                 for bias in (None, b):
                     for ent in (False, True):
-                        ll._fwd_triton(h, w, bias, labels, 1.0, -100, ent)
-                        ll._bwd_triton(h, w, bias, labels, vec, vec, vec, vec if ent else None,
-                                       1.0, -100, (True, True, bias is not None))
+                        for xf in (ll.LogitTransform(), ll.LogitTransform(1.0, 30.0, 1.0)):  # softcap
+                            ll._fwd_triton(h, w, bias, labels, xf, -100, ent)
+                            ll._bwd_triton(h, w, bias, labels, vec, vec, vec, vec if ent else None,
+                                           xf, -100, (True, True, bias is not None))
                 logits = torch.empty(N, V, dtype=dtype, **meta)
                 for ent in (False, True):
                     lfl._fwd_triton(logits, labels, 1.0, -100, ent)

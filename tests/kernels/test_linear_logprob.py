@@ -68,6 +68,46 @@ def test_matches_float64(impl, dtype, lead, H, V, bias, temperature, device, poi
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("logit_scale,softcap,temperature", [
+    (1.0, 1.5, 1.0),    # Gemma 2's final-logit softcapping, binding (|raw| ~ 3)
+    (0.25, None, 0.7),  # Cohere's logit_scale (Granite: 1 / logits_scaling), with temperature
+    (2.0, 3.0, 0.8),    # both, the scale applied first
+])
+def test_output_transforms_match_float64(impl, dtype, logit_scale, softcap, temperature, device,
+                                         poison_empty):
+    """Softcapping and logit scales inside the kernel, values and all three gradients (the
+    backward chains through tanh), against float64 and eager torch in the same dtype."""
+    hidden, weight, b, labels = _inputs((37,), 48, 200, dtype, device)
+    g_lp, g_ent = torch.randn(37).to(device), torch.randn(37).to(device)
+    kw = dict(logit_scale=logit_scale, softcap=softcap, temperature=temperature)
+    ours = _run(linear_logprob, hidden, weight, b, labels, g_lp, g_ent, impl=impl, **kw)
+    ref = _ref(hidden, weight, b, labels, g_lp, g_ent, **kw)
+    eager = _run(eager_linear_logprob, hidden, weight, b, labels, g_lp, g_ent, **kw)
+    plain = _ref(hidden, weight, b, labels, g_lp, g_ent, temperature=temperature)
+    assert (plain[0] - ref[0]).abs().max() > 0.3  # the transform matters at these sizes
+    for name, o, r, e in zip(["logp", "entropy", "d_hidden", "d_weight", "d_bias"], ours, ref, eager):
+        assert_within_torch_error(o, r, e, name=name)
+
+
+def test_softcap_by_hand():
+    """One token, V = 2, raw logits (0, 4), cap 2: z = 2 tanh((0, 2)) = (0, 1.928...);
+    logp(label 1) = z1 - log(1 + e^z1); d logp / d raw1 = (1 - p1) (1 - tanh(2)^2)."""
+    import math
+
+    hidden, weight = torch.tensor([[1.0]]), torch.tensor([[0.0], [4.0]])
+    h = hidden.clone().requires_grad_()
+    logp = linear_logprob(h, weight, torch.tensor([1]), softcap=2.0, impl="torch")
+    z1 = 2 * math.tanh(2.0)
+    p1 = 1 / (1 + math.exp(-z1))
+    assert logp.item() == pytest.approx(z1 - math.log(1 + math.exp(z1)), abs=1e-6)
+    logp.sum().backward()  # d raw1 / d h = 4, d raw0 / d h = 0
+    assert h.grad.item() == pytest.approx(4 * (1 - p1) * (1 - math.tanh(2.0) ** 2), abs=1e-6)
+    tri = linear_logprob(hidden, weight, torch.tensor([1]), softcap=2.0, impl="triton")
+    assert tri.item() == pytest.approx(logp.item(), abs=1e-6)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_ignored_positions_are_exactly_zero(impl, device):
     hidden, weight, b, labels = _inputs((29,), 32, 96, torch.float32, device, ignore_frac=0.4)
     ignored = labels == -100
@@ -176,6 +216,9 @@ def test_default_impl_and_env_switch(monkeypatch):
     (dict(bias=torch.randn(49)), r"bias must have shape \(50,\)"),
     (dict(weight=torch.randn(50, 8, device="meta")), r"different devices"),
     (dict(temperature=0.0), r"temperature must be > 0"),
+    (dict(softcap=0.0), r"softcap must be a finite number > 0"),
+    (dict(softcap=float("nan")), r"softcap must be a finite number > 0"),
+    (dict(logit_scale=float("inf")), r"logit_scale must be a finite nonzero"),
     (dict(impl="cuda"), r"impl must be one of"),
 ])
 def test_bad_input_names_the_problem(bad, match):
