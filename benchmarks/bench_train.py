@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     model.resize_token_embeddings(args.vocab)
     models._register_attention()
     model.config._attn_implementation = models.ATTN
-    model = model.to(device, models.default_dtype(device))
+    model = model.to(device, torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
     lens = lengths(args.sequences)
     g = torch.Generator().manual_seed(1)
     seqs = [(torch.randint(4, args.vocab, (n,), generator=g).tolist(),) * 2 for n in lens]

@@ -33,17 +33,42 @@ class DataError(ValueError):
 # ----------------------------------------------------------------------------------------
 
 
-def read_records(path: str | Path) -> list[tuple[int, dict]]:
-    """(line number, record) pairs from a .jsonl or .parquet file."""
-    path = Path(path)
+def read_records(path: str | Path) -> list[tuple[str, dict]]:
+    """(where, record) pairs, `where` being "<file>:<line>" (JSONL) or "<path>:row <n>", from
+      - a .jsonl file (one JSON object per line; also .json holding a list of objects);
+      - a .parquet file;
+      - a directory written by `datasets`' save_to_disk: a Dataset, or a DatasetDict whose
+        "train" split is read (name another split as DIR:SPLIT).
+    Parquet and datasets directories go through the `datasets` library (pyarrow alone reads
+    parquet when it is not installed)."""
+    spec = str(path)
+    split = None
+    if not Path(spec).exists() and ":" in spec and Path(spec.rsplit(":", 1)[0]).is_dir():
+        spec, split = spec.rsplit(":", 1)
+    path = Path(spec)
     if not path.exists():
         raise DataError(f"{path}: no such file")
-    if path.suffix == ".parquet":
+    if path.is_dir():
+        rows = _read_saved_dataset(path, split)
+    elif path.suffix == ".parquet":
+        rows = _read_parquet(path)
+    elif path.suffix == ".json" and path.read_text(encoding="utf-8").lstrip().startswith("["):
         try:
-            import pyarrow.parquet as pq
-        except ImportError as e:
-            raise DataError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from e
-        return [(i + 1, r) for i, r in enumerate(pq.read_table(path).to_pylist())]
+            loaded = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+        rows = [(f"{path}:item {i}", r) for i, r in enumerate(loaded)]
+    else:
+        rows = _read_jsonl(path)
+    for where, rec in rows:
+        if not isinstance(rec, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    if not rows:
+        raise DataError(f"{path}: no records")
+    return rows
+
+
+def _read_jsonl(path: Path) -> list[tuple[str, dict]]:
     out = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -53,12 +78,41 @@ def read_records(path: str | Path) -> list[tuple[int, dict]]:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(rec, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-            out.append((lineno, rec))
-    if not out:
-        raise DataError(f"{path}: no records")
+            out.append((f"{path}:{lineno}", rec))
     return out
+
+
+def _read_parquet(path: Path) -> list[tuple[str, dict]]:
+    try:
+        import datasets
+
+        rows = datasets.Dataset.from_parquet(str(path)).to_list()
+    except ImportError:
+        try:
+            import pyarrow.parquet as pq
+        except ImportError as e:
+            raise DataError(f"{path}: reading parquet needs `datasets` or pyarrow (pip install datasets)") from e
+        rows = pq.read_table(path).to_pylist()
+    return [(f"{path}:row {i}", r) for i, r in enumerate(rows)]
+
+
+def _read_saved_dataset(path: Path, split: str | None) -> list[tuple[str, dict]]:
+    try:
+        import datasets
+    except ImportError as e:
+        raise DataError(f"{path}: a directory of data needs the `datasets` library (pip install datasets)") from e
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except FileNotFoundError as e:
+        raise DataError(f"{path}: not a dataset saved with `datasets` save_to_disk ({e})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        name = split or "train"
+        if name not in ds:
+            raise DataError(f"{path}: no split {name!r} (has {sorted(ds)}); name one as {path}:SPLIT")
+        ds, path = ds[name], Path(f"{path}:{name}")
+    elif split is not None:
+        raise DataError(f"{path}: holds a single Dataset, not splits; drop ':{split}'")
+    return [(f"{path}:row {i}", r) for i, r in enumerate(ds.to_list())]
 
 
 def _field(rec: dict, name: str, where: str, kinds=(str,)):
@@ -70,53 +124,116 @@ def _field(rec: dict, name: str, where: str, kinds=(str,)):
     return rec[name]
 
 
-def _check_messages(msgs, where: str) -> list[dict]:
+def _check_messages(msgs, where: str, name: str = "messages") -> list[dict]:
     if not msgs or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
                            and isinstance(m.get("content"), str) for m in msgs):
-        raise DataError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} objects")
+        raise DataError(f"{where}: {name!r} must be a non-empty list of {{'role', 'content'}} objects "
+                        "with string values")
     return msgs
 
 
+def _text_or_messages(rec: dict, name: str, where: str):
+    """A field that is a string or a list of messages (TRL's standard / conversational)."""
+    if name not in rec:
+        raise DataError(f"{where}: missing field {name!r} (has {sorted(rec)})")
+    value = rec[name]
+    if not isinstance(value, (str, list)):
+        raise DataError(f"{where}: field {name!r} must be a string or a list of messages, got {type(value).__name__}")
+    return _check_messages(value, where, name) if isinstance(value, list) else value
+
+
+def _as_turns(response, where: str, name: str):
+    """A response next to a conversational prompt: a string is the assistant's one turn."""
+    if isinstance(response, str):
+        return [{"role": "assistant", "content": response}]
+    return response
+
+
+def _pair_with_prompt(prompt, response, where: str, name: str):
+    """(prompt, response) of one consistent kind: both strings, or messages + messages."""
+    if isinstance(prompt, list):
+        return prompt, _as_turns(response, where, name)
+    if isinstance(response, list):
+        raise DataError(f"{where}: {name!r} is a list of messages but 'prompt' is a string; give both as "
+                        "messages (conversational) or both as strings")
+    return prompt, response
+
+
 def load_sft(path) -> list[dict]:
-    """[{"prompt": str | messages, "response": str}] (messages: the last one is the response)."""
+    """[{"prompt": str | messages, "response": str | messages}] from any of
+        {"prompt", "response"}       ours        {"prompt", "completion"}   TRL prompt-completion
+        {"messages": [...]}          TRL conversational: every assistant turn is trained on
+        {"text": str}                TRL language modelling: every token is trained on
+    with prompt / completion as strings or as lists of messages (conversational: rendered with
+    the tokenizer's chat template; the loss covers the assistant turns only)."""
     out = []
-    for lineno, rec in read_records(path):
-        where = f"{path}:{lineno}"
+    for where, rec in read_records(path):
         if "messages" in rec:
             msgs = _check_messages(rec["messages"], where)
-            if msgs[-1]["role"] != "assistant":
-                raise DataError(f"{where}: the last message must be the assistant's response")
-            out.append({"prompt": msgs[:-1], "response": msgs[-1]["content"]})
+            if not any(m["role"] == "assistant" for m in msgs):
+                raise DataError(f"{where}: 'messages' has no assistant turn to train on")
+            out.append({"prompt": [], "response": msgs})
+        elif "text" in rec and "prompt" not in rec:
+            out.append({"prompt": "", "response": _field(rec, "text", where)})
         else:
-            out.append({"prompt": _field(rec, "prompt", where, (str, list)),
-                        "response": _field(rec, "response", where)})
+            prompt = _text_or_messages(rec, "prompt", where)
+            name = "completion" if "completion" in rec else "response"
+            out.append(dict(zip(("prompt", "response"),
+                                _pair_with_prompt(prompt, _text_or_messages(rec, name, where), where, name))))
     return out
 
 
+def extract_prompt(chosen, rejected):
+    """TRL's implicit prompt: the longest common start of chosen and rejected (leading messages,
+    or leading characters, not ending inside a word's leading space)."""
+    n = 0
+    for n in range(min(len(chosen), len(rejected)) + 1):
+        if n == min(len(chosen), len(rejected)) or chosen[n] != rejected[n]:
+            break
+    if isinstance(chosen, str) and n > 0 and chosen[n - 1] == " ":
+        n -= 1
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
 def load_preferences(path) -> list[dict]:
-    """[{"prompt", "chosen", "rejected"}]; a ranking of K responses gives its K(K-1)/2 pairs."""
+    """[{"prompt", "chosen", "rejected"}] from
+        {"prompt", "chosen", "rejected"}          strings, or messages (TRL conversational)
+        {"chosen", "rejected"}                    TRL's implicit prompt: their common start
+        {"prompt", "responses": [best, ..., worst]}  a ranking: its K(K-1)/2 pairs."""
     out = []
-    for lineno, rec in read_records(path):
-        where = f"{path}:{lineno}"
-        prompt = _field(rec, "prompt", where, (str, list))
+    for where, rec in read_records(path):
+        if "prompt" not in rec and "responses" not in rec:
+            chosen, rejected = _text_or_messages(rec, "chosen", where), _text_or_messages(rec, "rejected", where)
+            if type(chosen) is not type(rejected):
+                raise DataError(f"{where}: 'chosen' and 'rejected' must both be strings or both messages")
+            prompt, chosen, rejected = extract_prompt(chosen, rejected)
+            if not prompt:
+                raise DataError(f"{where}: no 'prompt', and 'chosen' and 'rejected' share no common start to take "
+                                "it from (TRL's implicit-prompt format)")
+            if not chosen or not rejected:
+                raise DataError(f"{where}: 'chosen' and 'rejected' are the same after their common prompt")
+            out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+            continue
+        prompt = _text_or_messages(rec, "prompt", where)
         if "responses" in rec:
             ranked = _field(rec, "responses", where, (list,))
-            if len(ranked) < 2 or not all(isinstance(r, str) for r in ranked):
-                raise DataError(f"{where}: 'responses' must list at least 2 strings, best first")
+            if len(ranked) < 2 or not all(isinstance(r, (str, list)) for r in ranked):
+                raise DataError(f"{where}: 'responses' must list at least 2 responses, best first")
+            ranked = [_pair_with_prompt(prompt, r, where, "responses")[1] for r in ranked]
             out += [{"prompt": prompt, "chosen": ranked[i], "rejected": ranked[j]}
                     for i in range(len(ranked)) for j in range(i + 1, len(ranked))]
         else:
-            out.append({"prompt": prompt, "chosen": _field(rec, "chosen", where),
-                        "rejected": _field(rec, "rejected", where)})
+            _, chosen = _pair_with_prompt(prompt, _text_or_messages(rec, "chosen", where), where, "chosen")
+            _, rejected = _pair_with_prompt(prompt, _text_or_messages(rec, "rejected", where), where, "rejected")
+            out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
     return out
 
 
 def load_prompts(path) -> list[dict]:
     """[{"prompt": str | messages, "answer": str | None, ...the other fields}]."""
     out = []
-    for lineno, rec in read_records(path):
-        where = f"{path}:{lineno}"
-        _field(rec, "prompt", where, (str, list))
+    for where, rec in read_records(path):
+        _text_or_messages(rec, "prompt", where)
         if "answer" in rec and not isinstance(rec["answer"], str):
             raise DataError(f"{where}: field 'answer' must be str, got {type(rec['answer']).__name__}")
         out.append(dict(rec, answer=rec.get("answer")))
@@ -128,16 +245,75 @@ def load_prompts(path) -> list[dict]:
 # ----------------------------------------------------------------------------------------
 
 
+def chat_ids(tokenizer, messages: list[dict], *, add_generation_prompt: bool = False) -> list[int]:
+    """Token ids of messages rendered by the tokenizer's chat template (transformers 5 returns
+    a mapping from apply_chat_template(tokenize=True): read its input_ids)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError("the data holds chat messages but the tokenizer has no chat_template: give the "
+                        "model directory a tokenizer with one, or use string prompts")
+    out = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True,
+                                        return_dict=False)
+    if isinstance(out, dict) or hasattr(out, "keys"):
+        out = out["input_ids"]
+    return list(out)
+
+
 def prompt_ids(tokenizer, prompt) -> list[int]:
-    """Token ids of a prompt: a plain string (with BOS), or messages through the chat template."""
+    """Token ids of a prompt: a plain string (with BOS when the tokenizer adds one), or
+    messages through the chat template with the assistant's turn opened."""
     if isinstance(prompt, list):
-        return list(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True))
+        return chat_ids(tokenizer, prompt, add_generation_prompt=True)
     return tokenizer(prompt)["input_ids"]
 
 
 def response_ids(tokenizer, response: str) -> list[int]:
     """Token ids of a response, ended with EOS (no BOS)."""
     return tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
+def conversation(tokenizer, messages: list[dict], train_from: int = 0) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of a conversation rendered by the chat template, labels = the token
+    on assistant turns at index >= train_from (what the template writes for the turn up to and
+    including its first EOS, the end-of-turn token generation stops at) and IGNORE elsewhere
+    (system, user, tool turns, each assistant turn's header, what follows its EOS). Found by rendering each prefix of the conversation: the template
+    must render a conversation as a continuation of its shorter prefixes (ChatML, Llama 3,
+    Mistral, Gemma and Phi-3 templates do; a template that rewrites earlier turns, e.g. drops
+    their reasoning, is refused with the turn it changed)."""
+    ids: list[int] = []
+    labels: list[int] = []
+    for i, msg in enumerate(messages):
+        full = chat_ids(tokenizer, messages[: i + 1])
+        start = len(ids)
+        if msg["role"] == "assistant" and i >= train_from:
+            head = chat_ids(tokenizer, messages[:i], add_generation_prompt=True) if i else \
+                _generation_header(tokenizer, full)
+            _check_continues(ids, head, i, "the assistant header")
+            _check_continues(head, full, i, "the assistant turn")
+            turn = full[len(head):]
+            end = turn.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in turn else len(turn)
+            ids += full[start:]  # header, then the turn, its end-of-turn (EOS) token included
+            labels += [IGNORE] * (len(head) - start) + turn[:end] + [IGNORE] * (len(turn) - end)
+        else:
+            _check_continues(ids, full, i, "the turn")
+            ids += full[start:]
+            labels += [IGNORE] * (len(full) - start)
+    return ids, labels
+
+
+def _generation_header(tokenizer, full: list[int]) -> list[int]:
+    """The tokens before a first-message assistant turn's content (a template may refuse to render
+    an empty conversation): everything up to where the turn's content starts."""
+    try:
+        return chat_ids(tokenizer, [], add_generation_prompt=True)
+    except Exception:  # noqa: BLE001 (any template error): no header
+        return []
+
+
+def _check_continues(prefix: list[int], ids: list[int], turn: int, what: str) -> None:
+    if ids[: len(prefix)] != prefix:
+        raise DataError(f"the chat template renders {what} at message {turn} so that the conversation before it "
+                        "changes (it is not a continuation of the shorter conversation); per-turn loss masks "
+                        "cannot be derived from this template")
 
 
 @dataclass
@@ -150,20 +326,27 @@ class Truncations:
     def report(self, what: str, max_len: int) -> None:
         if self.truncated or self.skipped:
             warnings.warn(f"{what}: {self.truncated} sequences truncated to {max_len} tokens, "
-                          f"{self.skipped} skipped (prompt alone longer than {max_len})", stacklevel=2)
+                          f"{self.skipped} skipped (no response token within {max_len})", stacklevel=2)
 
 
-def tokenize_pair(tokenizer, prompt, response: str, max_len: int, counts: Truncations):
-    """(input_ids, labels) with labels = IGNORE on the prompt; None if the prompt is too long."""
-    p = prompt_ids(tokenizer, prompt)
-    r = response_ids(tokenizer, response)
-    if len(p) >= max_len:
+def tokenize_pair(tokenizer, prompt, response, max_len: int, counts: Truncations):
+    """(input_ids, labels) with labels = IGNORE on the prompt: plain strings (prompt tokens, then
+    the response's and EOS), or a conversation (prompt and response lists of messages, rendered
+    by the chat template; loss on the response's assistant turns). Longer than max_len:
+    truncated and counted; None (counted) when no trained token fits."""
+    if isinstance(prompt, list) or isinstance(response, list):
+        ids, labels = conversation(tokenizer, list(prompt) + list(_as_turns(response, "", "")), len(prompt))
+    else:
+        p = prompt_ids(tokenizer, prompt)
+        r = response_ids(tokenizer, response)
+        ids, labels = p + r, [IGNORE] * len(p) + r
+    if all(y == IGNORE for y in labels[:max_len]):
         counts.skipped += 1
         return None
-    if len(p) + len(r) > max_len:
+    if len(ids) > max_len:
         counts.truncated += 1
-        r = r[: max_len - len(p)]
-    return p + r, [IGNORE] * len(p) + r
+        ids, labels = ids[:max_len], labels[:max_len]
+    return ids, labels
 
 
 def tokenize_pairs(tokenizer, pairs: list[dict], max_len: int, what: str):

@@ -139,8 +139,7 @@ class Store:
 def load_pairs(path: str | Path) -> list[dict]:
     """PAIRS.jsonl / parquet records with string prompt, a, b; id from the record or the content."""
     out = []
-    for lineno, rec in data.read_records(path):
-        where = f"{path}:{lineno}"
+    for where, rec in data.read_records(path):
         for key in ("prompt", "a", "b"):
             if key not in rec:
                 raise data.DataError(f"{where}: missing field {key!r} (a pair needs prompt, a, b)")

@@ -18,6 +18,7 @@ weight.
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,37 +39,77 @@ def _sequence_index(cu: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch
     return torch.where(valid, cu[:-1, None].long() + pos[None], 0), valid
 
 
-def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+def _math_attention(q, k, v, keep, scaling, softcap, dropout):
+    """Attention written out, for what SDPA cannot do (logit softcapping, Gemma 2):
+    q (n, heads, L, hd), k / v (n, heads, S, hd), keep (n | 1, 1 | heads, L, S) bool."""
+    s = torch.matmul(q, k.transpose(-1, -2)).float() * scaling  # (n, heads, L, S)
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    p = torch.softmax(s.masked_fill(~keep, float("-inf")), dim=-1).nan_to_num(0.0).to(v.dtype)
+    if dropout:
+        p = torch.nn.functional.dropout(p, p=dropout)
+    return torch.matmul(p, v)  # (n, heads, L, hd)
+
+
+def _causal_keep(L: int, S: int, window: int | None, device) -> torch.Tensor:
+    """(L, S) bool: query i (the last L of S positions) sees key j <= i, and j > i - window."""
+    i = torch.arange(S - L, S, device=device)[:, None]
+    j = torch.arange(S, device=device)[None, :]
+    keep = j <= i
+    return keep & (j > i - window) if window else keep
+
+
+def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                     softcap=None, sliding_window=None, **kwargs):
     """transformers attention function. query (B, heads, T, hd), key/value (B, kv_heads, T, hd)
-    -> ((B, T, heads, hd), None). Packed when called with cu_seq_lens_q (see forward_packed)."""
+    -> ((B, T, heads, hd), None). Packed when called with cu_seq_lens_q (see forward_packed).
+    Reproduces what the architectures pass: scaling, dropout, attention-logit softcapping
+    (Gemma 2's attn_logit_softcapping) and sliding windows (Mistral, Gemma 2, Qwen2 when on:
+    query i sees keys j with i - j < window)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    if kwargs.get("s_aux") is not None:
+        raise NotImplementedError(f"{type(module).__name__}: attention sinks (s_aux) are not supported "
+                                  "by fastrlhf's packed attention")
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    groups = query.shape[1] // key.shape[1]
     cu = kwargs.get("cu_seq_lens_q")
     if cu is None:  # an ordinary (padded / generation) batch
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
-                                      dropout=dropout, **kwargs)
-    if query.is_cuda and _HAS_FLASH:
+        if not softcap:  # SDPA with transformers' mask (padding, sliding window already in it)
+            return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                          dropout=dropout, **kwargs)
+        if groups > 1:
+            key, value = (x.repeat_interleave(groups, dim=1) for x in (key, value))
+        keep = attention_mask if attention_mask is not None else \
+            _causal_keep(query.shape[2], key.shape[2], sliding_window, query.device)[None, None]
+        if keep.dtype != torch.bool:  # an additive float mask
+            keep = keep == 0
+        out = _math_attention(query, key, value, keep, scaling, softcap, dropout)
+        return out.transpose(1, 2).contiguous(), None
+    if query.is_cuda and _HAS_FLASH and query.dtype in (torch.float16, torch.bfloat16):
         from flash_attn import flash_attn_varlen_func
 
         B, h, T, d = query.shape
         q, k, v = (x.transpose(1, 2).reshape(B * T, x.shape[1], d) for x in (query, key, value))
         max_len = kwargs["max_length_q"]
         out = flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, dropout_p=dropout,
-                                     softmax_scale=scaling, causal=True)
+                                     softmax_scale=scaling, causal=True, softcap=softcap or 0.0,
+                                     window_size=(sliding_window - 1, 0) if sliding_window else (-1, -1))
         return out.view(B, T, h, d), None
     # no varlen kernel: unpack the row into (n, L) padded sequences, causal SDPA with a key
     # padding mask, pack back. Work is sum over sequences of L^2, not (total tokens)^2 as a
     # block-diagonal mask over the whole packed row would cost
     idx, valid = _sequence_index(cu, kwargs["max_length_q"])  # (n, L)
-    groups = query.shape[1] // key.shape[1]
     if groups > 1:
         key, value = (x.repeat_interleave(groups, dim=1) for x in (key, value))
     q, k, v = (x[0][:, idx].transpose(0, 1) for x in (query, key, value))  # (n, heads, L, hd)
     L = idx.shape[1]
-    causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
-    mask = causal[None, None] & valid[:, None, None, :]  # (n, 1, L, L)
-    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
-                                                           scale=scaling)  # (n, heads, L, hd)
+    mask = _causal_keep(L, L, sliding_window, q.device)[None, None] & valid[:, None, None, :]  # (n, 1, L, L)
+    if softcap:
+        out = _math_attention(q, k, v, mask, scaling, softcap, dropout)
+    else:
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                                               scale=scaling)  # (n, heads, L, hd)
     packed = out.new_empty(query.shape[2], query.shape[1], query.shape[3])  # (T, heads, hd), SDPA's dtype (autocast)
     packed[idx[valid]] = out.transpose(1, 2)[valid]
     return packed[None], None
@@ -86,8 +127,6 @@ def _register_attention() -> None:
     AttentionMaskInterface.register(ATTN, sdpa_mask)
 
 
-def default_dtype(device: torch.device | str) -> torch.dtype:
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
 def check_model_dir(path: str | Path) -> Path:
@@ -101,25 +140,105 @@ def check_model_dir(path: str | Path) -> Path:
 
 
 def load_tokenizer(path: str | Path):
+    """The model directory's tokenizer; one without a pad token (Llama 3, Mistral) pads with its
+    EOS token, as TRL does (padding is masked out everywhere it is used)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(check_model_dir(path))
+    tok = AutoTokenizer.from_pretrained(check_model_dir(path))
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise ValueError(f"{path}: the tokenizer has neither a pad nor an eos token")
+        tok.pad_token = tok.eos_token
+    return tok
 
 
-def load_causal_lm(path: str | Path, *, device="cpu", dtype=None, gradient_checkpointing=False):
-    """An AutoModelForCausalLM from an HF directory, with the packed attention function."""
+def disable_dropout(model) -> None:
+    """Every dropout of the model to 0, in train mode too: nn.Dropout modules (GPT-2's resid /
+    embd / attn_pdrop) and the attention-dropout rates modules pass to the attention function
+    (Llama-family attention_dropout)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        for name in ("attention_dropout", "attn_dropout_p", "dropout_p"):
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+
+
+def load_causal_lm(path: str | Path, *, device="cpu", dtype=torch.float32, gradient_checkpointing=False,
+                   no_dropout: bool = False, verify: bool = True):
+    """An AutoModelForCausalLM from an HF directory, with the packed attention function. dtype:
+    float32 for a trained model (the master weights), the compute dtype for a frozen one.
+    verify (float32 only): check once that our packed, fused log-probs equal the model's own
+    forward (check_logprob_fidelity)."""
     from transformers import AutoModelForCausalLM
 
     _register_attention()
-    model = AutoModelForCausalLM.from_pretrained(check_model_dir(path),
-                                                 dtype=dtype or default_dtype(device),
-                                                 attn_implementation=ATTN)
+    model = AutoModelForCausalLM.from_pretrained(check_model_dir(path), dtype=dtype, attn_implementation=ATTN)
+    output_transform(model.config)  # refuse an output transform we do not reproduce, by its field
+    if no_dropout:
+        disable_dropout(model)
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    return model.to(device)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = model.to(device)
+    if verify and dtype == torch.float32:
+        check_logprob_fidelity(model, path)
+    return model
 
 
-def load_value_model(path: str | Path, *, device="cpu", dtype=None, gradient_checkpointing=False):
+def check_logprob_fidelity(model, path, *, tol: float = 1e-3) -> float:
+    """Our packed-sequence, fused log-probs against transformers' own reference forward (eager
+    attention, materialised logits) on two short random sequences, in float32: a model whose
+    attention or output layer we do not reproduce is refused here, before any training, with
+    the config fields that may be why. Returns the largest difference (nats)."""
+    from fastrlhf.data import pack
+
+    g = torch.Generator().manual_seed(0)
+    V = model.get_output_embeddings().weight.shape[0]
+    seqs = [torch.randint(0, V, (n,), generator=g).tolist() for n in (11, 7)]
+    mb = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in pack([(s, s) for s in seqs], 64)[0].items()}
+    was_training, impl = model.training, model.config._attn_implementation
+    model.eval()
+    try:
+        with torch.no_grad():
+            ours = token_logprobs(model, mb)[0]  # (total,)
+            model.config._attn_implementation = "eager"
+            worst, start = 0.0, 0
+            for s in seqs:
+                logits = model(input_ids=torch.tensor([s], device=model.device)).logits[0, :-1].float()
+                ref = torch.log_softmax(logits, -1).gather(-1, torch.tensor(s[1:], device=model.device)[:, None])[:, 0]
+                worst = max(worst, (ours[start:start + len(s) - 1] - ref).abs().max().item())
+                start += len(s)
+    finally:
+        model.config._attn_implementation = impl
+        model.train(was_training)
+    if not worst <= tol:
+        config = _text_config(model.config)
+        suspects = sorted(k for k, v in config.to_dict().items() if v not in (None, False) and any(
+            w in k for w in ("softcap", "scal", "multiplier", "window", "logit", "sink")))
+        raise ValueError(f"{path}: fastrlhf's log-probs for {type(model).__name__} differ from transformers' own "
+                         f"forward by {worst:.3g} nats (config fields that may be why: {', '.join(suspects) or 'none'}); "
+                         "refusing to train on wrong log-probs")
+    return worst
+
+
+def load_trained(path: str | Path, cfg, device, *, value: bool = False):
+    """A model a trainer trains: float32 master weights, with the run's gradient checkpointing
+    and dropout settings (cfg: runtime.ModelFields); value=True: a scalar-head value model."""
+    load = load_value_model if value else load_causal_lm
+    return load(path, device=device, dtype=torch.float32, gradient_checkpointing=cfg.gradient_checkpointing,
+                no_dropout=cfg.disable_dropout)
+
+
+def check_max_len(model, max_len: int) -> None:
+    """max_len must fit the model's positions (learned position embeddings have no more rows)."""
+    limit = getattr(_text_config(model.config), "max_position_embeddings", None) or \
+        getattr(model.config, "n_positions", None)
+    if limit and max_len > limit:
+        raise ValueError(f"max_len={max_len} is longer than the model's max_position_embeddings={limit}")
+
+
+def load_value_model(path: str | Path, *, device="cpu", dtype=torch.float32, gradient_checkpointing=False,
+                     no_dropout: bool = False):
     """A scalar head on the backbone (AutoModelForSequenceClassification, num_labels=1): the
     reward model and the PPO critic. From a causal-LM directory the head starts at zero, so
     initial values are 0; from a saved reward model it is loaded. Saves as a standard HF
@@ -132,13 +251,14 @@ def load_value_model(path: str | Path, *, device="cpu", dtype=None, gradient_che
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "some weights newly initialized": the head, on purpose
         model = AutoModelForSequenceClassification.from_pretrained(
-            check_model_dir(path), num_labels=1, dtype=dtype or default_dtype(device),
-            attn_implementation=ATTN)
+            check_model_dir(path), num_labels=1, dtype=dtype, attn_implementation=ATTN)
     if not any(a.endswith("ForSequenceClassification") for a in model.config.architectures or []):
         nn.init.zeros_(model.score.weight)  # a fresh head: every value starts at 0
     model.config.reward_head = "value"  # a critic built from a log-prob reward model is a value model
+    if no_dropout:
+        disable_dropout(model)
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model.to(device)
 
 
@@ -159,12 +279,92 @@ def hidden_states(model, batch: dict) -> torch.Tensor:
     return out.last_hidden_state
 
 
+# ----------------------------------------------------------------------------------------
+# the output layer, as each architecture computes it
+# ----------------------------------------------------------------------------------------
+
+# Config fields that change the logits after the lm_head matmul. Reproduced: final-logit
+# softcapping (any architecture: cap * tanh(z / cap)), Cohere's logit_scale (z * s), Granite's
+# logits_scaling (z / s), HyperCLOVA X's logits_scaling (z * s). Any other of these fields that is
+# set, on any architecture, refuses the model at load: it would train on wrong log-probs.
+OUTPUT_FIELDS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "lm_head_multiplier",
+                 "output_multiplier", "output_logits_scale", "logit_softcapping", "mup_width_multiplier")
+
+
+@dataclass(frozen=True)
+class OutputHead:
+    """logits = softcap * tanh(logit_scale * (hidden @ weight.T + bias) / softcap)."""
+
+    weight: torch.Tensor  # (V, H), the lm_head's (the input embedding when tied)
+    bias: torch.Tensor | None  # (V,): Phi
+    logit_scale: float = 1.0  # Cohere, Granite
+    softcap: float | None = None  # Gemma 2 / 3
+
+    def describe(self) -> str:
+        parts = [f"bias {self.bias is not None}", f"logit_scale {self.logit_scale:g}",
+                 f"softcap {self.softcap}"]
+        return ", ".join(parts)
+
+
+def _text_config(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def output_transform(config) -> tuple[float, float | None]:
+    """(logit_scale, softcap) of an architecture's config; ValueError naming the field for an
+    output transform we do not reproduce."""
+    config = _text_config(config)
+    kind = config.model_type
+    scale, softcap = 1.0, None
+    for name in OUTPUT_FIELDS:
+        value = getattr(config, name, None)
+        if value is None or isinstance(value, bool):
+            continue
+        if name == "final_logit_softcapping":
+            softcap = float(value)
+        elif name == "logit_scale" and kind.startswith("cohere"):
+            scale *= float(value)
+        elif name == "logits_scaling" and kind.startswith("granite"):
+            scale /= float(value)
+        elif name == "logits_scaling" and kind == "hyperclovax":
+            scale *= float(value)
+        elif float(value) != 1.0:
+            raise ValueError(f"config.json: {name}={value} ({kind}) changes the output logits in a way "
+                             "fastrlhf does not reproduce; training on it would use wrong log-probs")
+    return scale, softcap
+
+
+def output_head(model) -> OutputHead:
+    """The output layer of an HF causal LM as linear_logprob takes it."""
+    lm = model.get_output_embeddings()
+    if not isinstance(lm, nn.Linear):
+        raise ValueError(f"{type(model).__name__}: the output layer is a {type(lm).__name__}, not a "
+                         "Linear layer; fastrlhf's fused log-probs need a Linear lm_head")
+    scale, softcap = output_transform(model.config)
+    return OutputHead(lm.weight, lm.bias, scale, softcap)
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype autocast runs matmuls in when it is on for t's device, else t's own."""
+    kind = t.device.type
+    if torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return t.dtype
+
+
 def token_logprobs(model, batch: dict, *, temperature=1.0, return_entropy=False, impl=None):
     """log p(labels[t] | tokens <= t) for every position (0 where labels == -100), float32,
-    through linear_logprob on the last hidden state: the logits are never materialised."""
+    through linear_logprob on the last hidden state with the architecture's output transform
+    (bias, logit scale, softcapping): the logits are never materialised. Under autocast the
+    hidden state and the output weight enter the kernel in the autocast dtype (the gradient
+    reaches the fp32 master weight through the cast)."""
     h = hidden_states(model, batch)  # (B, T, H)
-    return linear_logprob(h, model.get_output_embeddings().weight, batch["labels"].to(h.device),
-                          temperature=temperature, return_entropy=return_entropy, impl=impl)
+    head = output_head(model)
+    dtype = _compute_dtype(head.weight)
+    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    return linear_logprob(cast(h), cast(head.weight), batch["labels"].to(h.device), bias=cast(head.bias),
+                          logit_scale=head.logit_scale, softcap=head.softcap, temperature=temperature,
+                          return_entropy=return_entropy, impl=impl)
 
 
 def per_sequence(token_values: torch.Tensor, batch: dict, *, average: bool = False) -> torch.Tensor:
@@ -208,10 +408,15 @@ def reward_head(path: str | Path) -> str:
     return head
 
 
-def load_reward_model(path: str | Path, *, device="cpu", dtype=None):
+def load_reward_model(path: str | Path, *, device="cpu", dtype=torch.float32):
     """A trained reward model, frozen, whichever its head (see sequence_rewards)."""
     load = load_causal_lm if reward_head(path) == "logprob" else load_value_model
     return load(path, device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def load_frozen(path: str | Path, *, device, dtype) -> nn.Module:
+    """A frozen causal LM (the reference) in the compute dtype, in eval mode (no dropout)."""
+    return load_causal_lm(path, device=device, dtype=dtype, verify=False).eval().requires_grad_(False)
 
 
 def token_rewards(model, batch: dict) -> torch.Tensor:
@@ -234,15 +439,27 @@ def sequence_rewards(model, batch: dict) -> torch.Tensor:
     return sequence_end_values(model, batch)
 
 
-def save_hf_dir(model, tokenizer, out_dir: str | Path) -> None:
-    """config + safetensors + tokenizer into out_dir (not atomic: see save_pretrained_atomic)."""
-    model.save_pretrained(out_dir, safe_serialization=True)
+def save_hf_dir(model, tokenizer, out_dir: str | Path, dtype: torch.dtype | None = None) -> None:
+    """config + safetensors + tokenizer into out_dir (not atomic: see save_pretrained_atomic);
+    the weights cast to `dtype` when given (the trained float32 masters saved as bf16, say),
+    tied weights kept tied."""
+    old = model.config.dtype
+    state = None
+    if dtype is not None and any(p.dtype != dtype for p in model.parameters()):
+        cast: dict = {}
+        state = {k: cast.setdefault(v.data_ptr(), v.to(dtype)) if v.is_floating_point() else v
+                 for k, v in model.state_dict().items()}
+        model.config.dtype = dtype
+    try:
+        model.save_pretrained(out_dir, safe_serialization=True, state_dict=state)
+    finally:
+        model.config.dtype = old
     tokenizer.save_pretrained(out_dir)
 
 
-def save_pretrained_atomic(model, tokenizer, out_dir: str | Path) -> Path:
+def save_pretrained_atomic(model, tokenizer, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
     """An HF directory written to a sibling temp dir and renamed into place: a crash mid-write
     never leaves a half-written model under out_dir."""
     with atomic_dir(out_dir) as tmp:
-        save_hf_dir(model, tokenizer, tmp)
+        save_hf_dir(model, tokenizer, tmp, dtype)
     return Path(out_dir)

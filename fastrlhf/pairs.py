@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from fastrlhf import data, models
-from fastrlhf.runtime import resolve_device, write_atomic
+from fastrlhf.runtime import DTYPES, Precision, resolve_device, write_atomic
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -36,16 +36,20 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.3)
+    p.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, float32 on CPU) | bfloat16 | float16 | float32")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     if args.samples < 2:
         p.error("--samples must be at least 2")
 
     records = data.load_prompts(args.prompts)
     tok = models.load_tokenizer(args.model)
-    policy = models.load_causal_lm(args.model, device=resolve_device(args.device))
+    device = resolve_device(args.device)
+    prec = Precision(args.dtype if args.dtype in DTYPES else "auto", device)
+    policy = models.load_frozen(args.model, device=device, dtype=prec.dtype)
     ids = [data.prompt_ids(tok, r["prompt"]) for r in records]
     max_len = max(len(x) for x in ids) + args.max_new_tokens
     engine = make_engine(args.engine, model_dir=args.model, policy=policy, tokenizer=tok, max_model_len=max_len,
+                         dtype=prec.dtype,
                          seed=args.seed, gpu_memory_utilization=args.gpu_memory_utilization)
     groups = engine.generate(ids, n=args.samples, temperature=args.temperature, max_tokens=args.max_new_tokens,
                              seed=args.seed)

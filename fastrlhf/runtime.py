@@ -63,8 +63,8 @@ def load_config(cls, argv: list[str] | None = None, *, prog: str = "fastrlhf"):
     p.add_argument("--config", help="YAML file overriding the defaults")
     for name, f in fields.items():
         default = f.default if f.default is not dataclasses.MISSING else None
-        p.add_argument(f"--{name}", dest=name, default=None,
-                       help=f"{help_of(f)} (default: {default!r})")
+        text = f"{help_of(f)} (default: {default!r})".replace("%", "%%")  # argparse %-formats help
+        p.add_argument(f"--{name}", dest=name, default=None, help=text)
         if "_" in name:  # --output-dir as well as --output_dir
             p.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -103,7 +103,63 @@ def save_config(cfg, out_dir: Path) -> None:
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.split(":")[0] not in ("cpu", "cuda"):
+        raise ValueError(f"device {name!r}: expected auto, cpu or cuda[:N]")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r}: CUDA is not available on this machine")
     return torch.device(name)
+
+
+# ----------------------------------------------------------------------------------------
+# the fields every trainer shares for the model it trains, and precision
+# ----------------------------------------------------------------------------------------
+
+DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+          "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}
+
+
+@dataclasses.dataclass
+class ModelFields:
+    """How the trained model is held: composed into every trainer's config (flat on the
+    command line: --dtype, --gradient_checkpointing, --disable_dropout)."""
+
+    dtype: str = dataclasses.field(default="auto", metadata={
+        "help": "compute dtype of forward passes, the frozen reference / reward models and vLLM: auto "
+                "(bfloat16 on CUDA, float32 on CPU) | bfloat16 | float16 | float32; the trained weights and "
+                "AdamW state stay float32 (master weights) and final/ is saved in this dtype"})
+    gradient_checkpointing: bool = dataclasses.field(default=False, metadata={
+        "help": "recompute each decoder layer's activations in the backward (less memory, ~30% more compute)"})
+    disable_dropout: bool = dataclasses.field(default=True, metadata={
+        "help": "set every dropout of the trained models to 0 (as TRL): the sampler, the reference and the "
+                "trainer then compute the same distribution"})
+
+    def __post_init__(self):
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"dtype {self.dtype!r}: expected auto, bfloat16, float16 or float32")
+
+
+class Precision:
+    """Mixed precision as GPU trainers do it: float32 master weights and optimiser state,
+    forward passes under autocast in the compute dtype (bf16 / fp16), float16 with a dynamic
+    loss scale (GradScaler). float32: no autocast. The frozen models are loaded in the compute
+    dtype itself (they have no optimiser to keep precision for)."""
+
+    def __init__(self, name: str, device: torch.device):
+        self.device = torch.device(device)
+        if name == "auto":
+            name = "bfloat16" if self.device.type == "cuda" else "float32"
+        self.dtype = DTYPES[name]
+        if self.dtype == torch.bfloat16 and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ValueError("dtype bfloat16: this GPU does not support it; use --dtype float16")
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
+
+    def autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
 
 def seed_everything(seed: int) -> None:
@@ -111,12 +167,24 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def begin(cfg) -> tuple[Path, torch.device]:
-    """The output directory (created), seeded RNGs, and the device of a run."""
+def begin(cfg) -> tuple[Path, torch.device, Precision]:
+    """The output directory (created), seeded RNGs, the device and the precision of a run."""
+    check_common(cfg)
+    device = resolve_device(cfg.device)
+    prec = Precision(cfg.dtype, device)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
-    return out, resolve_device(cfg.device)
+    return out, device, prec
+
+
+def check_common(cfg) -> None:
+    """Settings every trainer shares that cannot be right, refused before anything runs."""
+    for name in ("eval_every", "log_samples_every"):
+        if getattr(cfg, name, 1) < 1:
+            raise ValueError(f"{name}={getattr(cfg, name)}: expected >= 1")
+    if getattr(cfg, "save_every", 0) < 0:
+        raise ValueError(f"save_every={cfg.save_every}: expected >= 0 (0: only final/)")
 
 
 def optimisation(cfg, model, out: Path, total: int, ckpt: Path | None, desc: str, *, head_lr: float = 0.0):
@@ -230,6 +298,27 @@ class MetricsLog:
             self.wandb.finish()
 
 
+class SampleLog:
+    """samples.jsonl: {"step", ...} rows of generated text (prompt, completion, reward), flushed;
+    resuming from the checkpoint of step resume_step drops the rows written after it."""
+
+    def __init__(self, out_dir: Path, *, resume_step: int | None):
+        self.path = out_dir / "samples.jsonl"
+        if resume_step is not None and self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            write_atomic(self.path, "".join(line + "\n" for line in kept))
+        self.file = open(self.path, "a" if resume_step is not None else "w")
+
+    def write(self, step: int, rows: list[dict]) -> None:
+        for row in rows:
+            self.file.write(json.dumps({"step": step, **row}) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
 def _num(v):
     if isinstance(v, torch.Tensor):
         v = v.item()
@@ -334,7 +423,9 @@ def save_checkpoint(out_dir: Path, step: int, model, tokenizer, opt, sched, stat
 
 
 def load_trainer_state(ckpt: Path, opt, sched) -> dict:
-    state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+    # map_location: a checkpoint written on a GPU resumes on a CPU machine (and back: the
+    # optimiser moves its state to its parameters' device)
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=False, map_location="cpu")
     opt.load_state_dict(state.pop("optimizer"))
     sched.load_state_dict(state.pop("scheduler"))
     random.setstate(state.pop("python_rng"))
@@ -342,28 +433,38 @@ def load_trainer_state(ckpt: Path, opt, sched) -> dict:
     return state
 
 
-def optimizer_step(model, opt, sched, grad_clip: float, counters: dict, ok: bool = True) -> float:
+def optimizer_step(model, opt, sched, grad_clip: float, counters: dict, ok: bool = True, scaler=None,
+                   update_scaler: bool = True) -> float:
     """Clip, step (unless the step's loss was not finite, ok=False, or the gradient norm is
     not: then the update is skipped and counted in counters["skipped_nonfinite"]), zero the
-    gradients, advance the schedule. Returns the gradient norm."""
+    gradients, advance the schedule. Returns the gradient norm. With a float16 GradScaler the
+    gradients are unscaled first and an overflow (the scale was too high: it is lowered) is
+    counted in counters["skipped_overflow"]; update_scaler=False when a second optimiser steps
+    on the same scaled loss next (the scale is updated once, after the last)."""
     grad_norm = float("nan")
     if ok:
+        if scaler is not None:
+            scaler.unscale_(opt)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
         if math.isfinite(grad_norm):
             opt.step()
         else:
-            counters["skipped_nonfinite"] = counters.get("skipped_nonfinite", 0) + 1
+            key = "skipped_overflow" if scaler is not None else "skipped_nonfinite"
+            counters[key] = counters.get(key, 0) + 1
+        if scaler is not None and update_scaler:
+            scaler.update()
     opt.zero_grad(set_to_none=True)
     sched.step()
     return grad_norm
 
 
-def backward_and_step(loss: torch.Tensor, model, opt, sched, grad_clip: float, counters: dict) -> float:
+def backward_and_step(loss: torch.Tensor, model, opt, sched, grad_clip: float, counters: dict,
+                      prec: Precision | None = None) -> float:
     """One optimiser step on a whole-step loss (see optimizer_step)."""
     ok = finite_or_skip(loss, counters)
     if ok:
-        loss.backward()
-    return optimizer_step(model, opt, sched, grad_clip, counters, ok)
+        prec.backward(loss) if prec is not None else loss.backward()
+    return optimizer_step(model, opt, sched, grad_clip, counters, ok, prec.scaler if prec else None)
 
 
 def finite_or_skip(loss: torch.Tensor, counters: dict) -> bool:
@@ -383,12 +484,13 @@ def maybe_checkpoint(out_dir: Path, cfg, step: int, total: int, model, tokenizer
 
 
 def finish(out_dir: Path, log: MetricsLog, model, tokenizer, summary: dict, step: int,
-           counters: dict) -> dict:
-    """Close the log, write final/ (HF directory) and summary.json, both atomically."""
+           counters: dict, dtype: torch.dtype | None = None) -> dict:
+    """Close the log, write final/ (HF directory, in `dtype`: the run's compute dtype) and
+    summary.json, both atomically."""
     from fastrlhf.models import save_pretrained_atomic
 
     log.close()
-    save_pretrained_atomic(model, tokenizer, out_dir / "final")
+    save_pretrained_atomic(model, tokenizer, out_dir / "final", dtype=dtype)
     summary.update({"steps": step, "final": str(out_dir / "final"), **counters})
     write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2))
     return summary

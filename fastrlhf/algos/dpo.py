@@ -30,11 +30,11 @@ from fastrlhf.tasks import arithmetic as ar
 
 
 @dataclass
-class DPOConfig:
+class DPOConfig(runtime.ModelFields):
     """fastrlhf dpo: optimise the policy directly on preference pairs."""
 
     model: str = field(default="", metadata={"help": "HF model directory to start from (the SFT run's final/); empty: built-in tiny model"})
-    data: str = field(default="", metadata={"help": "preferences JSONL/parquet; empty: the built-in annotator's pairs"})
+    data: str = field(default="", metadata={"help": "preferences JSONL / JSON / parquet / datasets directory (prompt + chosen + rejected as strings or messages, TRL's implicit-prompt chosen + rejected, or a ranking); empty: the built-in annotator's pairs"})
     eval_data: str = field(default="", metadata={"help": "held-out preferences; empty: built-in held-out pairs or a 5% split"})
     output_dir: str = field(default="runs/dpo", metadata={"help": "where metrics.jsonl, checkpoints/ and final/ go"})
     loss_type: str = field(default="sigmoid", metadata={"help": "sigmoid (DPO) | robust | ipo | hinge | simpo"})
@@ -42,18 +42,19 @@ class DPOConfig:
     label_smoothing: float = field(default=0.0, metadata={"help": "cDPO / rDPO label noise eps (sigmoid, robust, simpo)"})
     gamma: float = field(default=0.5, metadata={"help": "SimPO target margin"})
     precompute_ref: bool = field(default=True, metadata={"help": "reference log-probs once before training (else every step)"})
-    max_len: int = field(default=64, metadata={"help": "longest prompt+response in tokens"})
-    tokens_per_micro_batch: int = field(default=4096, metadata={"help": "packed tokens per forward pass"})
+    max_len: int = field(default=1024, metadata={"help": "longest prompt+response in tokens"})
+    tokens_per_micro_batch: int = field(default=8192, metadata={"help": "packed tokens per forward pass"})
     pairs_per_step: int = field(default=32, metadata={"help": "preference pairs per optimiser step"})
     epochs: int = field(default=1, metadata={"help": "passes over the pairs"})
     max_steps: int = field(default=0, metadata={"help": "stop after this many steps (0: run all epochs)"})
-    lr: float = field(default=2e-4, metadata={"help": "peak learning rate"})
+    lr: float = field(default=1e-6, metadata={"help": "peak learning rate"})
     warmup_steps: int = field(default=10, metadata={"help": "linear warm-up steps"})
     schedule: str = field(default="cosine", metadata={"help": "cosine | linear | constant after warm-up"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (matrices only)"})
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm"})
-    eval_every: int = field(default=50, metadata={"help": "evaluate every k steps (and at the end)"})
-    save_every: int = field(default=100, metadata={"help": "checkpoint every k steps (0: only final/)"})
+    eval_every: int = field(default=100, metadata={"help": "evaluate every k steps (and at the end)"})
+    save_every: int = field(default=500, metadata={"help": "checkpoint every k steps (0: only final/)"})
+    log_samples: int = field(default=4, metadata={"help": "at each evaluation, greedy completions of this many held-out prompts into samples.jsonl (0: none)"})
     seed: int = field(default=0, metadata={"help": "seed for data order"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
     task_pairs: int = field(default=4000, metadata={"help": "built-in task: pairs the simulated annotator labels"})
@@ -62,6 +63,7 @@ class DPOConfig:
     task_eval_prompts: int = field(default=200, metadata={"help": "built-in task: held-out prompts for eval/accuracy"})
 
     def __post_init__(self):
+        super().__post_init__()
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {list(LOSS_TYPES)}, got {self.loss_type!r}")
 
@@ -88,6 +90,15 @@ def reference_logps(ref, pairs, cfg, device):
     return list(zip(c.tolist(), r.tolist()))
 
 
+def pair_samples(policy, tokenizer, eval_pairs, cfg) -> list[dict]:
+    """Greedy completions of the first cfg.log_samples held-out prompts, beside the pair's chosen
+    response (samples.jsonl)."""
+    from fastrlhf.algos.sft import sample_completions
+
+    records = [{"prompt": p["prompt"], "response": p["chosen"]} for p in eval_pairs]
+    return [{**row, "chosen": row.pop("reference")} for row in sample_completions(policy, tokenizer, records, cfg)]
+
+
 def task_accuracy(policy, tokenizer, heldout, prefix: str) -> dict:
     """Built-in task: greedy and sampled exact match (ar.accuracy, ar.sampled_accuracy)."""
     return {f"{prefix}/accuracy": ar.accuracy(policy, tokenizer, heldout),
@@ -95,20 +106,22 @@ def task_accuracy(policy, tokenizer, heldout, prefix: str) -> dict:
 
 
 def train(cfg: DPOConfig) -> dict:
-    out, device = runtime.begin(cfg)
+    out, device, prec = runtime.begin(cfg)
 
-    # step 1: policy, frozen reference (none for simpo), pairs, reference log-prob tables
+    # step 1: policy, frozen reference (none for simpo; in the compute dtype), pairs, reference log-prob tables
     model_dir, pairs, eval_pairs = prepare_pairs(cfg, out)
     ckpt = runtime.latest_checkpoint(out)
     tokenizer = models.load_tokenizer(model_dir)
-    policy = models.load_causal_lm(ckpt or model_dir, device=device)
+    policy = models.load_trained(ckpt or model_dir, cfg, device)
+    models.check_max_len(policy, cfg.max_len)
     train_pairs = data.tokenize_pairs(tokenizer, pairs, cfg.max_len, "dpo data")
     eval_tok = data.tokenize_pairs(tokenizer, eval_pairs, cfg.max_len, "dpo eval data")
     need_ref = cfg.loss_type != "simpo"
-    ref = models.load_causal_lm(model_dir, device=device).eval().requires_grad_(False) if need_ref else None
+    ref = models.load_frozen(model_dir, device=device, dtype=prec.dtype) if need_ref else None
     train_ref = eval_ref = None  # [(chosen, rejected)] per pair when precomputed
     if ref is not None and cfg.precompute_ref:
-        train_ref, eval_ref = reference_logps(ref, train_pairs, cfg, device), reference_logps(ref, eval_tok, cfg, device)
+        with prec.autocast():
+            train_ref, eval_ref = reference_logps(ref, train_pairs, cfg, device), reference_logps(ref, eval_tok, cfg, device)
         ref = None  # the reference model is no longer needed: free it
     heldout = ar.heldout_prompts(ar.ArithmeticTask(seed=cfg.seed), cfg.task_eval_prompts) if not cfg.data else None
     indexed = list(range(len(train_pairs)))
@@ -141,27 +154,31 @@ def train(cfg: DPOConfig) -> dict:
 
     # step 3: the loop
     step, counters, summary = state["step"], state["counters"], state["summary"]
-    if step == 0 and heldout:
-        summary.update(task_accuracy(policy, tokenizer, heldout, "start"))
-    while step < total:
-        epoch, index = divmod(step, steps_per_epoch)
-        idx = pair_steps(indexed, cfg.pairs_per_step, cfg.seed, epoch)[index]
-        policy.train()
-        t0 = time.time()
-        batch = [train_pairs[i] for i in idx]
-        refs = refs_for(idx, train_pairs, train_ref)
-        loss, m = dpo_loss(policy, refs, batch, cfg, device)  # step 3a: preference loss
-        grad_norm = runtime.backward_and_step(loss, policy, opt, sched, cfg.grad_clip, counters)
-        step += 1
-        metrics = {"loss/dpo": loss.item(), **m, "lr": sched.get_last_lr()[0], "grad_norm": grad_norm,
-                   "pairs_per_s": len(batch) / (time.time() - t0), **counters}
-        if step % cfg.eval_every == 0 or step == total:  # step 4: held-out pairs and prompts
-            metrics.update(evaluate())
-            summary.update({k: v for k, v in metrics.items() if k.startswith("eval/")})
-        log.log(step, metrics)
-        runtime.maybe_checkpoint(out, cfg, step, total, policy, tokenizer, opt, sched, counters, summary)
-    # step 5: the final model, an HF directory
-    return runtime.finish(out, log, policy, tokenizer, summary, step, counters)
+    samples_log = runtime.SampleLog(out, resume_step=state["step"] if ckpt else None)
+    with prec.autocast():
+        if step == 0 and heldout:
+            summary.update(task_accuracy(policy, tokenizer, heldout, "start"))
+        while step < total:
+            epoch, index = divmod(step, steps_per_epoch)
+            idx = pair_steps(indexed, cfg.pairs_per_step, cfg.seed, epoch)[index]
+            policy.train()
+            t0 = time.time()
+            batch = [train_pairs[i] for i in idx]
+            refs = refs_for(idx, train_pairs, train_ref)
+            loss, m = dpo_loss(policy, refs, batch, cfg, device)  # step 3a: preference loss
+            grad_norm = runtime.backward_and_step(loss, policy, opt, sched, cfg.grad_clip, counters, prec)
+            step += 1
+            metrics = {"loss/dpo": loss.item(), **m, "lr": sched.get_last_lr()[0], "grad_norm": grad_norm,
+                       "pairs_per_s": len(batch) / (time.time() - t0), **counters}
+            if step % cfg.eval_every == 0 or step == total:  # step 4: held-out pairs and prompts, completions
+                metrics.update(evaluate())
+                summary.update({k: v for k, v in metrics.items() if k.startswith("eval/")})
+                samples_log.write(step, pair_samples(policy, tokenizer, eval_pairs, cfg))
+            log.log(step, metrics)
+            runtime.maybe_checkpoint(out, cfg, step, total, policy, tokenizer, opt, sched, counters, summary)
+    # step 5: the final model, an HF directory in the compute dtype
+    samples_log.close()
+    return runtime.finish(out, log, policy, tokenizer, summary, step, counters, dtype=prec.dtype)
 
 
 def main(argv=None) -> dict:

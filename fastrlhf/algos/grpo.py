@@ -46,29 +46,29 @@ ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp")
 
 
 @dataclass
-class GRPOConfig:
+class GRPOConfig(runtime.ModelFields):
     """fastrlhf grpo: critic-free online RL (GRPO, Dr.GRPO, DAPO, RLOO, REINFORCE++)."""
 
     model: str = field(default="", metadata={"help": "HF policy directory (e.g. the SFT run's final/); empty: built-in tiny model"})
-    reward_fn: str = field(default="fastrlhf.tasks.arithmetic:exact_match", metadata={"help": "module:function(prompt, response, **fields) -> float"})
-    reward_model: str = field(default="", metadata={"help": "reward model directory; when set it replaces reward_fn"})
-    data: str = field(default="", metadata={"help": "prompts JSONL/parquet; empty: the built-in task's training prompts"})
+    reward_fn: str = field(default="", metadata={"help": "module:function or file.py:function: TRL's batched fn(prompts, completions, **fields) -> list[float], or fn(prompt, response, **fields) -> float; empty: the built-in task's exact match (built-in prompts only)"})
+    reward_model: str = field(default="", metadata={"help": "reward model directory (instead of reward_fn)"})
+    data: str = field(default="", metadata={"help": "prompts JSONL / JSON / parquet / datasets directory ({\"prompt\": str | messages, ...}); empty: the built-in task's training prompts"})
     eval_data: str = field(default="", metadata={"help": "held-out prompts; empty: built-in held-out prompts or a 5% split"})
     output_dir: str = field(default="runs/grpo", metadata={"help": "where metrics.jsonl, checkpoints/ and final/ go"})
     engine: str = field(default="auto", metadata={"help": "rollout engine: auto (vllm if installed) | vllm | hf"})
     gpu_memory_utilization: float = field(default=0.3, metadata={"help": "vLLM's share of device memory (of RAM on CPU)"})
     enforce_eager: bool = field(default=False, metadata={"help": "vLLM without graph capture / compilation (faster start)"})
     offload_params: bool = field(default=False, metadata={"help": "also move the parameters off the GPU while generating"})
-    max_len: int = field(default=64, metadata={"help": "longest prompt + completion in tokens"})
-    max_new_tokens: int = field(default=8, metadata={"help": "longest completion"})
-    prompts_per_step: int = field(default=16, metadata={"help": "P: prompts per step"})
+    max_len: int = field(default=1024, metadata={"help": "longest prompt + completion in tokens"})
+    max_new_tokens: int = field(default=512, metadata={"help": "longest completion"})
+    prompts_per_step: int = field(default=32, metadata={"help": "P: prompts per step"})
     group_size: int = field(default=8, metadata={"help": "G: samples per prompt"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature (log-probs are taken at it too)"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling"})
-    steps: int = field(default=50, metadata={"help": "optimisation steps (one rollout batch each)"})
+    steps: int = field(default=200, metadata={"help": "optimisation steps (one rollout batch each)"})
     ppo_epochs: int = field(default=1, metadata={"help": "passes over each rollout batch"})
     minibatches: int = field(default=1, metadata={"help": "optimiser steps per pass"})
-    tokens_per_micro_batch: int = field(default=4096, metadata={"help": "packed tokens per forward pass"})
+    tokens_per_micro_batch: int = field(default=8192, metadata={"help": "packed tokens per forward pass"})
     advantage: str = field(default="grpo", metadata={"help": "grpo | dr_grpo | rloo | reinforce_pp"})
     gamma: float = field(default=1.0, metadata={"help": "discount (reinforce_pp)"})
     clip_low: float = field(default=0.2, metadata={"help": "ratio clip below: 1 - clip_low"})
@@ -80,7 +80,7 @@ class GRPOConfig:
     entropy_coef: float = field(default=0.0, metadata={"help": "entropy bonus"})
     overlong_filter: bool = field(default=False, metadata={"help": "do not train on samples that hit max_new_tokens"})
     is_cap: float = field(default=2.0, metadata={"help": "truncation of the sampler-vs-trainer importance weights (0: off)"})
-    lr: float = field(default=1e-5, metadata={"help": "peak learning rate"})
+    lr: float = field(default=1e-6, metadata={"help": "peak learning rate"})
     head_lr: float = field(default=0.0, metadata={"help": "learning rate of the output layer (lm_head), as nanochat's unembedding_lr; 0: lr"})
     warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps"})
     schedule: str = field(default="constant", metadata={"help": "cosine | linear | constant after warm-up"})
@@ -88,6 +88,8 @@ class GRPOConfig:
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm"})
     eval_every: int = field(default=10, metadata={"help": "evaluate every k steps (and at the start and end)"})
     save_every: int = field(default=50, metadata={"help": "checkpoint every k steps (0: only final/)"})
+    log_samples_every: int = field(default=10, metadata={"help": "write log_samples prompts, completions and rewards to samples.jsonl every k steps"})
+    log_samples: int = field(default=4, metadata={"help": "samples per samples.jsonl write (0: none)"})
     seed: int = field(default=0, metadata={"help": "seed for prompt order and sampling"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
     task_prompts: int = field(default=4000, metadata={"help": "built-in task: training prompts"})
@@ -138,7 +140,7 @@ def advantages(cfg: GRPOConfig, samples, old_lp, ref_lp) -> list[torch.Tensor]:
     return [whitened[i, : len(s.completion_ids)] for i, s in enumerate(samples)]
 
 
-def train_on(cfg, model, opt, sched, batch, counters, device) -> dict:
+def train_on(cfg, model, opt, sched, batch, counters, device, prec) -> dict:
     """ppo_epochs x minibatches optimiser steps on the rollout batch; weighted-mean metrics."""
     sums: dict[str, float] = {}
     n_updates = 0
@@ -177,12 +179,12 @@ def train_on(cfg, model, opt, sched, batch, counters, device) -> dict:
                 if not runtime.finite_or_skip(loss, counters):
                     ok = False
                     break
-                (loss * share).backward()
+                prec.backward(loss * share)
                 sums["loss/policy"] = sums.get("loss/policy", 0.0) + loss.item() * share
                 for key, v in m.items():
                     sums[key] = sums.get(key, 0.0) + float(v) * share
             sums["grad_norm"] = sums.get("grad_norm", 0.0) + runtime.optimizer_step(
-                model, opt, sched, cfg.grad_clip, counters, ok)
+                model, opt, sched, cfg.grad_clip, counters, ok, prec.scaler)
             n_updates += 1
     metrics = {k: v / max(1, n_updates) for k, v in sums.items()}
     return metrics, trainer_lp
@@ -190,21 +192,22 @@ def train_on(cfg, model, opt, sched, batch, counters, device) -> dict:
 
 def train(cfg: GRPOConfig) -> dict:
     check(cfg)
-    out, device = runtime.begin(cfg)
+    reward_fn = online.resolve_reward(cfg)  # before anything is loaded: a missing reward is an error
+    out, device, prec = runtime.begin(cfg)
     counters: dict = {}
 
-    # step 1: policy, frozen reference (only when a KL term is used), prompts, reward, engine
+    # step 1: policy (float32 master weights), frozen reference (only when a KL term is used) and
+    # reward model in the compute dtype, prompts, reward, engine
     model_dir = cfg.model or str(ar.save_base_model(out / "base", seed=cfg.seed))
     ckpt = runtime.latest_checkpoint(out)
     tokenizer = models.load_tokenizer(model_dir)
-    model = models.load_causal_lm(ckpt or model_dir, device=device)
-    ref = None
-    if cfg.kl_coef > 0:
-        ref = models.load_causal_lm(model_dir, device=device).eval().requires_grad_(False)
+    model = models.load_trained(ckpt or model_dir, cfg, device)
+    models.check_max_len(model, cfg.max_len)
+    ref = models.load_frozen(model_dir, device=device, dtype=prec.dtype) if cfg.kl_coef > 0 else None
     prompts, heldout = online.load_prompt_sets(cfg, tokenizer, counters)
-    reward_fn = None if cfg.reward_model else online.reward_function(cfg.reward_fn)
-    rm = models.load_reward_model(cfg.reward_model, device=device) if cfg.reward_model else None
-    engine = make_engine(cfg.engine, model_dir=model_dir, policy=model, tokenizer=tokenizer,
+    rm = models.load_reward_model(cfg.reward_model, device=device, dtype=prec.dtype) if cfg.reward_model else None
+    scorer = online.make_scorer(reward_fn, rm, tokenizer, cfg.tokens_per_micro_batch, device)
+    engine = make_engine(cfg.engine, model_dir=model_dir, policy=model, tokenizer=tokenizer, dtype=prec.dtype,
                          max_model_len=cfg.max_len, seed=cfg.seed,
                          gpu_memory_utilization=cfg.gpu_memory_utilization, enforce_eager=cfg.enforce_eager)
     runtime.save_config(cfg, out)
@@ -213,55 +216,57 @@ def train(cfg: GRPOConfig) -> dict:
     opt, sched, state, log = runtime.optimisation(cfg, model, out, cfg.steps, ckpt, "grpo", head_lr=cfg.head_lr)
     step, counters = state["step"], {**counters, **state["counters"]}
     swapper = StateSwapper(model, opt, device, offload_params=cfg.offload_params)
-    summary = online.start_evaluation(engine, model, heldout, tokenizer, cfg, reward_fn, log) if step == 0 else state["summary"]
+    samples_log = runtime.SampleLog(out, resume_step=step if ckpt else None)
+    with prec.autocast():
+        summary = online.start_evaluation(engine, model, heldout, tokenizer, cfg, scorer, log) if step == 0 \
+            else state["summary"]
+        while step < cfg.steps:
+            t_step = time.perf_counter()
+            # step 3: generate with the current weights (training state off the device meanwhile)
+            group_prompts = step_prompts(prompts, cfg, step)
+            groups, phase = online.rollout(engine, model, [swapper], group_prompts, cfg, step)
+            samples = [s for g in groups for s in g]  # (B,) in group order
 
-    while step < cfg.steps:
-        t_step = time.perf_counter()
-        # step 3: generate with the current weights (training state off the device meanwhile)
-        group_prompts = step_prompts(prompts, cfg, step)
-        groups, phase = online.rollout(engine, model, [swapper], group_prompts, cfg, step)
-        samples = [s for g in groups for s in g]  # (B,) in group order
+            # step 4: rewards (failed samples: counted, imputed, not trained on)
+            scorer(samples, group_prompts, counters)
+            raw = torch.tensor([s.reward for s in samples])
+            online.impute_failed(groups)
 
-        # step 4: rewards (failed samples: counted, imputed, not trained on)
-        if rm is not None:
-            online.score_with_model(rm, samples, cfg.tokens_per_micro_batch, device)
-        else:
-            online.score_with_function(reward_fn, samples, group_prompts, tokenizer, counters)
-        raw = torch.tensor([s.reward for s in samples])
-        online.impute_failed(groups)
+            # step 5: old and reference log-probs, advantages
+            t0 = time.perf_counter()
+            old_lp = None if on_policy(cfg) and cfg.advantage != "reinforce_pp" else online.completion_logprobs(
+                model, samples, cfg.tokens_per_micro_batch, cfg.temperature, device)
+            ref_lp = None if ref is None else online.completion_logprobs(
+                ref, samples, cfg.tokens_per_micro_batch, cfg.temperature, device)
+            adv = advantages(cfg, samples, old_lp, ref_lp)
+            train_idx = [i for i, s in enumerate(samples) if "failed" not in s.info and s.completion_ids
+                         and not (cfg.overlong_filter and s.finish_reason == "length")]
+            batch = {"samples": samples, "train_idx": train_idx, "adv": adv, "old": old_lp, "ref": ref_lp,
+                     "sampler": [torch.tensor(s.logprobs) for s in samples]}
 
-        # step 5: old and reference log-probs, advantages
-        t0 = time.perf_counter()
-        old_lp = None if on_policy(cfg) and cfg.advantage != "reinforce_pp" else online.completion_logprobs(
-            model, samples, cfg.tokens_per_micro_batch, cfg.temperature, device)
-        ref_lp = None if ref is None else online.completion_logprobs(
-            ref, samples, cfg.tokens_per_micro_batch, cfg.temperature, device)
-        adv = advantages(cfg, samples, old_lp, ref_lp)
-        train_idx = [i for i, s in enumerate(samples) if "failed" not in s.info and s.completion_ids
-                     and not (cfg.overlong_filter and s.finish_reason == "length")]
-        batch = {"samples": samples, "train_idx": train_idx, "adv": adv, "old": old_lp, "ref": ref_lp,
-                 "sampler": [torch.tensor(s.logprobs) for s in samples]}
+            # step 6: the policy update
+            model.train()
+            metrics, trainer_lp = train_on(cfg, model, opt, sched, batch, counters, device, prec)
+            train_s = time.perf_counter() - t0
+            step += 1
 
-        # step 6: the policy update
-        model.train()
-        metrics, trainer_lp = train_on(cfg, model, opt, sched, batch, counters, device)
-        train_s = time.perf_counter() - t0
-        step += 1
-
-        # step 7: log, evaluate, checkpoint
-        n_tokens = sum(len(s.completion_ids) for s in samples)
-        metrics.update({
-            "rollout/engine": engine.name, "reward/mean": raw.mean().item(), "reward/std": raw.std().item(),
-            **online.rollout_metrics(samples, trainer_lp if on_policy(cfg) else old_lp),
-            **phase, "time/train_s": train_s, "tokens_per_s": n_tokens / (time.perf_counter() - t_step),
-            **runtime.lr_metrics(opt), "memory/train_state_mb": swapper.state_mb(), **counters})
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            metrics.update(online.evaluate(engine, model, heldout, tokenizer, cfg.max_new_tokens, reward_fn))
-            summary.update({k: v for k, v in metrics.items() if k.startswith("eval/")})
-        log.log(step, metrics)
-        runtime.maybe_checkpoint(out, cfg, step, cfg.steps, model, tokenizer, opt, sched, counters, summary)
-    # step 8: the final policy, an HF directory
-    return runtime.finish(out, log, model, tokenizer, summary, step, counters)
+            # step 7: log, evaluate, checkpoint
+            n_tokens = sum(len(s.completion_ids) for s in samples)
+            metrics.update({
+                "rollout/engine": engine.name, "reward/mean": raw.mean().item(), "reward/std": raw.std().item(),
+                **online.rollout_metrics(samples, trainer_lp if on_policy(cfg) else old_lp),
+                **phase, "time/train_s": train_s, "tokens_per_s": n_tokens / (time.perf_counter() - t_step),
+                **runtime.lr_metrics(opt), "memory/train_state_mb": swapper.state_mb(), **counters})
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                metrics.update(online.evaluate(engine, model, heldout, tokenizer, cfg.max_new_tokens, scorer))
+                summary.update({k: v for k, v in metrics.items() if k.startswith("eval/")})
+            if step % cfg.log_samples_every == 0 or step == 1:
+                samples_log.write(step, online.sample_rows(samples, group_prompts, tokenizer, cfg.log_samples))
+            log.log(step, metrics)
+            runtime.maybe_checkpoint(out, cfg, step, cfg.steps, model, tokenizer, opt, sched, counters, summary)
+    # step 8: the final policy, an HF directory in the compute dtype
+    samples_log.close()
+    return runtime.finish(out, log, model, tokenizer, summary, step, counters, dtype=prec.dtype)
 
 
 def main(argv=None) -> dict:

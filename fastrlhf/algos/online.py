@@ -10,9 +10,15 @@ positions = the completion tokens), so no FLOPs go to padding.
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import inspect
 import math
+import os
+import sys
 import time
+import traceback
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -61,37 +67,151 @@ def load_prompt_sets(cfg, tokenizer, counters: dict) -> tuple[list[Prompt], list
     return tokenize(train, "prompts"), tokenize(heldout, "held-out prompts")
 
 
-def reward_function(spec: str):
-    """"module:function" -> fn(prompt, response, **record_fields) -> float (TRL's convention:
-    the prompt record's other fields, e.g. answer, arrive as keyword arguments)."""
-    module, _, name = spec.partition(":")
+BUILTIN_REWARD = "fastrlhf.tasks.arithmetic:exact_match"
+
+
+class RewardError(ValueError):
+    """The reward could not be computed for any sample of a step (the run stops, exit 2)."""
+
+
+class RewardFunction:
+    """A user's Python reward function "module:function" (or "path/to/file.py:function"; the
+    working directory is importable, as with `python -m`), called the way it is written:
+
+      TRL's batched form, when its parameters include `prompts` or `completions`:
+          fn(prompts=[...], completions=[...], completion_ids=[...], **{field: [...]}) -> list[float | None]
+        one call per step; completions are strings for string prompts and
+        [{"role": "assistant", "content": text}] for conversational ones, as TRL passes them;
+        the prompt records' other fields (e.g. answer) arrive as lists; None marks a sample
+        the function cannot score;
+      ours, per sample, otherwise:  fn(prompt, response, **fields) -> float.
+
+    A sample whose score fails (an exception, None, or a non-finite number) is marked failed
+    (counted in reward_failures, not trained on); the first failure's traceback is printed
+    once; a step where every sample failed stops the run with that error (RewardError)."""
+
+    def __init__(self, spec: str):
+        self.spec = spec
+        self.fn = _import_function(spec)
+        try:
+            params = inspect.signature(self.fn).parameters
+        except (TypeError, ValueError):
+            params = {}
+        self.batched = "completions" in params or "prompts" in params
+        self.reported = False
+
+    def __call__(self, samples: list[Sample], prompts: list[Prompt], tokenizer, counters: dict) -> None:
+        """Fill sample.reward (and sample.info["failed"] where scoring failed)."""
+        if not samples:
+            return
+        records = [prompts[s.prompt_index].record for s in samples]
+        texts = [tokenizer.decode(s.completion_ids, skip_special_tokens=True) for s in samples]
+        if self.batched:
+            scores, errors = self._batched(samples, records, texts)
+        else:
+            scores, errors = zip(*(self._one(rec, text) for rec, text in zip(records, texts)))
+        first = None
+        for s, r, err in zip(samples, scores, errors):
+            if err is not None:
+                s.info["failed"] = err[0]
+                counters["reward_failures"] = counters.get("reward_failures", 0) + 1
+                first = first or err
+                r = 0.0
+            s.reward = r
+        if first is not None and not self.reported:
+            self.reported = True
+            print(f"reward function {self.spec} failed on a sample ({first[0]}); failed samples are counted in "
+                  f"reward_failures and not trained on. This traceback is shown once:\n{first[1]}",
+                  file=sys.stderr, flush=True)
+        if all("failed" in s.info for s in samples):
+            raise RewardError(f"reward function {self.spec}: every sample of the step failed; the first: {first[0]}")
+
+    def _one(self, rec: dict, text: str):
+        extra = {k: v for k, v in rec.items() if k != "prompt"}
+        try:
+            return _check_score(self.fn(rec["prompt"], text, **extra)), None
+        except Exception as e:  # a user's function: any failure is the sample's, not the run's
+            return 0.0, (f"{type(e).__name__}: {e}", traceback.format_exc())
+
+    def _batched(self, samples, records, texts):
+        fields = {k for rec in records for k in rec if k != "prompt"}
+        kwargs = {k: [rec.get(k) for rec in records] for k in sorted(fields)}
+        completions = [[{"role": "assistant", "content": t}] if isinstance(rec["prompt"], list) else t
+                       for rec, t in zip(records, texts)]
+        try:
+            out = list(self.fn(prompts=[rec["prompt"] for rec in records], completions=completions,
+                               completion_ids=[list(s.completion_ids) for s in samples], **kwargs))
+            if len(out) != len(samples):
+                raise ValueError(f"returned {len(out)} scores for {len(samples)} completions")
+        except Exception as e:  # the whole call failed: every sample of it did
+            err = (f"{type(e).__name__}: {e}", traceback.format_exc())
+            return [0.0] * len(samples), [err] * len(samples)
+        scores, errors = [], []
+        for r in out:
+            try:
+                scores.append(_check_score(r))
+                errors.append(None)
+            except Exception as e:
+                scores.append(0.0)
+                errors.append((f"{type(e).__name__}: {e}", traceback.format_exc()))
+        return scores, errors
+
+
+def _check_score(r) -> float:
+    if r is None:
+        raise ValueError("returned None")
+    r = float(r)
+    if not math.isfinite(r):
+        raise ValueError(f"returned {r}")
+    return r
+
+
+def _import_function(spec: str):
+    module, _, name = spec.rpartition(":")
     if not module or not name:
-        raise data.DataError(f"reward function {spec!r}: expected 'module:function'")
+        raise data.DataError(f"reward function {spec!r}: expected 'module:function' or 'path/to/file.py:function'")
     try:
-        fn = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise data.DataError(f"reward function {spec!r}: {e}") from None
+        if module.endswith(".py"):
+            path = Path(module)
+            if not path.exists():
+                raise ImportError(f"no such file {path}")
+            loaded = importlib.util.spec_from_file_location(path.stem, path)
+            mod = importlib.util.module_from_spec(loaded)
+            loaded.loader.exec_module(mod)
+        else:
+            if os.getcwd() not in sys.path and "" not in sys.path:
+                sys.path.insert(0, os.getcwd())  # `fastrlhf` (a console script) does not add it
+            mod = importlib.import_module(module)
+        fn = getattr(mod, name)
+    except (ImportError, AttributeError, SyntaxError) as e:
+        raise data.DataError(f"reward function {spec!r}: {type(e).__name__}: {e}") from None
     if not callable(fn):
         raise data.DataError(f"reward function {spec!r} is not callable")
     return fn
 
 
-def score_with_function(fn, samples: list[Sample], prompts: list[Prompt], tokenizer, counters: dict):
-    """Fill sample.reward from a Python function. One that raises or returns a non-finite
-    number marks the sample failed (info["failed"]; it is not trained on) and is counted."""
-    for s in samples:
-        rec = prompts[s.prompt_index].record
-        response = tokenizer.decode(s.completion_ids, skip_special_tokens=True)
-        extra = {k: v for k, v in rec.items() if k != "prompt"}
-        try:
-            r = float(fn(rec["prompt"], response, **extra))
-            if not math.isfinite(r):
-                raise ValueError(f"returned {r}")
-        except Exception as e:  # a user's function: any failure is the sample's, not the run's
-            s.info["failed"] = f"{type(e).__name__}: {e}"
-            counters["reward_failures"] = counters.get("reward_failures", 0) + 1
-            r = 0.0
-        s.reward = r
+def reward_function(spec: str) -> RewardFunction:
+    return RewardFunction(spec)
+
+
+def resolve_reward(cfg) -> RewardFunction | None:
+    """The run's reward function: --reward_fn; none with a reward model; the built-in task's
+    exact-match checker only on the built-in task (its prompts): your own prompts need a reward."""
+    if cfg.reward_model:
+        if cfg.reward_fn:
+            raise ValueError("give reward_fn or reward_model, not both")
+        return None
+    if cfg.reward_fn:
+        return RewardFunction(cfg.reward_fn)
+    if cfg.data:
+        raise ValueError(f"data={cfg.data!r} needs a reward: --reward_fn module:function (TRL's batched "
+                         "fn(prompts, completions, **fields) or fn(prompt, response, **fields)) or --reward_model DIR")
+    return RewardFunction(BUILTIN_REWARD)
+
+
+def score_with_function(fn: RewardFunction, samples: list[Sample], prompts: list[Prompt], tokenizer, counters: dict):
+    """Fill sample.reward from a Python reward function (RewardFunction)."""
+    fn(samples, prompts, tokenizer, counters)
 
 
 @torch.no_grad()
@@ -215,9 +335,11 @@ def importance_weights(old: torch.Tensor, sampler: torch.Tensor, cap: float) -> 
 
 
 def push_weights(engine, model) -> float:
-    """The policy's weights into the engine, in place; returns seconds."""
+    """The policy's weights into the engine, in place; returns seconds. Parameters only, each
+    once: a tied output layer (Gemma 2, Qwen2 0.5B, GPT-2) is its input embedding, and vLLM
+    refuses a second `lm_head.weight` for a model that ties them."""
     t0 = time.perf_counter()
-    engine.update_weights((n, p.detach()) for n, p in model.state_dict().items())
+    engine.update_weights((n, p.detach()) for n, p in model.named_parameters())
     return time.perf_counter() - t0
 
 
@@ -241,18 +363,27 @@ def rollout(engine, model, swappers, prompts: list[Prompt], cfg, step: int):
     return groups, metrics
 
 
-def start_evaluation(engine, model, heldout, tokenizer, cfg, reward_fn, log) -> dict:
+def make_scorer(reward_fn: RewardFunction | None, rm, tokenizer, budget: int, device):
+    """scorer(samples, prompts, counters): fills sample.reward with the reward function's score,
+    or the reward model's (models.sequence_rewards) when there is one."""
+    if rm is not None:
+        return lambda samples, prompts, counters: score_with_model(rm, samples, budget, device)
+    return lambda samples, prompts, counters: reward_fn(samples, prompts, tokenizer, counters)
+
+
+def start_evaluation(engine, model, heldout, tokenizer, cfg, scorer, log) -> dict:
     """The held-out scores before any update, logged as step 0; returned as <metric>_start."""
-    res = evaluate(engine, model, heldout, tokenizer, cfg.max_new_tokens, reward_fn)
+    res = evaluate(engine, model, heldout, tokenizer, cfg.max_new_tokens, scorer)
     log.log(0, {"rollout/engine": engine.name, **res})
     return {f"{k}_start": v for k, v in res.items()}
 
 
-def evaluate(engine, model, heldout: list[Prompt], tokenizer, max_new_tokens: int, reward_fn=None) -> dict:
-    """The held-out prompts with the current weights. Where they carry an answer:
-    eval/accuracy (greedy, exact match) and eval/sample_accuracy (ar.EVAL_SAMPLES draws
-    per prompt at ar.EVAL_TEMPERATURE, the policy's own distribution: what RL changes most); with a
-    reward function, eval/reward of the greedy completions."""
+def evaluate(engine, model, heldout: list[Prompt], tokenizer, max_new_tokens: int, scorer=None) -> dict:
+    """The held-out prompts with the current weights: eval/reward, the mean score (reward
+    function or reward model, see make_scorer) of the greedy completions, and where the prompts
+    carry an answer, eval/accuracy (greedy, exact match) and eval/sample_accuracy
+    (ar.EVAL_SAMPLES draws per prompt at ar.EVAL_TEMPERATURE, the policy's own distribution:
+    what RL changes most)."""
     push_weights(engine, model)
     groups = engine.generate([p.ids for p in heldout], n=1, temperature=0.0,
                              max_tokens=max_new_tokens, seed=0)
@@ -264,11 +395,26 @@ def evaluate(engine, model, heldout: list[Prompt], tokenizer, max_new_tokens: in
                                 max_tokens=max_new_tokens, seed=0)
         hits = [text(s) == p.record["answer"] for g, p in zip(drawn, heldout) for s in g]
         out["eval/sample_accuracy"] = sum(hits) / len(hits)
-    if reward_fn is not None:
+    if scorer is not None:
         samples = [g[0] for g in groups]
-        score_with_function(reward_fn, samples, heldout, tokenizer, {})
-        out["eval/reward"] = sum(s.reward for s in samples) / len(samples)
+        scorer(samples, heldout, {})
+        scored = [s.reward for s in samples if "failed" not in s.info]
+        out["eval/reward"] = sum(scored) / max(1, len(scored))
     return out
+
+
+def sample_rows(samples: list[Sample], prompts: list[Prompt], tokenizer, n: int) -> list[dict]:
+    """The first n samples as samples.jsonl rows: prompt, completion text, reward (and why
+    scoring failed, when it did)."""
+    rows = []
+    for s in samples[:n]:
+        row = {"prompt": prompts[s.prompt_index].record["prompt"],
+               "completion": tokenizer.decode(s.completion_ids, skip_special_tokens=True),
+               "reward": s.reward, "finish_reason": s.finish_reason}
+        if "failed" in s.info:
+            row["reward_failed"] = s.info["failed"]
+        rows.append(row)
+    return rows
 
 
 def rollout_metrics(samples: list[Sample], trainer_lp: list[torch.Tensor]) -> dict:

@@ -35,25 +35,25 @@ from fastrlhf.tasks import arithmetic as ar
 
 
 @dataclass
-class RMConfig:
+class RMConfig(runtime.ModelFields):
     """fastrlhf rm: train a reward model on preference pairs (Bradley-Terry)."""
 
     model: str = field(default="", metadata={"help": "HF model directory (e.g. the SFT run's final/); empty: built-in tiny model"})
-    data: str = field(default="", metadata={"help": "preferences JSONL/parquet; empty: the built-in annotator's pairs"})
+    data: str = field(default="", metadata={"help": "preferences JSONL / JSON / parquet / datasets directory (prompt + chosen + rejected as strings or messages, TRL's implicit-prompt chosen + rejected, or a ranking of responses); empty: the built-in annotator's pairs"})
     eval_data: str = field(default="", metadata={"help": "held-out preferences; empty: built-in held-out pairs or a 5% split"})
     output_dir: str = field(default="runs/rm", metadata={"help": "where metrics.jsonl, checkpoints/ and final/ go"})
-    max_len: int = field(default=64, metadata={"help": "longest prompt+response in tokens"})
-    tokens_per_micro_batch: int = field(default=4096, metadata={"help": "packed tokens per forward pass"})
-    pairs_per_step: int = field(default=64, metadata={"help": "preference pairs per optimiser step"})
-    epochs: int = field(default=2, metadata={"help": "passes over the pairs"})
+    max_len: int = field(default=1024, metadata={"help": "longest prompt+response in tokens"})
+    tokens_per_micro_batch: int = field(default=8192, metadata={"help": "packed tokens per forward pass"})
+    pairs_per_step: int = field(default=32, metadata={"help": "preference pairs per optimiser step"})
+    epochs: int = field(default=1, metadata={"help": "passes over the pairs"})
     max_steps: int = field(default=0, metadata={"help": "stop after this many steps (0: run all epochs)"})
-    lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
+    lr: float = field(default=1e-5, metadata={"help": "peak learning rate"})
     warmup_steps: int = field(default=10, metadata={"help": "linear warm-up steps"})
     schedule: str = field(default="cosine", metadata={"help": "cosine | linear | constant after warm-up"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (matrices only)"})
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm"})
-    eval_every: int = field(default=50, metadata={"help": "evaluate every k steps (and at the end)"})
-    save_every: int = field(default=100, metadata={"help": "checkpoint every k steps (0: only final/)"})
+    eval_every: int = field(default=100, metadata={"help": "evaluate every k steps (and at the end)"})
+    save_every: int = field(default=500, metadata={"help": "checkpoint every k steps (0: only final/)"})
     seed: int = field(default=0, metadata={"help": "seed for data order"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
     head: str = field(default="value", metadata={"help": "value (scalar head at the last token) | logprob (beta * the response's log-likelihood)"})
@@ -114,20 +114,19 @@ def pairwise_accuracy(r_c: torch.Tensor, r_r: torch.Tensor) -> float:
 
 
 def train(cfg: RMConfig) -> dict:
-    out, device = runtime.begin(cfg)
-
-    # step 1: model with its reward head, tokenizer, pairs
     if cfg.head not in models.REWARD_HEADS:
         raise ValueError(f"head {cfg.head!r}: expected one of {models.REWARD_HEADS}")
+    out, device, prec = runtime.begin(cfg)
+
+    # step 1: model with its reward head, tokenizer, pairs
     model_dir, pairs, eval_pairs = prepare_pairs(cfg, out)
     ckpt = runtime.latest_checkpoint(out)
     tokenizer = models.load_tokenizer(model_dir)
+    model = models.load_trained(ckpt or model_dir, cfg, device, value=cfg.head == "value")
     if cfg.head == "logprob":
-        model = models.load_causal_lm(ckpt or model_dir, device=device)
         model.config.reward_beta = cfg.beta  # saved with the model: scorers read both
-    else:
-        model = models.load_value_model(ckpt or model_dir, device=device)
     model.config.reward_head = cfg.head
+    models.check_max_len(model, cfg.max_len)
     train_pairs = data.tokenize_pairs(tokenizer, pairs, cfg.max_len, "rm data")
     eval_tok = data.tokenize_pairs(tokenizer, eval_pairs, cfg.max_len, "rm eval data")
     steps_per_epoch = len(pair_steps(train_pairs, cfg.pairs_per_step, cfg.seed, 0))
@@ -139,28 +138,29 @@ def train(cfg: RMConfig) -> dict:
 
     # step 3: the loop
     step, counters, summary = state["step"], state["counters"], state["summary"]
-    if step == 0:  # what the comparisons add: held-out accuracy before any training
-        start = {k.replace("eval/", "start/"): v for k, v in evaluate(model, eval_tok, cfg, device).items()}
-        log.log(0, start)
-        summary.update(start)
-    while step < total:
-        epoch, index = divmod(step, steps_per_epoch)
-        batch = pair_steps(train_pairs, cfg.pairs_per_step, cfg.seed, epoch)[index]
-        model.train()
-        t0 = time.time()
-        loss, r_c, r_r = bt_loss(model, batch, cfg, device)  # step 3a: Bradley-Terry
-        grad_norm = runtime.backward_and_step(loss, model, opt, sched, cfg.grad_clip, counters)
-        step += 1
-        metrics = {"loss/rm": loss.item(), "accuracy": pairwise_accuracy(r_c, r_r),
-                   "margin": (r_c - r_r).mean().item(), "lr": sched.get_last_lr()[0],
-                   "grad_norm": grad_norm, "pairs_per_s": len(batch) / (time.time() - t0), **counters}
-        if step % cfg.eval_every == 0 or step == total:  # step 4: held-out pairs
-            metrics.update(evaluate(model, eval_tok, cfg, device))
-            summary.update({k: v for k, v in metrics.items() if k.startswith("eval/")})
-        log.log(step, metrics)
-        runtime.maybe_checkpoint(out, cfg, step, total, model, tokenizer, opt, sched, counters, summary)
-    # step 5: the final model, an HF directory
-    return runtime.finish(out, log, model, tokenizer, summary, step, counters)
+    with prec.autocast():
+        if step == 0:  # what the comparisons add: held-out accuracy before any training
+            start = {k.replace("eval/", "start/"): v for k, v in evaluate(model, eval_tok, cfg, device).items()}
+            log.log(0, start)
+            summary.update(start)
+        while step < total:
+            epoch, index = divmod(step, steps_per_epoch)
+            batch = pair_steps(train_pairs, cfg.pairs_per_step, cfg.seed, epoch)[index]
+            model.train()
+            t0 = time.time()
+            loss, r_c, r_r = bt_loss(model, batch, cfg, device)  # step 3a: Bradley-Terry
+            grad_norm = runtime.backward_and_step(loss, model, opt, sched, cfg.grad_clip, counters, prec)
+            step += 1
+            metrics = {"loss/rm": loss.item(), "accuracy": pairwise_accuracy(r_c, r_r),
+                       "margin": (r_c - r_r).mean().item(), "lr": sched.get_last_lr()[0],
+                       "grad_norm": grad_norm, "pairs_per_s": len(batch) / (time.time() - t0), **counters}
+            if step % cfg.eval_every == 0 or step == total:  # step 4: held-out pairs
+                metrics.update(evaluate(model, eval_tok, cfg, device))
+                summary.update({k: v for k, v in metrics.items() if k.startswith("eval/")})
+            log.log(step, metrics)
+            runtime.maybe_checkpoint(out, cfg, step, total, model, tokenizer, opt, sched, counters, summary)
+    # step 5: the final model, an HF directory in the compute dtype
+    return runtime.finish(out, log, model, tokenizer, summary, step, counters, dtype=prec.dtype)
 
 
 def main(argv=None) -> dict:

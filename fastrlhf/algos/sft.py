@@ -8,7 +8,8 @@ into optimiser steps of about `tokens_per_step` response tokens. AdamW, warm-up 
 
 Logged every step (metrics.jsonl): loss/sft, lr, grad_norm, tokens, tokens_per_s;
 every eval_every steps: eval/loss (held-out NLL per token) and, on the built-in task,
-eval/accuracy (greedy exact match on held-out prompts).
+eval/accuracy (greedy exact match on held-out prompts); samples.jsonl: greedy completions of
+`log_samples` held-out prompts beside their reference responses.
 """
 
 from __future__ import annotations
@@ -26,27 +27,29 @@ from fastrlhf.tasks import arithmetic as ar
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(runtime.ModelFields):
     """fastrlhf sft: supervised fine-tuning on demonstrations."""
 
     model: str = field(default="", metadata={"help": "HF model directory; empty: the built-in tiny model"})
-    data: str = field(default="", metadata={"help": "SFT JSONL/parquet; empty: the built-in task's demonstrations"})
-    eval_data: str = field(default="", metadata={"help": "held-out SFT file for eval/loss; empty: split 5% off"})
-    output_dir: str = field(default="runs/sft", metadata={"help": "where metrics.jsonl, checkpoints/ and final/ go"})
-    max_len: int = field(default=64, metadata={"help": "longest prompt+response in tokens (longer: truncated, counted)"})
-    tokens_per_micro_batch: int = field(default=4096, metadata={"help": "packed tokens per forward pass"})
-    tokens_per_step: int = field(default=256, metadata={"help": "response tokens per optimiser step (gradient accumulation)"})
-    epochs: int = field(default=4, metadata={"help": "passes over the data"})
+    data: str = field(default="", metadata={"help": "SFT JSONL / JSON / parquet / datasets directory (prompt + response or completion, messages, or text); empty: the built-in task's demonstrations"})
+    eval_data: str = field(default="", metadata={"help": "held-out SFT data for eval/loss; empty: split 5% off"})
+    output_dir: str = field(default="runs/sft", metadata={"help": "where metrics.jsonl, samples.jsonl, checkpoints/ and final/ go"})
+    max_len: int = field(default=1024, metadata={"help": "longest prompt + response in tokens (longer: truncated, counted)"})
+    tokens_per_micro_batch: int = field(default=8192, metadata={"help": "packed tokens per forward pass"})
+    tokens_per_step: int = field(default=8192, metadata={"help": "response tokens per optimiser step (gradient accumulation)"})
+    epochs: int = field(default=2, metadata={"help": "passes over the data"})
     max_steps: int = field(default=0, metadata={"help": "stop after this many steps (0: run all epochs)"})
-    lr: float = field(default=2e-3, metadata={"help": "peak learning rate"})
-    warmup_steps: int = field(default=20, metadata={"help": "linear warm-up steps"})
+    lr: float = field(default=2e-5, metadata={"help": "peak learning rate"})
+    warmup_steps: int = field(default=10, metadata={"help": "linear warm-up steps"})
     schedule: str = field(default="cosine", metadata={"help": "cosine | linear | constant after warm-up"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (matrices only)"})
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm"})
-    eval_every: int = field(default=50, metadata={"help": "evaluate every k steps (and at the end)"})
-    save_every: int = field(default=100, metadata={"help": "checkpoint every k steps (0: only final/)"})
+    eval_every: int = field(default=100, metadata={"help": "evaluate every k steps (and at the end)"})
+    save_every: int = field(default=500, metadata={"help": "checkpoint every k steps (0: only final/)"})
+    log_samples: int = field(default=4, metadata={"help": "at each evaluation, greedy completions of this many held-out prompts into samples.jsonl (0: none)"})
     seed: int = field(default=0, metadata={"help": "seed for data order and initialisation"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
+    disable_dropout: bool = field(default=False, metadata={"help": "set every dropout of the model to 0 (SFT keeps the model's own, as TRL)"})
     task_model_size: str = field(default="small", metadata={"help": "built-in model when --model is empty: tiny | small"})
     task_examples: int = field(default=4000, metadata={"help": "built-in task: demonstrations to generate"})
     task_error_rate: float = field(default=0.15, metadata={"help": "built-in task: share of wrong demonstrations"})
@@ -120,14 +123,44 @@ def eval_loss(model, seqs, cfg: SFTConfig, device) -> float:
     return total / max(1, count)
 
 
+def _prompt_and_reference(record: dict):
+    """What to prompt with and the reference answer: a conversation up to its last assistant turn."""
+    prompt, response = record["prompt"], record["response"]
+    if isinstance(response, list):
+        msgs = list(prompt) + list(response)
+        last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+        return msgs[:last], msgs[last]["content"]
+    return prompt, response
+
+
+def sample_completions(model, tokenizer, records, cfg, max_new_tokens: int = 64) -> list[dict]:
+    """Greedy completions of the first cfg.log_samples held-out prompts: what the model now
+    writes, for samples.jsonl (prompt, completion, and the reference response). The global RNG
+    is left as it was (resume stays exact)."""
+    from fastrlhf.rollout.hf import HFEngine
+
+    rows = [_prompt_and_reference(r) for r in records[: cfg.log_samples]]
+    rows = [(p, ref, data.prompt_ids(tokenizer, p)) for p, ref in rows if p]
+    rows = [r for r in rows if len(r[2]) < cfg.max_len]
+    if not rows:
+        return []
+    new = max(1, min(max_new_tokens, cfg.max_len - max(len(ids) for _, _, ids in rows)))
+    with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
+        groups = HFEngine(model, tokenizer).generate([ids for _, _, ids in rows], n=1, temperature=0.0,
+                                                     max_tokens=new, seed=0)
+    return [{"prompt": p, "completion": tokenizer.decode(g[0].completion_ids, skip_special_tokens=True),
+             "reference": ref} for (p, ref, _), g in zip(rows, groups)]
+
+
 def train(cfg: SFTConfig) -> dict:
-    out, device = runtime.begin(cfg)
+    out, device, prec = runtime.begin(cfg)
 
     # step 1: model, tokenizer, data
     model_dir, records, eval_records, heldout = prepare(cfg, out)
     ckpt = runtime.latest_checkpoint(out)
     tokenizer = models.load_tokenizer(model_dir)
-    model = models.load_causal_lm(ckpt or model_dir, device=device)
+    model = models.load_trained(ckpt or model_dir, cfg, device)
+    models.check_max_len(model, cfg.max_len)
     seqs, eval_seqs = tokenize(tokenizer, records, cfg.max_len), tokenize(tokenizer, eval_records, cfg.max_len)
     steps_in = functools.cache(lambda epoch: len(epoch_split(seqs, cfg, epoch)))  # (cheap: no packing)
     total = cfg.max_steps or sum(steps_in(e) for e in range(cfg.epochs))
@@ -135,44 +168,48 @@ def train(cfg: SFTConfig) -> dict:
 
     # step 2: optimiser, schedule, resume
     opt, sched, state, log = runtime.optimisation(cfg, model, out, total, ckpt, "sft")
+    samples_log = runtime.SampleLog(out, resume_step=state["step"] if ckpt else None)
 
-    # step 3: the loop
+    # step 3: the loop (forward passes under autocast in the compute dtype; float32 master weights)
     step, counters, summary, epochs = state["step"], state["counters"], state["summary"], {}
-    while step < total:
-        epoch, index = locate(step, steps_in)
-        if epoch not in epochs:
-            epochs.clear()
-            epochs[epoch] = epoch_steps(seqs, cfg, epoch)
-        micro_batches = epochs[epoch][index]
-        model.train()
-        t0 = time.time()
-        n_tok = sum(n_targets(mb) for mb in micro_batches)
-        loss_sum, ok = 0.0, True
-        for mb in micro_batches:
-            mb = data.to_device(mb, device)
-            # step 3a: token-mean NLL over the whole step's response tokens
-            loss = -models.token_logprobs(model, mb).sum() / n_tok
-            if not runtime.finite_or_skip(loss, counters):
-                ok = False
-                break
-            loss.backward()
-            loss_sum += loss.item()
-        # step 3b: update (skipped, and counted, on a non-finite loss or gradient)
-        grad_norm = runtime.optimizer_step(model, opt, sched, cfg.grad_clip, counters, ok)
-        step += 1
-        metrics = {"loss/sft": loss_sum, "lr": sched.get_last_lr()[0], "grad_norm": grad_norm,
-                   "tokens": n_tok, "tokens_per_s": n_tok / max(time.time() - t0, 1e-9),
-                   "epoch": epoch, **counters}
-        # step 4: evaluate, checkpoint
-        if step % cfg.eval_every == 0 or step == total:
-            metrics["eval/loss"] = eval_loss(model, eval_seqs, cfg, device)
-            if heldout:
-                metrics["eval/accuracy"] = ar.accuracy(model, tokenizer, heldout)
-            summary.update({k: metrics[k] for k in metrics if k.startswith("eval/")})
-        log.log(step, metrics)
-        runtime.maybe_checkpoint(out, cfg, step, total, model, tokenizer, opt, sched, counters, summary)
-    # step 5: the final model, an HF directory
-    return runtime.finish(out, log, model, tokenizer, summary, step, counters)
+    with prec.autocast():
+        while step < total:
+            epoch, index = locate(step, steps_in)
+            if epoch not in epochs:
+                epochs.clear()
+                epochs[epoch] = epoch_steps(seqs, cfg, epoch)
+            micro_batches = epochs[epoch][index]
+            model.train()
+            t0 = time.time()
+            n_tok = sum(n_targets(mb) for mb in micro_batches)
+            loss_sum, ok = 0.0, True
+            for mb in micro_batches:
+                mb = data.to_device(mb, device)
+                # step 3a: token-mean NLL over the whole step's response tokens
+                loss = -models.token_logprobs(model, mb).sum() / n_tok
+                if not runtime.finite_or_skip(loss, counters):
+                    ok = False
+                    break
+                prec.backward(loss)
+                loss_sum += loss.item()
+            # step 3b: update (skipped, and counted, on a non-finite loss or gradient)
+            grad_norm = runtime.optimizer_step(model, opt, sched, cfg.grad_clip, counters, ok, prec.scaler)
+            step += 1
+            metrics = {"loss/sft": loss_sum, "lr": sched.get_last_lr()[0], "grad_norm": grad_norm,
+                       "tokens": n_tok, "tokens_per_s": n_tok / max(time.time() - t0, 1e-9),
+                       "epoch": epoch, **counters}
+            # step 4: evaluate (held-out loss, the task's accuracy, a few completions), checkpoint
+            if step % cfg.eval_every == 0 or step == total:
+                metrics["eval/loss"] = eval_loss(model, eval_seqs, cfg, device)
+                if heldout:
+                    metrics["eval/accuracy"] = ar.accuracy(model, tokenizer, heldout)
+                summary.update({k: metrics[k] for k in metrics if k.startswith("eval/")})
+                samples_log.write(step, sample_completions(model, tokenizer, eval_records, cfg))
+            log.log(step, metrics)
+            runtime.maybe_checkpoint(out, cfg, step, total, model, tokenizer, opt, sched, counters, summary)
+    # step 5: the final model, an HF directory in the compute dtype
+    samples_log.close()
+    return runtime.finish(out, log, model, tokenizer, summary, step, counters, dtype=prec.dtype)
 
 
 def main(argv=None) -> dict:

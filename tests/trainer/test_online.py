@@ -71,7 +71,8 @@ def test_failed_rewards_are_counted_imputed_and_not_trained_on():
     ids = lambda s: tok(s, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]  # noqa: E731
     group = [_sample(prompts[0].ids, ids(r)) for r in ("3", "1", "2", "4")]
     counters = {}
-    online.score_with_function(_bad_reward, group, prompts, tok, counters)
+    online.score_with_function(online.RewardFunction("tests.trainer.test_online:_bad_reward"), group, prompts,
+                               tok, counters)
     assert counters == {"reward_failures": 2}
     assert "judge crashed" in group[1].info["failed"] and "nan" in group[2].info["failed"]
     online.impute_failed([group])
@@ -109,11 +110,14 @@ def test_evaluate_reports_greedy_and_sampled_accuracy(tiny):
 
 
 def test_reward_function_spec_errors():
-    assert online.reward_function("fastrlhf.tasks.arithmetic:exact_match") is ar.exact_match
+    fn = online.reward_function("fastrlhf.tasks.arithmetic:exact_match")
+    assert fn.fn is ar.exact_match and not fn.batched
     with pytest.raises(ValueError, match="expected 'module:function'"):
         online.reward_function("exact_match")
     with pytest.raises(ValueError, match="no attribute 'nope'"):
         online.reward_function("fastrlhf.tasks.arithmetic:nope")
+    with pytest.raises(ValueError, match="no such file"):
+        online.reward_function("missing/reward.py:score")
 
 
 def test_reinforce_pp_returns_by_hand():

@@ -98,7 +98,7 @@ def test_tokenizer_round_trip(base_dir):
 def test_malformed_jsonl_names_file_and_line(tmp_path):
     p = tmp_path / "sft.jsonl"
     p.write_text('{"prompt": "1+1=", "response": "2"}\n{"prompt": "1+2=", "response": 3}\n')
-    with pytest.raises(data.DataError, match=r"sft.jsonl:2: field 'response' must be str, got int"):
+    with pytest.raises(data.DataError, match=r"sft.jsonl:2: field 'response' must be a string or a list of messages, got int"):
         data.load_sft(p)
     p.write_text('{"prompt": "1+1=", "response": "2"}\n\n{"prompt": "1+2=" "response"}\n')
     with pytest.raises(data.DataError, match=r"sft.jsonl:3: invalid JSON"):
@@ -120,7 +120,8 @@ def test_rankings_become_pairs_and_messages_are_read(tmp_path):
     s = tmp_path / "msgs.jsonl"
     s.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
                                           {"role": "assistant", "content": "yo"}]}) + "\n")
-    assert data.load_sft(s) == [{"prompt": [{"role": "user", "content": "hi"}], "response": "yo"}]
+    assert data.load_sft(s) == [{"prompt": [], "response": [{"role": "user", "content": "hi"},
+                                                            {"role": "assistant", "content": "yo"}]}]
 
 
 def test_loss_mask_covers_response_only_and_truncation_is_counted(base_dir):
