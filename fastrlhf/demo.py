@@ -39,16 +39,20 @@ from fastrlhf.tasks import arithmetic as ar
 # the examples' settings (examples/<stage>.yaml without output_dir)
 STAGES = {
     "sft": {"max_len": 64, "task_examples": 9000, "tokens_per_step": 256, "epochs": 10, "lr": 5.0e-4,
-            "warmup_steps": 20, "eval_every": 50, "save_every": 100},
-    "rm": {"head": "logprob", "beta": 1.0, "pairs_per_step": 64, "epochs": 2, "lr": 5.0e-5, "eval_every": 25},
+            "warmup_steps": 20, "eval_every": 50, "save_every": 100, "tokens_per_micro_batch": 4096},
+    "rm": {"head": "logprob", "beta": 1.0, "pairs_per_step": 64, "epochs": 2, "lr": 5.0e-5, "eval_every": 25,
+           "max_len": 64, "tokens_per_micro_batch": 4096, "save_every": 100},
     "ppo": {"prompts_per_step": 512, "group_size": 1, "max_new_tokens": 6, "steps": 40, "ppo_epochs": 1,
             "minibatches": 1, "lr": 5.0e-5, "head_lr": 1.0e-3, "warmup_steps": 10, "critic_lr": 1.0e-4, "critic_warmup": 3,
-            "kl_coef": 0.05, "gamma": 1.0, "lam": 0.95, "eval_every": 10, "save_every": 20},
+            "kl_coef": 0.05, "gamma": 1.0, "lam": 0.95, "eval_every": 10, "save_every": 20, "max_len": 64,
+            "tokens_per_micro_batch": 4096},
     "dpo": {"loss_type": "sigmoid", "beta": 0.5, "label_smoothing": 0.1, "pairs_per_step": 32,
-            "epochs": 2, "lr": 5.0e-5, "eval_every": 50},
+            "epochs": 2, "lr": 5.0e-5, "eval_every": 50, "max_len": 64, "tokens_per_micro_batch": 4096,
+            "save_every": 100},
     "grpo": {"reward_fn": "fastrlhf.tasks.arithmetic:exact_match", "advantage": "grpo", "prompts_per_step": 32,
              "group_size": 8, "max_new_tokens": 6, "temperature": 1.0, "steps": 60, "lr": 2.0e-5, "head_lr": 1.0e-3,
-             "clip_low": 0.2, "clip_high": 0.28, "loss_agg": "token-mean", "eval_every": 10, "save_every": 30},
+             "clip_low": 0.2, "clip_high": 0.28, "loss_agg": "token-mean", "eval_every": 10, "save_every": 30,
+             "max_len": 64, "tokens_per_micro_batch": 4096},
 }
 
 FAST = {

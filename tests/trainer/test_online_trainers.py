@@ -12,6 +12,9 @@ from fastrlhf import cli, models
 from fastrlhf.algos import grpo, ppo
 from fastrlhf.tasks import arithmetic as ar
 
+# the built-in task's sizes (as examples/*.yaml set them): the defaults are for 0.5-8B models
+TOY = ["--max_len", "64", "--tokens_per_micro_batch", "4096"]
+
 REWARD = "tests.trainer.rewards_for_tests:sevens"
 
 
@@ -27,7 +30,7 @@ def tiny(tmp_path_factory):
 def _grpo_args(tiny, out, *extra):
     return ["--model", tiny, "--output_dir", str(out), "--reward_fn", REWARD, "--engine", "hf",
             "--prompts_per_step", "8", "--group_size", "4", "--max_new_tokens", "4", "--lr", "3e-3",
-            "--task_prompts", "200", "--task_eval_prompts", "8", "--device", "cpu", *extra]
+            "--task_prompts", "200", "--task_eval_prompts", "8", "--device", "cpu", *TOY, *extra]
 
 
 @pytest.mark.slow
@@ -102,7 +105,7 @@ def test_ppo_with_reward_model_runs_saves_critic_and_resumes(tiny, tmp_path, mon
     args = lambda out: ["--model", tiny, "--reward_model", str(rm_dir), "--output_dir", str(out),  # noqa: E731
                         "--engine", "hf", "--prompts_per_step", "16", "--max_new_tokens", "4", "--steps", "4",
                         "--save_every", "2", "--eval_every", "2", "--lr", "1e-3", "--task_prompts", "200",
-                        "--task_eval_prompts", "8", "--device", "cpu"]
+                        "--task_eval_prompts", "8", "--device", "cpu", *TOY]
     a = tmp_path / "a"
     ppo.main(args(a))
     rows = _metrics(a)[1:]
@@ -128,7 +131,7 @@ def test_ppo_on_policy_skips_the_old_logprob_pass_with_the_same_updates(tiny, tm
     args = lambda out: ["--model", tiny, "--reward_fn", REWARD, "--output_dir", str(out), "--engine", "hf",  # noqa: E731
                         "--prompts_per_step", "16", "--max_new_tokens", "4", "--steps", "3", "--ppo_epochs", "1",
                         "--minibatches", "1", "--eval_every", "100", "--save_every", "0", "--lr", "1e-3",
-                        "--task_prompts", "200", "--task_eval_prompts", "8", "--device", "cpu"]
+                        "--task_prompts", "200", "--task_eval_prompts", "8", "--device", "cpu", *TOY]
     passes = []
     real = ppo.online.completion_logprobs
     monkeypatch.setattr(ppo.online, "completion_logprobs", lambda m, *a: passes.append(m) or real(m, *a))
@@ -156,7 +159,7 @@ def test_ppo_critic_warmup_holds_the_policy_and_trains_the_critic(tiny, tmp_path
     ppo.main(["--model", tiny, "--reward_fn", REWARD, "--output_dir", str(out), "--engine", "hf",
               "--prompts_per_step", "16", "--max_new_tokens", "4", "--steps", "4", "--critic_warmup", "2",
               "--eval_every", "100", "--save_every", "0", "--lr", "1e-3", "--task_prompts", "200",
-              "--task_eval_prompts", "8", "--device", "cpu"])
+              "--task_eval_prompts", "8", "--device", "cpu", *TOY])
     rows = _metrics(out)[1:]
     assert [r["kl"] for r in rows[:3]] == pytest.approx([0.0, 0.0, 0.0], abs=1e-6)
     assert "grad_norm" not in rows[0] and "grad_norm" not in rows[1] and "grad_norm" in rows[2]
@@ -177,7 +180,7 @@ def test_ppo_head_lr_steps_the_output_layer_at_its_own_rate(tiny, tmp_path, monk
     ppo.main(["--model", tiny, "--reward_fn", REWARD, "--output_dir", str(out), "--engine", "hf",
               "--prompts_per_step", "16", "--max_new_tokens", "4", "--steps", "1", "--lr", "1e-4",
               "--head_lr", "1e-2", "--ppo_epochs", "1", "--minibatches", "1", "--eval_every", "100",
-              "--save_every", "0", "--task_prompts", "200", "--task_eval_prompts", "8", "--device", "cpu"])
+              "--save_every", "0", "--task_prompts", "200", "--task_eval_prompts", "8", "--device", "cpu", *TOY])
     before = dict(models.load_causal_lm(tiny).named_parameters())
     after = models.load_causal_lm(out / "final").named_parameters()
     moved = {n: (p - before[n]).abs().max().item() for n, p in after}
@@ -202,7 +205,7 @@ def test_ppo_token_rewards_from_a_logprob_reward_model(tiny, tmp_path, monkeypat
     args = lambda out, *x: ["--model", tiny, "--reward_model", str(rm_dir), "--output_dir", str(out),  # noqa: E731
                             "--engine", "hf", "--prompts_per_step", "16", "--max_new_tokens", "4", "--steps", "2",
                             "--eval_every", "100", "--save_every", "0", "--lr", "1e-3", "--task_prompts", "200",
-                            "--task_eval_prompts", "8", "--device", "cpu", *x]
+                            "--task_eval_prompts", "8", "--device", "cpu", *TOY, *x]
     ppo.main(args(tmp_path / "seq"))
     ppo.main(args(tmp_path / "tok", "--token_rewards", "true"))
     seq, tok_rows = _metrics(tmp_path / "seq")[1:], _metrics(tmp_path / "tok")[1:]
@@ -218,22 +221,22 @@ def test_ppo_token_rewards_from_a_logprob_reward_model(tiny, tmp_path, monkeypat
 
 def test_cli_bad_reward_function_is_one_clear_line(tiny, tmp_path, capsys):
     code = cli.main(["grpo", "--model", tiny, "--reward_fn", "no_such_module:f", "--engine", "hf",
-                     "--output-dir", str(tmp_path / "o"), "--device", "cpu"])
+                     "--output-dir", str(tmp_path / "o"), "--device", "cpu", *TOY])
     err = capsys.readouterr().err
     assert code == 2 and "reward function 'no_such_module:f'" in err and "Traceback" not in err
 
 
 def test_cli_bad_settings_are_one_clear_line(tiny, tmp_path, capsys):
     code = cli.main(["rm", "--model", tiny, "--head", "pairwise", "--output-dir", str(tmp_path / "r"),
-                     "--device", "cpu"])
+                     "--device", "cpu", *TOY])
     err = capsys.readouterr().err
     assert code == 2 and "head 'pairwise': expected one of ('value', 'logprob')" in err and "Traceback" not in err
     code = cli.main(["ppo", "--model", tiny, "--token_rewards", "true", "--engine", "hf",
-                     "--output-dir", str(tmp_path / "p"), "--device", "cpu"])
+                     "--output-dir", str(tmp_path / "p"), "--device", "cpu", *TOY])
     err = capsys.readouterr().err
     assert code == 2 and "token_rewards needs a logprob reward model" in err and "Traceback" not in err
     code = cli.main(["grpo", "--model", tiny, "--head_lr=-1e-3", "--engine", "hf",
-                     "--output-dir", str(tmp_path / "g"), "--device", "cpu"])
+                     "--output-dir", str(tmp_path / "g"), "--device", "cpu", *TOY])
     err = capsys.readouterr().err
     assert code == 2 and "head_lr=-0.001: expected >= 0" in err and "Traceback" not in err
 

@@ -12,8 +12,12 @@ from fastrlhf import cli, models, runtime
 from fastrlhf.algos import dpo, reward, sft
 from fastrlhf.tasks import arithmetic as ar
 
+# the built-in task's sizes (as examples/*.yaml set them): the defaults are for 0.5-8B models
+TOY = ["--max_len", "64", "--tokens_per_micro_batch", "4096"]
+
 TINY_SFT = ["--task_examples", "300", "--task_model_size", "tiny", "--tokens_per_step", "64", "--warmup_steps", "2",
-            "--task_eval_prompts", "8", "--device", "cpu"]
+            "--lr", "2e-3",
+            "--task_eval_prompts", "8", "--device", "cpu", *TOY]
 
 
 def _metrics(out):
@@ -57,7 +61,7 @@ def test_sft_epochs_of_different_step_counts_each_train_on_every_example(tmp_pat
     ar.write_jsonl(rows, train)
     ar.write_jsonl(rows[:4], held)
     args = ["--data", str(train), "--eval_data", str(held), "--task_model_size", "tiny", "--tokens_per_step", "20",
-            "--epochs", "3", "--warmup_steps", "1", "--eval_every", "1000", "--save_every", "0", "--device", "cpu"]
+            "--epochs", "3", "--warmup_steps", "1", "--eval_every", "1000", "--save_every", "0", "--device", "cpu", *TOY]
     cfg = runtime.load_config(sft.SFTConfig, args)
     seqs = sft.tokenize(ar.build_tokenizer(), rows, cfg.max_len)
     counts = [len(sft.epoch_split(seqs, cfg, e)) for e in range(3)]
@@ -118,7 +122,7 @@ def test_head_lr_gives_the_output_layer_its_own_step_size(head_lr):
 def test_cli_bad_data_is_one_clear_line(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "1+1=", "response": "2"}\n{"prompt": "1+2="\n')
-    code = cli.main(["sft", "--data", str(bad), "--output-dir", str(tmp_path / "o"), "--device", "cpu"])
+    code = cli.main(["sft", "--data", str(bad), "--output-dir", str(tmp_path / "o"), "--device", "cpu", *TOY])
     err = capsys.readouterr().err
     assert code == 2
     assert f"{bad}:2: invalid JSON" in err and "Traceback" not in err
@@ -141,7 +145,7 @@ def test_config_file_overrides_and_unknown_keys(tmp_path):
 
 
 TINY_PAIRS = ["--task_pairs", "256", "--task_eval_pairs", "64", "--pairs_per_step", "32",
-              "--warmup_steps", "1", "--device", "cpu"]
+              "--warmup_steps", "1", "--device", "cpu", *TOY]
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +184,7 @@ def test_reward_model_learns_a_learnable_preference(tmp_path, tiny_base):
     summary = reward.main(["--model", tiny_base, "--output_dir", str(out), "--data", str(tmp_path / "train.jsonl"),
                            "--eval_data", str(tmp_path / "eval.jsonl"), "--pairs_per_step", "32",
                            "--epochs", "2", "--lr", "3e-3", "--warmup_steps", "1", "--eval_every", "100",
-                           "--device", "cpu"])
+                           "--device", "cpu", *TOY])
     rows = _metrics(out)
     assert rows[0] == {"step": 0, "start/loss": pytest.approx(math.log(2), abs=1e-6), "start/accuracy": 0.5}
     assert rows[1]["loss/rm"] == pytest.approx(math.log(2), abs=1e-6)  # fresh head: r = 0 for all
@@ -237,7 +241,7 @@ def test_logprob_reward_model_scores_by_likelihood_and_learns(tmp_path, tiny_bas
     summary = reward.main(["--model", tiny_base, "--output_dir", str(out), "--head", "logprob", "--beta", str(beta),
                            "--data", str(tmp_path / "train.jsonl"), "--eval_data", str(tmp_path / "eval.jsonl"),
                            "--pairs_per_step", "32", "--epochs", "4", "--lr", "3e-3", "--warmup_steps", "1",
-                           "--eval_every", "100", "--device", "cpu"])
+                           "--eval_every", "100", "--device", "cpu", *TOY])
     assert summary["start/loss"] == pytest.approx(-torch.nn.functional.logsigmoid(margins).mean().item(), rel=1e-4)
     assert summary["start/accuracy"] == pytest.approx((margins > 0).double().mean().item())
     assert summary["start/accuracy"] < 0.5 and summary["eval/accuracy"] > 0.9
