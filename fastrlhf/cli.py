@@ -66,6 +66,11 @@ def _run(command: str, rest: list[str]) -> int:
     except (DataError, FileNotFoundError, EngineError, ValueError) as e:  # bad input or settings: one line
         print(f"fastrlhf {command}: {e}", file=sys.stderr)
         return 2
+    except SystemExit as e:  # a bad flag or config value (load_config): its one line, exit status 2
+        if not isinstance(e.code, str):
+            raise  # --help (0), argparse's own usage errors (2)
+        print(e.code, file=sys.stderr)
+        return 2
     if prints_summary:
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
     return 0

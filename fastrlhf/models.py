@@ -443,17 +443,23 @@ def save_hf_dir(model, tokenizer, out_dir: str | Path, dtype: torch.dtype | None
     """config + safetensors + tokenizer into out_dir (not atomic: see save_pretrained_atomic);
     the weights cast to `dtype` when given (the trained float32 masters saved as bf16, say),
     tied weights kept tied."""
+    import json
+
     old = model.config.dtype
     state = None
     if dtype is not None and any(p.dtype != dtype for p in model.parameters()):
         cast: dict = {}
         state = {k: cast.setdefault(v.data_ptr(), v.to(dtype)) if v.is_floating_point() else v
                  for k, v in model.state_dict().items()}
-        model.config.dtype = dtype
     try:
         model.save_pretrained(out_dir, safe_serialization=True, state_dict=state)
     finally:
-        model.config.dtype = old
+        model.config.dtype = old  # save_pretrained writes the parameters' dtype into the config
+    if state is not None:  # ... which is the float32 masters': say what the file holds
+        path = Path(out_dir) / "config.json"
+        config = json.loads(path.read_text())
+        config["dtype"] = str(dtype).removeprefix("torch.")
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     tokenizer.save_pretrained(out_dir)
 
 

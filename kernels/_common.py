@@ -45,6 +45,12 @@ def resolve_impl(impl: str | None, tensor: torch.Tensor) -> str:
     return impl
 
 
+def no_autocast(t: torch.Tensor):
+    """A context with autocast off on t's device: inside an op, the dtypes are the op's choice
+    (under a caller's bf16 autocast, torch's matmuls of fp32 tensors would run in bf16)."""
+    return torch.autocast(device_type=t.device.type, enabled=False)
+
+
 def check_labels(labels: torch.Tensor, lead_shape: torch.Size, vocab: int, ignore_index: int,
                  what: str) -> None:
     """labels must be int64 of shape lead_shape with every non-ignored value in [0, V)."""

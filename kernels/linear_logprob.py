@@ -66,6 +66,7 @@ from ._common import (
     config_key,
     dot_precision,
     logprob_ref,
+    no_autocast,
     resolve_impl,
     torch_dlogits,
     torch_stats,
@@ -415,7 +416,8 @@ class LinearLogprobFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, labels, xf, ignore_index, return_entropy, impl):
         # hidden (N, H), weight (V, H), bias (V,) | None, labels (N,), xf a LogitTransform
         fwd = _fwd_triton if impl == "triton" else _fwd_torch
-        logp, entropy, lse, ez = fwd(hidden, weight, bias, labels, xf, ignore_index, return_entropy)
+        with no_autocast(hidden):  # the torch path's fp32 matmuls stay fp32 under a caller's autocast
+            logp, entropy, lse, ez = fwd(hidden, weight, bias, labels, xf, ignore_index, return_entropy)
         ctx.save_for_backward(hidden, weight, bias, labels, lse, ez)
         ctx.xf, ctx.ignore_index, ctx.impl = xf, ignore_index, impl
         ctx.set_materialize_grads(False)
@@ -430,8 +432,9 @@ class LinearLogprobFunction(torch.autograd.Function):
         g_lp = torch.zeros_like(lse) if g_lp is None else g_lp.float().contiguous()
         g_ent = None if g_ent is None else g_ent.float().contiguous()
         bwd = _bwd_triton if ctx.impl == "triton" else _bwd_torch
-        dh, dw, db = bwd(hidden, weight, bias, labels, lse, ez, g_lp, g_ent, ctx.xf,
-                         ctx.ignore_index, needs)
+        with no_autocast(hidden):
+            dh, dw, db = bwd(hidden, weight, bias, labels, lse, ez, g_lp, g_ent, ctx.xf,
+                             ctx.ignore_index, needs)
         if db is not None:
             db = db.to(bias.dtype)
         return dh, dw, db, None, None, None, None, None

@@ -90,6 +90,20 @@ def test_output_transforms_match_float64(impl, dtype, logit_scale, softcap, temp
         assert_within_torch_error(o, r, e, name=name)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_callers_autocast_does_not_change_the_op(impl, device):
+    """Trainers run forward passes under bf16 autocast; inside the op the dtypes are its own
+    (the torch path's fp32 matmuls ran in bf16 and crashed in scatter_add before)."""
+    hidden, weight, b, labels = _inputs((19,), 32, 90, torch.float32, device)
+    g = torch.randn(19)
+    plain = _run(linear_logprob, hidden, weight, b, labels, g, g, impl=impl, softcap=3.0)
+    with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16):
+        under = _run(linear_logprob, hidden, weight, b, labels, g, g, impl=impl, softcap=3.0)
+    for x, y in zip(plain, under):
+        assert x.dtype == y.dtype
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
 def test_softcap_by_hand():
     """One token, V = 2, raw logits (0, 4), cap 2: z = 2 tanh((0, 2)) = (0, 1.928...);
     logp(label 1) = z1 - log(1 + e^z1); d logp / d raw1 = (1 - p1) (1 - tanh(2)^2)."""
