@@ -50,7 +50,7 @@ def run_fastrlhf(engine: str, args, model_dir: str, out: Path) -> dict:
                "--max_new_tokens", str(args.max_new_tokens), "--steps", str(args.steps),
                "--eval_every", "1000000", "--task_eval_prompts", "1", "--save_every", "0",
                "--lr", "1e-5", "--gpu_memory_utilization", "0.1", "--is_cap", "2.0",
-               "--max_len", str(min(64, args.max_new_tokens + 16))])
+               "--max_len", str(min(64, args.max_new_tokens + 16)), "--tokens_per_micro_batch", "4096"])
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][1:]  # row 0: eval
     rows = rows[1:]  # the first step is warm-up
     gen = statistics.median(r["time/generate_s"] for r in rows)

@@ -185,6 +185,9 @@ def check_common(cfg) -> None:
             raise ValueError(f"{name}={getattr(cfg, name)}: expected >= 1")
     if getattr(cfg, "save_every", 0) < 0:
         raise ValueError(f"save_every={cfg.save_every}: expected >= 0 (0: only final/)")
+    if hasattr(cfg, "max_new_tokens") and not 0 < cfg.max_new_tokens < cfg.max_len:
+        raise ValueError(f"max_new_tokens={cfg.max_new_tokens}: expected 0 < max_new_tokens < max_len={cfg.max_len} "
+                         "(max_len counts the prompt and the completion)")
 
 
 def optimisation(cfg, model, out: Path, total: int, ckpt: Path | None, desc: str, *, head_lr: float = 0.0):

@@ -91,9 +91,10 @@ class VLLMEngine:
 
         params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
                                  logprobs=0, seed=seed * 100003 + i) for i in range(len(prompt_ids))]
-        try:
-            outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params,
-                                     use_tqdm=False)
+        try:  # in process, so the trainer's autocast would reach vLLM's own forward: off here
+            with torch.autocast(device_type="cuda" if self.on_cuda else "cpu", enabled=False):
+                outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params,
+                                         use_tqdm=False)
         except RuntimeError as e:  # e.g. "Unsupported CPU attention configuration"
             raise EngineError(_start_hint(e, None).replace("failed to start", "failed to generate")) from e
         groups = []

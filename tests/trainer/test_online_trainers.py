@@ -231,14 +231,18 @@ def test_cli_bad_settings_are_one_clear_line(tiny, tmp_path, capsys):
                      "--device", "cpu", *TOY])
     err = capsys.readouterr().err
     assert code == 2 and "head 'pairwise': expected one of ('value', 'logprob')" in err and "Traceback" not in err
-    code = cli.main(["ppo", "--model", tiny, "--token_rewards", "true", "--engine", "hf",
+    code = cli.main(["ppo", "--model", tiny, "--token_rewards", "true", "--engine", "hf", "--max_new_tokens", "8",
                      "--output-dir", str(tmp_path / "p"), "--device", "cpu", *TOY])
     err = capsys.readouterr().err
     assert code == 2 and "token_rewards needs a logprob reward model" in err and "Traceback" not in err
-    code = cli.main(["grpo", "--model", tiny, "--head_lr=-1e-3", "--engine", "hf",
+    code = cli.main(["grpo", "--model", tiny, "--head_lr=-1e-3", "--engine", "hf", "--max_new_tokens", "8",
                      "--output-dir", str(tmp_path / "g"), "--device", "cpu", *TOY])
     err = capsys.readouterr().err
     assert code == 2 and "head_lr=-0.001: expected >= 0" in err and "Traceback" not in err
+    code = cli.main(["grpo", "--model", tiny, "--engine", "hf", "--max_new_tokens", "64",
+                     "--output-dir", str(tmp_path / "g2"), "--device", "cpu", *TOY])
+    err = capsys.readouterr().err
+    assert code == 2 and "max_new_tokens=64: expected 0 < max_new_tokens < max_len=64" in err
 
 
 def test_unknown_advantage_and_engine():
