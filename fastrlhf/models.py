@@ -11,8 +11,13 @@ differs from running it alone by 0.6 in the logits), so we register our attentio
     the longest, and run through PyTorch SDPA with a causal + key-padding mask (sum of L^2
     work, not (total tokens)^2). Unpacked (padded) batches use transformers' usual mask.
 Log-probs. Training never materialises the (B, T, V) logits: `token_logprobs` runs the
-backbone for the last hidden state and calls fastrlhf.kernels.linear_logprob with the lm_head
-weight.
+backbone for the last hidden state and calls fastrlhf.kernels.linear_logprob with the output
+layer as the architecture computes it (`output_head`: weight, Phi's bias, Gemma's final-logit
+softcap, Cohere / Granite logit scales); an output transform we do not reproduce is refused at
+load, and every float32 load checks our packed, fused log-probs against transformers' own
+eager forward (`check_logprob_fidelity`) before anything trains on them.
+Precision. Trained models are loaded in float32 (the master weights; forward passes run under
+autocast in the run's compute dtype), frozen ones in the compute dtype (`load_frozen`).
 """
 
 from __future__ import annotations
@@ -125,8 +130,6 @@ def _register_attention() -> None:
 
     AttentionInterface.register(ATTN, varlen_attention)
     AttentionMaskInterface.register(ATTN, sdpa_mask)
-
-
 
 
 def check_model_dir(path: str | Path) -> Path:

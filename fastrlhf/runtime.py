@@ -58,7 +58,8 @@ def _coerce(f: dataclasses.Field, value: Any, where: str):
 
 def load_config(cls, argv: list[str] | None = None, *, prog: str = "fastrlhf"):
     """Defaults <- --config YAML <- command-line flags. Returns an instance of cls."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    own = cls.__dict__.get("__annotations__", {})  # the trainer's own fields first in --help, the shared after
+    fields = {f.name: f for f in sorted(dataclasses.fields(cls), key=lambda f: f.name not in own)}
     p = argparse.ArgumentParser(prog=prog, description=(cls.__doc__ or "").splitlines()[0])
     p.add_argument("--config", help="YAML file overriding the defaults")
     for name, f in fields.items():

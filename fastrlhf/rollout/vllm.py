@@ -45,9 +45,7 @@ class VLLMEngine:
         if not self.on_cuda:
             # the CPU backend sizes its KV cache as utilization * RAM minus this process's RSS,
             # which here includes the trainer (model, optimizer, data): state it explicitly
-            import psutil
-
-            memory = dict(kv_cache_memory_bytes=int(gpu_memory_utilization * psutil.virtual_memory().total))
+            memory = dict(kv_cache_memory_bytes=_cpu_kv_cache_bytes(gpu_memory_utilization))
         try:
             self.llm = LLM(str(model_dir), dtype=_DTYPES.get(dtype, "auto"), seed=seed,
                            max_model_len=max_model_len, enable_sleep_mode=self.on_cuda,
@@ -104,6 +102,31 @@ class VLLMEngine:
                                   "length" if c.finish_reason == "length" else "stop")
                            for c in out.outputs])
         return groups
+
+
+def _cpu_kv_cache_bytes(utilization: float) -> int:
+    """KV cache bytes for vLLM's CPU backend: `utilization` of the memory of the NUMA node it binds
+    to (vLLM's own meaning: a VM can report 24 GiB in all and 15 GiB on node 0), and no more than
+    90% of what that node has free now (it refuses more at start-up, and this process's earlier
+    stages may still hold some). Capping only shrinks a cache that far exceeds what a step needs."""
+    import psutil
+
+    try:
+        from vllm.utils.cpu_resource_utils import get_memory_node_info
+
+        info = get_memory_node_info(0)
+        total, available = info.total_memory, info.available_memory
+    except Exception:  # another vLLM layout: the whole machine
+        vm = psutil.virtual_memory()
+        total, available = vm.total, vm.available
+    want = int(utilization * total)
+    if want > 0.9 * available:
+        import sys
+
+        print(f"vLLM (CPU): KV cache {want / 2**30:.1f} GiB ({utilization} of {total / 2**30:.1f} GiB) does not fit "
+              f"in the {available / 2**30:.1f} GiB free: using {0.9 * available / 2**30:.1f} GiB", file=sys.stderr)
+        want = int(0.9 * available)
+    return want
 
 
 def _repack_cpu_lm_heads(worker) -> None:

@@ -392,3 +392,37 @@ def test_ppo_with_a_reward_model_on_user_prompts_evaluates_and_shows_samples(qwe
     shown = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
     assert {r["step"] for r in shown} == {1, 2} and all(isinstance(r["reward"], float) for r in shown)
     assert shown[0]["prompt"][0]["role"] == "user" and isinstance(shown[0]["completion"], str)
+
+
+def test_grpo_in_bf16_gives_the_frozen_models_and_the_engine_the_compute_dtype(tmp_path, monkeypatch):
+    """The reference (kl_coef > 0) and the engine get bf16; the policy keeps float32 masters;
+    final/ is bf16; the step trains (finite loss, the policy moved)."""
+    from fastrlhf import rollout
+
+    seen = {}
+    real_frozen, real_engine = models.load_frozen, rollout.make_engine
+    monkeypatch.setattr(models, "load_frozen", lambda *a, **k: seen.setdefault("ref", real_frozen(*a, **k)))
+    monkeypatch.setattr(grpo, "make_engine", lambda *a, **k: seen.setdefault("engine_dtype", k["dtype"])
+                        and real_engine(*a, **k))
+    base = ar.save_base_model(tmp_path / "base", **ar.MODEL_SIZES["tiny"])
+    out = tmp_path / "g"
+    grpo.main(["--model", str(base), "--output_dir", str(out), "--engine", "hf", "--dtype", "bfloat16",
+               "--kl_coef", "0.1", "--prompts_per_step", "4", "--group_size", "4", "--max_new_tokens", "4",
+               "--steps", "1", "--lr", "1e-3", "--task_prompts", "32", "--task_eval_prompts", "4",
+               "--device", "cpu", *TOY])
+    assert next(seen["ref"].parameters()).dtype == torch.bfloat16 and seen["engine_dtype"] == torch.bfloat16
+    row = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][1]
+    assert torch.isfinite(torch.tensor(row["loss/policy"])) and row["kl"] >= 0
+    assert json.loads((out / "final" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_float16_trains_with_a_loss_scale(tmp_path):
+    base = ar.save_base_model(tmp_path / "base", **ar.MODEL_SIZES["tiny"])
+    summary = sft.main(["--model", str(base), "--output_dir", str(tmp_path / "o"), "--task_examples", "64",
+                        "--tokens_per_step", "64", "--max_steps", "3", "--lr", "2e-3", "--eval_every", "3",
+                        "--log_samples", "0", "--device", "cpu", "--dtype", "float16", *TOY])
+    rows = [json.loads(x) for x in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor(r["loss/sft"])) for r in rows)
+    assert rows[-1]["loss/sft"] < rows[0]["loss/sft"]  # it trained: steps were not all overflows
+    assert summary.get("skipped_overflow", 0) < 3
+    assert json.loads((tmp_path / "o" / "final" / "config.json").read_text())["dtype"] == "float16"
