@@ -16,6 +16,7 @@ path (chunk by chunk, `torch_stats` / `torch_dlogits`) implement exactly these l
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -66,6 +67,13 @@ def check_labels(labels: torch.Tensor, lead_shape: torch.Size, vocab: int, ignor
             f"labels out of range [0, {vocab}) at index {first}: {int(labels[first])} "
             f"(ignore_index={ignore_index})"
         )
+
+
+def check_finite(**scalars) -> None:
+    """Every scalar setting a finite number: a NaN coefficient would silently poison a loss."""
+    for name, v in scalars.items():
+        if v is not None and not math.isfinite(float(v)):
+            raise ValueError(f"{name} must be a finite number, got {v}")
 
 
 def check_temperature(temperature: float) -> None:

@@ -54,12 +54,14 @@ def _gae_kernel(
         ok1 = (t + 1) < T
         v1 = tl.load(VAL + b * s_v_b + (t + 1) * s_v_t, mask=ok1, other=0.0).to(tl.float32)
         m1 = (tl.load(MASK + b * s_m_b + (t + 1) * s_m_t, mask=ok1, other=0) != 0).to(tl.float32)
-        # nv_t = (1 - m_{t+1}) nv_{t+1} + m_{t+1} V_{t+1}
-        a_nv, b_nv = tl.associative_scan((1.0 - m1, m1 * v1), 0, _linear_combine, reverse=True)
+        # nv_t = (1 - m_{t+1}) nv_{t+1} + m_{t+1} V_{t+1}   (tl.where, not m * x: a NaN value or
+        # reward at a masked position must not reach the kept ones, and 0 * NaN = NaN)
+        a_nv, b_nv = tl.associative_scan((1.0 - m1, tl.where(m1 != 0.0, v1, 0.0)), 0, _linear_combine,
+                                         reverse=True)
         nv = a_nv * nv_carry + b_nv
         delta = r + gamma * nv - v
         # L_t = (m_t gamma lam + 1 - m_t) L_{t+1} + m_t delta_t
-        a_l, b_l = tl.associative_scan((m * (gamma * lam) + (1.0 - m), m * delta), 0,
+        a_l, b_l = tl.associative_scan((m * (gamma * lam) + (1.0 - m), tl.where(m != 0.0, delta, 0.0)), 0,
                                        _linear_combine, reverse=True)
         gl = a_l * l_carry + b_l
         keep = m != 0.0
@@ -101,7 +103,10 @@ def gae(rewards, values, mask, *, gamma=1.0, lam=0.95, impl=None):
 def gae_ref(rewards, values, mask, *, gamma=1.0, lam=0.95):
     """The sequential loop, vectorised over the batch (the CPU path; float64: the reference)."""
     B, T = rewards.shape
-    m = (mask != 0).to(rewards.dtype)
+    keep = mask != 0
+    # masked positions hold anything (NaN included): zero them first, so 0 * NaN never happens
+    rewards, values = torch.where(keep, rewards, 0.0), torch.where(keep, values, 0.0)
+    m = keep.to(rewards.dtype)
     nv = torch.zeros(B, dtype=rewards.dtype, device=rewards.device)
     last = torch.zeros_like(nv)
     adv = torch.zeros_like(rewards)

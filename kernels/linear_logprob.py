@@ -179,17 +179,23 @@ def _linear_logprob_dlogits_kernel(
 
 @triton.jit
 def _matmul_kernel(
-    # pointers
-    A, B, C,
+    # pointers (LABELS: read only with MASK_K)
+    A, B, C, LABELS,
     # shapes: C (M, N) [+]= A (M, K) @ B (K, N)
     M, N, K,
     # strides
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+    # scalars
+    ignore_index,
     # flags and tiles
-    ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    ACCUMULATE: tl.constexpr, MASK_K: tl.constexpr, PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """The two backward GEMMs: fp32 accumulation, optional load-add-store into an fp32 C."""
+    """The two backward GEMMs: fp32 accumulation, optional load-add-store into an fp32 C.
+    MASK_K (d(weight) = d(logits).T @ hidden, K = tokens): B's rows of ignored tokens read as 0,
+    so a NaN hidden state at an ignored position cannot reach d(weight) (its d(logits) is 0,
+    and 0 * NaN = NaN)."""
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -209,7 +215,10 @@ def _matmul_kernel(
     for k0 in range(0, K, BLOCK_K):
         k_ok = rk < K - k0
         a = tl.load(a_ptrs, mask=(rm < M)[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_ok[:, None] & (rn < N)[None, :], other=0.0)
+        b_ok = k_ok
+        if MASK_K:
+            b_ok = k_ok & (tl.load(LABELS + k0 + rk, mask=k_ok, other=ignore_index) != ignore_index)
+        b = tl.load(b_ptrs, mask=b_ok[:, None] & (rn < N)[None, :], other=0.0)
         acc = _dot(a, b, acc, PRECISION, INTERPRET)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
@@ -249,17 +258,20 @@ def _num_splits(device: torch.device, n_tiles: int, v_tiles: int) -> int:
     return max(1, min(v_tiles, triton.cdiv(2 * sms, n_tiles)))
 
 
-def _matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, accumulate: bool) -> None:
-    """c[...] (+)= a @ b with fp32 accumulation; any strides."""
+def _matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, accumulate: bool,
+            labels: torch.Tensor | None = None, ignore_index: int = -100) -> None:
+    """c[...] (+)= a @ b with fp32 accumulation; any strides. labels (K,): rows of b whose
+    label is ignore_index read as 0."""
     M, K = a.shape
     N = b.shape[1]
     cfg = MATMUL_CONFIGS[config_key(a)]
     grid = (triton.cdiv(M, cfg.block_n) * triton.cdiv(N, cfg.block_v),)
     _matmul_kernel[grid](
-        a, b, c,
+        a, b, c, a if labels is None else labels,
         M, N, K,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
-        ACCUMULATE=accumulate, PRECISION=dot_precision(a.dtype),
+        ignore_index,
+        ACCUMULATE=accumulate, MASK_K=labels is not None, PRECISION=dot_precision(a.dtype),
         INTERPRET=INTERPRET,
         BLOCK_M=cfg.block_n, BLOCK_N=cfg.block_v, BLOCK_K=cfg.block_d, GROUP_M=GROUP_M,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -281,6 +293,8 @@ class LogitTransform(NamedTuple):
 def _fwd_triton(h, w, bias, labels, xf: LogitTransform, ignore_index, want_entropy):
     N, D = h.shape
     V = w.shape[0]
+    if N == 0:
+        return cat_stats([], h, want_entropy)
     cfg = LOGITS_CONFIGS[config_key(h)]
     n_tiles, v_tiles = triton.cdiv(N, cfg.block_n), triton.cdiv(V, cfg.block_v)
     v_per_split = triton.cdiv(v_tiles, _num_splits(h.device, n_tiles, v_tiles)) * cfg.block_v
@@ -303,12 +317,15 @@ def _fwd_triton(h, w, bias, labels, xf: LogitTransform, ignore_index, want_entro
 def _bwd_triton(h, w, bias, labels, lse, ez, g_lp, g_ent, xf: LogitTransform, ignore_index, needs):
     N, D = h.shape
     V = w.shape[0]
+    need_dh, need_dw, need_db = needs
+    if N == 0:  # no tokens: zero gradients of the right shapes
+        return (torch.zeros_like(h) if need_dh else None, torch.zeros_like(w) if need_dw else None,
+                torch.zeros(V, device=h.device, dtype=torch.float32) if need_db else None)
     key = config_key(h)
     cfg = LOGITS_CONFIGS[key]
     vc = max(cfg.block_v, CHUNK_ELEMS["interpret" if key == "interpret" else "gpu"] // max(N, 1))
     vc = min(vc // cfg.block_v * cfg.block_v, triton.cdiv(V, cfg.block_v) * cfg.block_v)
     n_chunks = triton.cdiv(V, vc)
-    need_dh, need_dw, need_db = needs
 
     dz = torch.empty((N, vc), device=h.device, dtype=h.dtype)  # (N, Vc) d(logits) chunk
     direct = n_chunks == 1 or h.dtype == torch.float32
@@ -333,7 +350,8 @@ def _bwd_triton(h, w, bias, labels, lse, ez, g_lp, g_ent, xf: LogitTransform, ig
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         if need_dw:
-            _matmul(dz_c.t(), h, dw[v0:v0 + vlen], accumulate=False)  # (vlen, D), K = N
+            _matmul(dz_c.t(), h, dw[v0:v0 + vlen], accumulate=False, labels=labels,
+                    ignore_index=ignore_index)  # (vlen, D), K = N
         if need_dh:
             _matmul(dz_c, w[v0:v0 + vlen], dh, accumulate=c > 0)  # (N, D), K = vlen
         if need_db:
@@ -392,7 +410,7 @@ def _bwd_torch(h, w, bias, labels, lse, ez, g_lp, g_ent, xf: LogitTransform, ign
     rows = _torch_rows(V)
     for i in range(0, N, rows):
         sl = slice(i, i + rows)
-        h32 = h[sl].float()
+        h32 = torch.where(valid[sl, None], h[sl].float(), 0.0)  # a NaN at an ignored row stays out of d(weight)
         z = _torch_logits(h32, w32, b32, xf)
         dz = torch_dlogits(z, labels[sl], valid[sl], lse[sl], None if ez is None else ez[sl],
                            g_lp[sl], None if g_ent is None else g_ent[sl], xf.inv_temp)  # (n, V)
@@ -480,6 +498,8 @@ def linear_logprob(hidden, weight, labels, *, bias=None, logit_scale=1.0, softca
     if weight.dtype != hidden.dtype:
         raise ValueError(f"weight dtype {weight.dtype} does not match hidden dtype {hidden.dtype}")
     V, D = weight.shape
+    if V == 0 or D == 0:
+        raise ValueError(f"weight {tuple(weight.shape)}: the vocabulary (V) and hidden size (H) must be > 0")
     if hidden.shape[-1] != D:
         raise ValueError(f"hidden size mismatch: hidden {tuple(hidden.shape)} has H="
                          f"{hidden.shape[-1]} but weight {tuple(weight.shape)} has H={D}")
@@ -500,8 +520,12 @@ def linear_logprob(hidden, weight, labels, *, bias=None, logit_scale=1.0, softca
     lead = labels.shape
     xf = LogitTransform(float(logit_scale), None if softcap is None else float(softcap),
                         1.0 / float(temperature))
-    out = LinearLogprobFunction.apply(hidden.reshape(-1, D), weight, bias, labels.reshape(-1), xf,
-                                      int(ignore_index), bool(return_entropy), impl)
+    # labels and bias are read as contiguous vectors (an expanded or column-view labels tensor
+    # was read with the wrong strides); hidden and weight go in with their own strides
+    out = LinearLogprobFunction.apply(hidden.reshape(-1, D), weight,
+                                      None if bias is None else bias.contiguous(),
+                                      labels.reshape(-1).contiguous(), xf, int(ignore_index),
+                                      bool(return_entropy), impl)
     if return_entropy:
         return out[0].view(lead), out[1].view(lead)
     return out.view(lead)

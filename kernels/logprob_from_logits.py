@@ -120,6 +120,8 @@ BWD_CONFIGS = {
 
 def _fwd_triton(z, labels, inv_temp, ignore_index, want_entropy):
     N, V = z.shape
+    if N == 0:
+        return cat_stats([], z, want_entropy)
     cfg = ROW_CONFIGS[config_key(z)]
     stats = torch.empty((4, 1, N), device=z.device, dtype=torch.float32)  # m, s, t, zl
     _logprob_fwd_kernel[(triton.cdiv(N, cfg.block_n),)](
@@ -137,6 +139,8 @@ def _bwd_triton(z, labels, lse, ez, g_lp, g_ent, inv_temp, ignore_index):
     N, V = z.shape
     cfg = BWD_CONFIGS[config_key(z)]
     dz = torch.empty((N, V), device=z.device, dtype=z.dtype)
+    if N == 0:
+        return dz
     entropy = g_ent is not None
     _logprob_bwd_kernel[(triton.cdiv(N, cfg.block_n), triton.cdiv(V, cfg.block_v))](
         z, labels, lse, ez if entropy else lse, g_lp, g_ent if entropy else g_lp, dz,
@@ -227,11 +231,13 @@ def logprob_from_logits(logits, labels, *, temperature=1.0, ignore_index=-100,
     if labels.device != logits.device:
         raise ValueError(f"labels on {labels.device} but logits on {logits.device}")
     V = logits.shape[-1]
+    if V == 0:
+        raise ValueError(f"logits {tuple(logits.shape)}: the vocabulary (V) must be > 0")
     check_labels(labels, logits.shape[:-1], V, ignore_index, "logits' leading dims")
     check_temperature(temperature)
     impl = resolve_impl(impl, logits)
     lead = labels.shape
-    out = LogprobFromLogitsFunction.apply(logits.reshape(-1, V), labels.reshape(-1),
+    out = LogprobFromLogitsFunction.apply(logits.reshape(-1, V), labels.reshape(-1).contiguous(),
                                           float(temperature), int(ignore_index),
                                           bool(return_entropy), impl)
     if return_entropy:

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from ._aggregate import check_loss_agg, check_token_tensors, row_weights
-from ._common import resolve_impl
+from ._common import check_finite, resolve_impl
 from .kl_penalty import _kl_token, kl_kind_id, kl_penalty_ref
 
 # partial sums per (sequence, tile): loss, tokens, clipped, ratio, approx_kl, kl, entropy
@@ -52,7 +52,7 @@ def _policy_token(lp, old, adv, ref, ent, isw, clip_low, clip_high, dual_clip, k
     pg1 = -adv * ratio
     pg2 = -adv * tl.minimum(tl.maximum(ratio, 1.0 - clip_low), 1.0 + clip_high)
     clipped = pg2 > pg1
-    pg = tl.maximum(pg1, pg2)
+    pg = tl.where(clipped, pg2, pg1)  # max(pg1, pg2), but a NaN stays NaN (tl.maximum drops it)
     dpg = tl.where(clipped, 0.0, pg1)  # d(-A r)/dlp = -A r
     if HAS_DUAL:
         pg3 = -adv * dual_clip
@@ -292,6 +292,8 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip_
         raise ValueError(f"kl_coef={kl_coef} needs ref_logprobs")
     if entropy_coef and entropy is None:
         raise ValueError(f"entropy_coef={entropy_coef} needs entropy")
+    check_finite(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef,
+                 entropy_coef=entropy_coef)
     if dual_clip is not None and not dual_clip > 1.0:
         raise ValueError(f"dual_clip must be > 1 (or None), got {dual_clip}")
     if not (0.0 <= clip_low < 1.0 and clip_high >= 0.0):

@@ -23,6 +23,8 @@ and keeps loss_type dispatch out of Python.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -135,7 +137,7 @@ def preference_loss(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rej
         rewards/margin, rewards/accuracy (detached float32 scalars).
     """
     _check(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, loss_type,
-           label_smoothing)
+           label_smoothing, gamma)
     if resolve_impl(impl, chosen_logps) == "torch":
         loss = preference_loss_ref(chosen_logps, rejected_logps, ref_chosen_logps,
                                    ref_rejected_logps, beta=beta, loss_type=loss_type,
@@ -156,11 +158,12 @@ def _metrics(c, r, rc, rr, beta):
     with torch.no_grad():
         r_c = beta * (c.float() - (0.0 if rc is None else rc.float()))
         r_r = beta * (r.float() - (0.0 if rr is None else rr.float()))
-        return {"rewards/chosen": r_c.mean(), "rewards/rejected": r_r.mean(),
-                "rewards/margin": (r_c - r_r).mean(), "rewards/accuracy": (r_c > r_r).float().mean()}
+        n = max(r_c.numel(), 1)  # no pairs: every metric 0, as the loss (not a mean over nothing)
+        return {"rewards/chosen": r_c.sum() / n, "rewards/rejected": r_r.sum() / n,
+                "rewards/margin": (r_c - r_r).sum() / n, "rewards/accuracy": (r_c > r_r).float().sum() / n}
 
 
-def _check(c, r, rc, rr, beta, loss_type, eps):
+def _check(c, r, rc, rr, beta, loss_type, eps, gamma=0.0):
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {list(LOSS_TYPES)}")
     named = {"chosen_logps": c, "rejected_logps": r, "ref_chosen_logps": rc, "ref_rejected_logps": rr}
@@ -178,8 +181,10 @@ def _check(c, r, rc, rr, beta, loss_type, eps):
         raise ValueError("loss_type='simpo' uses no reference model: do not pass ref_*_logps")
     if loss_type != "simpo" and rc is None:
         raise ValueError(f"loss_type={loss_type!r} needs ref_chosen_logps and ref_rejected_logps")
-    if not beta > 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
+    if not (beta > 0 and math.isfinite(beta)):
+        raise ValueError(f"beta must be a finite number > 0, got {beta}")
+    if not math.isfinite(gamma):
+        raise ValueError(f"gamma must be a finite number, got {gamma}")
     if not 0.0 <= eps < 0.5:
         raise ValueError(f"label_smoothing must be in [0, 0.5), got {eps}")
     if eps and loss_type in ("ipo", "hinge"):

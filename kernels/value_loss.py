@@ -16,6 +16,8 @@ reads them again and writes d(values). No host synchronisation.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -39,7 +41,7 @@ def _value_token(v, v_old, ret, clip):
     clipped = l2 > l1
     inside = tl.abs(v - v_old) < clip
     dloss = tl.where(clipped, tl.where(inside, v_clip - ret, 0.0), v - ret)
-    return 0.5 * tl.maximum(l1, l2), dloss, clipped
+    return 0.5 * tl.where(clipped, l2, l1), dloss, clipped  # max(l1, l2); a NaN stays NaN
 
 
 @triton.jit
@@ -142,8 +144,8 @@ def value_loss(values, old_values, returns, mask, *, clip=0.2, loss_agg="token-m
     B, T = values.shape
     check_token_tensors({"values": values, "old_values": old_values, "returns": returns}, B, T, mask)
     check_loss_agg(loss_agg, max_len)
-    if not clip > 0:
-        raise ValueError(f"clip must be > 0, got {clip}")
+    if not (clip > 0 and math.isfinite(clip)):
+        raise ValueError(f"clip must be a finite number > 0, got {clip}")
     if resolve_impl(impl, values) == "torch":
         return value_loss_ref(values, old_values, returns, mask, clip=clip, loss_agg=loss_agg,
                               max_len=max_len)

@@ -159,7 +159,7 @@ def test_preference_matches_float64(loss_type, eps, poison_empty):
     (dict(label_smoothing=0.5), r"label_smoothing must be in \[0, 0.5\)"),
     (dict(loss_type="ipo", label_smoothing=0.1), r"not defined for loss_type='ipo'"),
     (dict(rejected=torch.zeros(3)), r"rejected_logps must be \(B,\) like chosen_logps \(4,\)"),
-    (dict(beta=0.0), r"beta must be > 0"),
+    (dict(beta=0.0), r"beta must be a finite number > 0"),
 ])
 def test_preference_bad_input(bad, match):
     z = torch.zeros(4)
