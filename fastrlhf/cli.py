@@ -59,11 +59,12 @@ def _run(command: str, rest: list[str]) -> int:
 
     from fastrlhf.data import DataError
     from fastrlhf.rollout import EngineError
+    from fastrlhf.runtime import TrainingError
 
     module, _, prints_summary = COMMANDS[command]
     try:
         summary = importlib.import_module(module).main(rest)
-    except (DataError, FileNotFoundError, EngineError, ValueError) as e:  # bad input or settings: one line
+    except (DataError, FileNotFoundError, EngineError, ValueError, TrainingError, OSError) as e:  # one line
         print(f"fastrlhf {command}: {e}", file=sys.stderr)
         return 2
     except SystemExit as e:  # a bad flag or config value (load_config): its one line, exit status 2

@@ -227,9 +227,13 @@ def check_logprob_fidelity(model, path, *, tol: float = 1e-3) -> float:
 def load_trained(path: str | Path, cfg, device, *, value: bool = False):
     """A model a trainer trains: float32 master weights, with the run's gradient checkpointing
     and dropout settings (cfg: runtime.ModelFields); value=True: a scalar-head value model."""
+    from fastrlhf.runtime import check_finite_model
+
     load = load_value_model if value else load_causal_lm
-    return load(path, device=device, dtype=torch.float32, gradient_checkpointing=cfg.gradient_checkpointing,
-                no_dropout=cfg.disable_dropout)
+    model = load(path, device=device, dtype=torch.float32, gradient_checkpointing=cfg.gradient_checkpointing,
+                 no_dropout=cfg.disable_dropout)
+    check_finite_model(model, path)  # a NaN checkpoint would skip every step and save NaN
+    return model
 
 
 def check_max_len(model, max_len: int) -> None:

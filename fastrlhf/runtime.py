@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -121,8 +122,8 @@ DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.f
 
 @dataclasses.dataclass
 class ModelFields:
-    """How the trained model is held: composed into every trainer's config (flat on the
-    command line: --dtype, --gradient_checkpointing, --disable_dropout)."""
+    """What every trainer shares: how the trained model is held and whether the run resumes;
+    composed into every trainer's config (flat on the command line: --dtype, --resume, ...)."""
 
     dtype: str = dataclasses.field(default="auto", metadata={
         "help": "compute dtype of forward passes, the frozen reference / reward models and vLLM: auto "
@@ -130,13 +131,73 @@ class ModelFields:
                 "AdamW state stay float32 (master weights) and final/ is saved in this dtype"})
     gradient_checkpointing: bool = dataclasses.field(default=False, metadata={
         "help": "recompute each decoder layer's activations in the backward (less memory, ~30% more compute)"})
+    resume: str = dataclasses.field(default="auto", metadata={
+        "help": "auto: continue from the newest intact checkpoint in output_dir if its settings are this run's "
+                "(a differing field is an error) | never: start over there | must: a checkpoint is required"})
     disable_dropout: bool = dataclasses.field(default=True, metadata={
         "help": "set every dropout of the trained models to 0 (as TRL): the sampler, the reference and the "
                 "trainer then compute the same distribution"})
 
     def __post_init__(self):
-        if self.dtype != "auto" and self.dtype not in DTYPES:
-            raise ValueError(f"dtype {self.dtype!r}: expected auto, bfloat16, float16 or float32")
+        validate_config(self)
+
+
+# ----------------------------------------------------------------------------------------
+# settings that cannot be right, refused before anything is loaded or written
+# ----------------------------------------------------------------------------------------
+
+def _range(lo=None, hi=None, *, lo_open=False, hi_open=False):
+    def check(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return "a finite number"
+        if lo is not None and (v <= lo if lo_open else v < lo):
+            return f"{'>' if lo_open else '>='} {lo}" + (f" and {'<' if hi_open else '<='} {hi}" if hi is not None else "")
+        if hi is not None and (v >= hi if hi_open else v > hi):
+            return f"{'<' if hi_open else '<='} {hi}" + (f" and {'>' if lo_open else '>='} {lo}" if lo is not None else "")
+        return None
+    return check
+
+
+def _choices(*options):
+    return lambda v: None if v in options else f"one of {list(options)}"
+
+
+POSITIVE, NON_NEGATIVE, UNIT = _range(0, lo_open=True), _range(0), _range(0, 1)
+# One rule per field name, shared by every trainer (a trainer can override one: RULES on its class).
+RULES = {
+    "lr": POSITIVE, "critic_lr": POSITIVE, "head_lr": NON_NEGATIVE, "weight_decay": NON_NEGATIVE,
+    "grad_clip": POSITIVE, "warmup_steps": NON_NEGATIVE, "max_steps": NON_NEGATIVE, "save_every": NON_NEGATIVE,
+    "epochs": _range(1), "eval_every": _range(1), "steps": _range(1), "prompts_per_step": _range(1),
+    "group_size": _range(1), "ppo_epochs": _range(1), "minibatches": _range(1), "max_len": _range(2),
+    "max_new_tokens": _range(1), "tokens_per_micro_batch": _range(1), "tokens_per_step": _range(1),
+    "pairs_per_step": _range(1), "log_samples": NON_NEGATIVE, "log_samples_every": _range(1),
+    "critic_warmup": NON_NEGATIVE, "kl_horizon": _range(1), "temperature": POSITIVE,
+    "top_p": _range(0, 1, lo_open=True), "clip_low": _range(0, 1, hi_open=True), "clip_high": NON_NEGATIVE,
+    "dual_clip": lambda v: None if v == 0 or (math.isfinite(v) and v > 1) else "0 (off) or a finite number > 1",
+    "kl_coef": NON_NEGATIVE, "kl_target": NON_NEGATIVE, "entropy_coef": NON_NEGATIVE, "is_cap": NON_NEGATIVE,
+    "gamma": UNIT, "lam": UNIT, "value_clip": POSITIVE, "beta": POSITIVE,
+    "label_smoothing": _range(0, 0.5, hi_open=True), "gpu_memory_utilization": _range(0, 1, lo_open=True),
+    "task_error_rate": UNIT, "task_label_noise": UNIT, "task_examples": _range(1), "task_pairs": _range(1),
+    "task_eval_pairs": _range(1), "task_prompts": _range(1), "task_eval_prompts": _range(1),
+    "seed": NON_NEGATIVE,
+    "schedule": _choices("cosine", "linear", "constant"), "engine": _choices("auto", "vllm", "hf"),
+    "kl_kind": _choices("k1", "k2", "k3"), "task_model_size": _choices("tiny", "small", "medium"),
+    "loss_agg": _choices("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"),
+    "dtype": _choices("auto", *DTYPES), "resume": _choices("auto", "never", "must"),
+    "device": lambda v: None if v == "auto" or re.fullmatch(r"cpu|cuda(:\d+)?", v) else "auto, cpu or cuda[:N]",
+}
+
+
+def validate_config(cfg) -> None:
+    """Every field against its rule (finite, range, choices): ValueError naming the first bad one."""
+    rules = {**RULES, **getattr(type(cfg), "RULES", {})}
+    for f in dataclasses.fields(cfg):
+        value, rule = getattr(cfg, f.name), rules.get(f.name)
+        if rule is None or value is None or isinstance(value, bool):
+            continue
+        problem = rule(value)
+        if problem:
+            raise ValueError(f"{f.name}={value!r}: expected {problem}")
 
 
 class Precision:
@@ -227,12 +288,46 @@ def atomic_dir(final: str | os.PathLike):
     tmp, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    yield tmp
+    try:
+        yield tmp
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written stays behind
+        if _disk_full(e, final.parent):
+            free = shutil.disk_usage(final.parent).free
+            raise OSError(errno.ENOSPC, f"no space left on device writing {final} ({free / 2**20:.0f} MiB free "
+                                        f"on {final.parent}); the previous copy, if any, is untouched") from e
+        raise
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _disk_full(e: BaseException, where: Path) -> bool:
+    """An error that is the disk being full, whatever the writer said (torch.save reports
+    'unexpected pos 683264 vs 683152', safetensors an I/O error)."""
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return True
+    if isinstance(e, (OSError, RuntimeError)):
+        try:
+            return shutil.disk_usage(where).free < 16 * 2**20
+        except OSError:
+            return False
+    return False
+
+
+def _read_rows(path: Path, keep_step: int) -> list[str]:
+    """The JSONL rows up to keep_step; a row cut short by a crash (the last) is dropped."""
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get("step", 0) <= keep_step:
+            kept.append(line)
+    return kept
 
 
 class MetricsLog:
@@ -247,9 +342,7 @@ class MetricsLog:
         self.path = out_dir / "metrics.jsonl"
         resume = resume_step is not None
         if resume and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= resume_step]
-            write_atomic(self.path, "".join(line + "\n" for line in kept))
+            write_atomic(self.path, "".join(line + "\n" for line in _read_rows(self.path, resume_step)))
         self.file = open(self.path, "a" if resume else "w")
         self.total, self.desc, self.t0 = total_steps, desc, time.time()
         self.tb = None
@@ -309,9 +402,7 @@ class SampleLog:
     def __init__(self, out_dir: Path, *, resume_step: int | None):
         self.path = out_dir / "samples.jsonl"
         if resume_step is not None and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= resume_step]
-            write_atomic(self.path, "".join(line + "\n" for line in kept))
+            write_atomic(self.path, "".join(line + "\n" for line in _read_rows(self.path, resume_step)))
         self.file = open(self.path, "a" if resume_step is not None else "w")
 
     def write(self, step: int, rows: list[dict]) -> None:
@@ -407,6 +498,82 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
+def damaged(ckpt: Path) -> str | None:
+    """Why a checkpoint cannot be resumed from (a file cut short by a crash or a full disk), or
+    None. Cheap: the safetensors header against the file's size, the zip directory and CRCs of
+    trainer_state.pt; nothing is deserialised."""
+    import struct
+    import zipfile
+
+    for weights in sorted(ckpt.glob("**/*.safetensors")):
+        size = weights.stat().st_size
+        try:
+            with open(weights, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(n)) if 8 + n <= size else None
+        except (struct.error, ValueError, UnicodeDecodeError):
+            header = None
+        if header is None:
+            return f"{weights.relative_to(ckpt)} has no readable header"
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if 8 + n + end > size:
+            return f"{weights.relative_to(ckpt)} is cut short ({size} of {8 + n + end} bytes)"
+    for state in sorted(ckpt.glob("**/*_state.pt")):
+        try:
+            with zipfile.ZipFile(state) as z:
+                bad = z.testzip()
+        except (zipfile.BadZipFile, OSError) as e:
+            return f"{state.relative_to(ckpt)} is not a complete torch file ({e})"
+        if bad is not None:
+            return f"{state.relative_to(ckpt)} is corrupt (bad CRC in {bad})"
+    return None
+
+
+# Settings a resumed run may change: where and how it runs, how often it reports, how long.
+RESUMABLE = {"output_dir", "device", "engine", "gpu_memory_utilization", "enforce_eager", "offload_params",
+             "eval_every", "save_every", "log_samples", "log_samples_every", "gradient_checkpointing",
+             "tokens_per_micro_batch", "max_steps", "steps", "epochs", "resume"}
+
+
+def resume_checkpoint(cfg, out_dir: Path) -> Path | None:
+    """The checkpoint this run continues from, by cfg.resume:
+      auto   the newest intact checkpoint, if there is one (a damaged one is set aside as
+             step-N.damaged and the one before it is used, saying so), provided the run's
+             settings are those it was written with: a differing field stops the run, named;
+      never  start over: existing checkpoints and logs in output_dir are removed;
+      must   as auto, but no intact checkpoint is an error."""
+    if cfg.resume == "never":
+        for name in ("checkpoints", "metrics.jsonl", "samples.jsonl", "summary.json"):
+            target = out_dir / name
+            shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+        return None
+    ckpt = None
+    for candidate in reversed(_checkpoints(out_dir)):
+        why = damaged(candidate)
+        if why is None:
+            ckpt = candidate
+            break
+        aside = candidate.with_name(candidate.name + ".damaged")
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(candidate, aside)
+        print(f"checkpoint {candidate} is damaged ({why}): set aside as {aside.name}; "
+              "resuming from the one before it", file=sys.stderr)
+    if ckpt is None:
+        if cfg.resume == "must":
+            raise ValueError(f"resume=must but {out_dir} holds no intact checkpoint")
+        return None
+    saved = out_dir / "config.json"
+    if saved.exists():
+        before = json.loads(saved.read_text())
+        now = dataclasses.asdict(cfg)
+        changed = [f"{k}={before[k]!r} (now {now[k]!r})" for k in now
+                   if k in before and k not in RESUMABLE and before[k] != now[k]]
+        if changed:
+            raise ValueError(f"{out_dir} holds a checkpoint ({ckpt.name}) of a run with other settings: "
+                             f"{', '.join(changed)}; rerun with those, or --resume never to start over there")
+    return ckpt
+
+
 def save_checkpoint(out_dir: Path, step: int, model, tokenizer, opt, sched, state: dict,
                     keep: int = 2, extra=None) -> Path:
     """HF directory + trainer_state.pt (+ whatever extra(tmp_dir) writes, e.g. a critic),
@@ -424,6 +591,17 @@ def save_checkpoint(out_dir: Path, step: int, model, tokenizer, opt, sched, stat
     for old in _checkpoints(out_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def check_finite_model(model, where) -> None:
+    """Every parameter finite: a checkpoint or model holding NaN/inf is refused, named."""
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise TrainingError(f"{where}: parameter {name} holds NaN or inf; it cannot be trained or saved")
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (every step skipped, a model gone non-finite); one line, exit 2."""
 
 
 def load_trainer_state(ckpt: Path, opt, sched) -> dict:
@@ -452,9 +630,11 @@ def optimizer_step(model, opt, sched, grad_clip: float, counters: dict, ok: bool
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
         if math.isfinite(grad_norm):
             opt.step()
+            counters.pop("skipped_in_a_row", None)
         else:
             key = "skipped_overflow" if scaler is not None else "skipped_nonfinite"
             counters[key] = counters.get(key, 0) + 1
+            _count_skip(counters)
         if scaler is not None and update_scaler:
             scaler.update()
     opt.zero_grad(set_to_none=True)
@@ -471,11 +651,22 @@ def backward_and_step(loss: torch.Tensor, model, opt, sched, grad_clip: float, c
     return optimizer_step(model, opt, sched, grad_clip, counters, ok, prec.scaler if prec else None)
 
 
+MAX_SKIPPED_IN_A_ROW = 20  # non-finite steps in a row that stop a run: it is not going to recover
+
+
+def _count_skip(counters: dict) -> None:
+    counters["skipped_in_a_row"] = counters.get("skipped_in_a_row", 0) + 1
+    if counters["skipped_in_a_row"] >= MAX_SKIPPED_IN_A_ROW:
+        raise TrainingError(f"{counters['skipped_in_a_row']} optimiser steps in a row had a non-finite loss or "
+                            "gradient and were skipped: stopping (lower lr, check the data, or the model's weights)")
+
+
 def finite_or_skip(loss: torch.Tensor, counters: dict) -> bool:
     """True if the loss is finite; else count the skip (the step is not applied)."""
     if torch.isfinite(loss):
         return True
     counters["skipped_nonfinite"] = counters.get("skipped_nonfinite", 0) + 1
+    _count_skip(counters)
     return False
 
 
@@ -494,6 +685,10 @@ def finish(out_dir: Path, log: MetricsLog, model, tokenizer, summary: dict, step
     from fastrlhf.models import save_pretrained_atomic
 
     log.close()
+    if step and counters.get("skipped_nonfinite", 0) + counters.get("skipped_overflow", 0) >= step:
+        raise TrainingError(f"every one of the {step} optimiser steps was skipped as non-finite: nothing was "
+                            "trained, final/ is not written")
+    check_finite_model(model, "final model")  # final/ is never written from a non-finite model
     save_pretrained_atomic(model, tokenizer, out_dir / "final", dtype=dtype)
     summary.update({"steps": step, "final": str(out_dir / "final"), **counters})
     write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2))

@@ -221,28 +221,33 @@ def combine_splits(m, s, t, zl, valid, want_entropy):
 # ----------------------------------------------------------------------------------------
 
 
-def torch_stats(z: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, want_entropy: bool):
-    """z (n, V) fp32 tempered logits -> logp, entropy | None, lse, E[z] | None, each (n,)."""
+def torch_stats(z: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, want_entropy: bool,
+                work: torch.Tensor | None = None):
+    """z (n, V) fp32 tempered logits -> logp, entropy | None, lse, E[z] | None, each (n,).
+    work: an (n, V) fp32 scratch buffer to reuse (else one is allocated)."""
     zl = z.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    if not want_entropy:
-        lse = torch.logsumexp(z, dim=-1)  # one fused pass
-        return torch.where(valid, zl - lse, 0.0), None, lse, None
     # as the kernel does: shift by the max, normalise E[z] by the sum actually accumulated
-    m = z.max(dim=-1, keepdim=True).values  # (n, 1)
-    e = torch.sub(z, m).exp_()  # (n, V)
+    m = z.amax(dim=-1, keepdim=True)  # (n, 1)
+    e = torch.sub(z, m, out=work).exp_() if work is not None else torch.sub(z, m).exp_()  # (n, V)
     s = e.sum(dim=-1)
     lse = m.squeeze(-1) + torch.log(s)
+    if not want_entropy:
+        return torch.where(valid, zl - lse, 0.0), None, lse, None
     ez = e.mul_(z).sum(dim=-1) / s
     return torch.where(valid, zl - lse, 0.0), torch.where(valid, lse - ez, 0.0), lse, ez
 
 
-def torch_dlogits(z, labels, valid, lse, ez, g_lp, g_ent, inv_temp):
-    """Gradient w.r.t. the raw logits of a (n, V) fp32 chunk; rows that are not valid get 0."""
-    dz = torch.sub(z, lse.unsqueeze(-1)).exp_()  # (n, V) p, then d(logits) in place
+def torch_dlogits(z, labels, valid, lse, ez, g_lp, g_ent, inv_temp, out: torch.Tensor | None = None):
+    """Gradient w.r.t. the raw logits of a (n, V) fp32 chunk; rows that are not valid get 0.
+    out: an (n, V) fp32 buffer to write it into. z is overwritten when g_ent is given and out is
+    (no further (n, V) temporary)."""
+    dz = torch.sub(z, lse.unsqueeze(-1), out=out) if out is not None else torch.sub(z, lse.unsqueeze(-1))
+    dz.exp_()  # (n, V) p, then d(logits) in place
     if g_ent is None:
         dz.mul_(-g_lp.unsqueeze(-1))
     else:
-        dz.mul_((ez.unsqueeze(-1) - z).mul_(g_ent.unsqueeze(-1)).sub_(g_lp.unsqueeze(-1)))
+        t = z.neg_() if out is not None else z.neg()  # (E[z] - z) g_ent - g_lp, in z's memory
+        dz.mul_(t.add_(ez.unsqueeze(-1)).mul_(g_ent.unsqueeze(-1)).sub_(g_lp.unsqueeze(-1)))
     dz.scatter_add_(-1, labels.clamp(min=0).unsqueeze(-1), g_lp.unsqueeze(-1))
     dz.mul_(inv_temp)
     return dz.masked_fill_(~valid.unsqueeze(-1), 0.0)

@@ -163,18 +163,27 @@ def _torch_chunks(N: int, V: int):
 
 def _fwd_torch(z, labels, inv_temp, ignore_index, want_entropy):
     valid = labels != ignore_index
-    parts = [torch_stats(z[sl].float() * inv_temp, labels[sl], valid[sl], want_entropy)
-             for sl in _torch_chunks(*z.shape)]
+    chunks = _torch_chunks(*z.shape)
+    rows = chunks[0].stop - chunks[0].start if chunks else 0
+    z_buf, e_buf = (torch.empty((rows, z.shape[1]), dtype=torch.float32, device=z.device) for _ in range(2))
+    parts = []
+    for sl in chunks:  # the two (chunk, V) fp32 buffers are reused by every chunk
+        zc = z_buf[: len(range(*sl.indices(z.shape[0])))].copy_(z[sl]).mul_(inv_temp)  # in fp32
+        parts.append(torch_stats(zc, labels[sl], valid[sl], want_entropy, work=e_buf[: zc.shape[0]]))
     return cat_stats(parts, z, want_entropy)
 
 
 def _bwd_torch(z, labels, lse, ez, g_lp, g_ent, inv_temp, ignore_index):
     valid = labels != ignore_index
     dz = torch.empty_like(z)
-    for sl in _torch_chunks(*z.shape):
-        dz[sl] = torch_dlogits(z[sl].float() * inv_temp, labels[sl], valid[sl], lse[sl],
-                               None if ez is None else ez[sl], g_lp[sl],
-                               None if g_ent is None else g_ent[sl], inv_temp)
+    chunks = _torch_chunks(*z.shape)
+    rows = chunks[0].stop - chunks[0].start if chunks else 0
+    z_buf, d_buf = (torch.empty((rows, z.shape[1]), dtype=torch.float32, device=z.device) for _ in range(2))
+    for sl in chunks:
+        n = len(range(*sl.indices(z.shape[0])))
+        zc = z_buf[:n].copy_(z[sl]).mul_(inv_temp)
+        dz[sl] = torch_dlogits(zc, labels[sl], valid[sl], lse[sl], None if ez is None else ez[sl], g_lp[sl],
+                               None if g_ent is None else g_ent[sl], inv_temp, out=d_buf[:n])
     return dz
 
 

@@ -62,6 +62,8 @@ class DPOConfig(runtime.ModelFields):
     task_eval_pairs: int = field(default=400, metadata={"help": "built-in task: held-out pairs"})
     task_eval_prompts: int = field(default=200, metadata={"help": "built-in task: held-out prompts for eval/accuracy"})
 
+    RULES = {"gamma": runtime._range()}  # SimPO's target margin: any finite number (not a discount)
+
     def __post_init__(self):
         super().__post_init__()
         if self.loss_type not in LOSS_TYPES:
@@ -110,7 +112,7 @@ def train(cfg: DPOConfig) -> dict:
 
     # step 1: policy, frozen reference (none for simpo; in the compute dtype), pairs, reference log-prob tables
     model_dir, pairs, eval_pairs = prepare_pairs(cfg, out)
-    ckpt = runtime.latest_checkpoint(out)
+    ckpt = runtime.resume_checkpoint(cfg, out)
     tokenizer = models.load_tokenizer(model_dir)
     policy = models.load_trained(ckpt or model_dir, cfg, device)
     models.check_max_len(policy, cfg.max_len)

@@ -199,7 +199,7 @@ def train(cfg: GRPOConfig) -> dict:
     # step 1: policy (float32 master weights), frozen reference (only when a KL term is used) and
     # reward model in the compute dtype, prompts, reward, engine
     model_dir = cfg.model or str(ar.save_base_model(out / "base", seed=cfg.seed))
-    ckpt = runtime.latest_checkpoint(out)
+    ckpt = runtime.resume_checkpoint(cfg, out)
     tokenizer = models.load_tokenizer(model_dir)
     model = models.load_trained(ckpt or model_dir, cfg, device)
     models.check_max_len(model, cfg.max_len)

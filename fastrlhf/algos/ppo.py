@@ -113,7 +113,7 @@ def train(cfg: PPOConfig) -> dict:
     # step 1: policy and critic (float32 master weights), reference and reward model (frozen, in
     # the compute dtype), prompts, engine
     model_dir = cfg.model or str(ar.save_base_model(out / "base", seed=cfg.seed))
-    ckpt = runtime.latest_checkpoint(out)
+    ckpt = runtime.resume_checkpoint(cfg, out)
     tokenizer = models.load_tokenizer(model_dir)
     model = models.load_trained(ckpt or model_dir, cfg, device)
     models.check_max_len(model, cfg.max_len)

@@ -120,7 +120,7 @@ def train(cfg: RMConfig) -> dict:
 
     # step 1: model with its reward head, tokenizer, pairs
     model_dir, pairs, eval_pairs = prepare_pairs(cfg, out)
-    ckpt = runtime.latest_checkpoint(out)
+    ckpt = runtime.resume_checkpoint(cfg, out)
     tokenizer = models.load_tokenizer(model_dir)
     model = models.load_trained(ckpt or model_dir, cfg, device, value=cfg.head == "value")
     if cfg.head == "logprob":

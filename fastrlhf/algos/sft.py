@@ -157,7 +157,7 @@ def train(cfg: SFTConfig) -> dict:
 
     # step 1: model, tokenizer, data
     model_dir, records, eval_records, heldout = prepare(cfg, out)
-    ckpt = runtime.latest_checkpoint(out)
+    ckpt = runtime.resume_checkpoint(cfg, out)
     tokenizer = models.load_tokenizer(model_dir)
     model = models.load_trained(ckpt or model_dir, cfg, device)
     models.check_max_len(model, cfg.max_len)
