@@ -70,8 +70,12 @@ def read_records(path: str | Path) -> list[tuple[str, dict]]:
 
 def _read_jsonl(path: Path) -> list[tuple[str, dict]]:
     out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid UTF-8 (byte {e.start}: {e.reason})") from None
             if not line.strip():
                 continue
             try:
@@ -226,7 +230,31 @@ def load_preferences(path) -> list[dict]:
             _, chosen = _pair_with_prompt(prompt, _text_or_messages(rec, "chosen", where), where, "chosen")
             _, rejected = _pair_with_prompt(prompt, _text_or_messages(rec, "rejected", where), where, "rejected")
             out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
-    return out
+    kept = [p for p in out if p["chosen"] != p["rejected"]]
+    if len(kept) < len(out):
+        warnings.warn(f"{path}: {len(out) - len(kept)} pairs whose chosen and rejected are the same skipped "
+                      "(they carry no preference)", stacklevel=2)
+    if not kept:
+        raise DataError(f"{path}: no pair has different chosen and rejected responses")
+    return kept
+
+
+def split_heldout(records: list[dict], share: float = 0.05) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) by a hash of each record's prompt: deterministic, and disjoint by
+    content (a prompt that appears twice lands on one side only, so duplicated records cannot
+    leak into the held-out split). At least one prompt is held out and one kept."""
+    import hashlib
+
+    def bucket(r):
+        return int(hashlib.sha256(json.dumps(r["prompt"], sort_keys=True).encode()).hexdigest()[:12], 16)
+
+    keys = {json.dumps(r["prompt"], sort_keys=True): bucket(r) for r in records}
+    if len(keys) < 2:
+        raise DataError(f"{len(records)} records with {len(keys)} distinct prompt(s): too few to hold any out; "
+                        "give eval data")
+    cut = sorted(keys.values())[max(0, min(len(keys) - 2, int(share * len(keys)) - 1))]  # the held-out share
+    held = [r for r in records if bucket(r) <= cut]
+    return [r for r in records if bucket(r) > cut], held
 
 
 def load_prompts(path) -> list[dict]:
@@ -329,16 +357,29 @@ class Truncations:
                           f"{self.skipped} skipped (no response token within {max_len})", stacklevel=2)
 
 
+MAX_CHARS_PER_TOKEN = 64  # no tokenizer's token is longer: text past max_len * this cannot fit
+
+
+def _capped(text: str, max_len: int) -> str:
+    """The start of a text that can still matter in max_len tokens: tokenising a 50 MB response
+    to keep its first 1024 tokens took 11.8 GB."""
+    return text[: max_len * MAX_CHARS_PER_TOKEN]
+
+
 def tokenize_pair(tokenizer, prompt, response, max_len: int, counts: Truncations):
     """(input_ids, labels) with labels = IGNORE on the prompt: plain strings (prompt tokens, then
     the response's and EOS), or a conversation (prompt and response lists of messages, rendered
     by the chat template; loss on the response's assistant turns). Longer than max_len:
     truncated and counted; None (counted) when no trained token fits."""
     if isinstance(prompt, list) or isinstance(response, list):
-        ids, labels = conversation(tokenizer, list(prompt) + list(_as_turns(response, "", "")), len(prompt))
+        msgs = [dict(m, content=_capped(m["content"], max_len)) for m in list(prompt) + list(_as_turns(response, "", ""))]
+        ids, labels = conversation(tokenizer, msgs, len(prompt))
     else:
+        if len(prompt) > max_len * MAX_CHARS_PER_TOKEN:  # longer than max_len whatever the tokenizer
+            counts.skipped += 1
+            return None
         p = prompt_ids(tokenizer, prompt)
-        r = response_ids(tokenizer, response)
+        r = response_ids(tokenizer, _capped(response, max_len))
         ids, labels = p + r, [IGNORE] * len(p) + r
     if all(y == IGNORE for y in labels[:max_len]):
         counts.skipped += 1

@@ -138,7 +138,7 @@ class Store:
 
 def load_pairs(path: str | Path) -> list[dict]:
     """PAIRS.jsonl / parquet records with string prompt, a, b; id from the record or the content."""
-    out = []
+    out, seen = [], {}
     for where, rec in data.read_records(path):
         for key in ("prompt", "a", "b"):
             if key not in rec:
@@ -146,6 +146,10 @@ def load_pairs(path: str | Path) -> list[dict]:
             if not isinstance(rec[key], str):
                 raise data.DataError(f"{where}: field {key!r} must be a string, got {type(rec[key]).__name__}")
         pid = str(rec.get("id") or hashlib.sha256(json.dumps([rec["prompt"], rec["a"], rec["b"]]).encode()).hexdigest()[:16])
+        if pid in seen:
+            raise data.DataError(f"{where}: pair id {pid!r} was already used at {seen[pid]} (ids must be unique; "
+                                 "drop the field to derive ids from the content)")
+        seen[pid] = where
         out.append(dict(rec, id=pid))
     if not out:
         raise data.DataError(f"{path}: no pairs")

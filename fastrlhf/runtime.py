@@ -178,7 +178,7 @@ RULES = {
     "gamma": UNIT, "lam": UNIT, "value_clip": POSITIVE, "beta": POSITIVE,
     "label_smoothing": _range(0, 0.5, hi_open=True), "gpu_memory_utilization": _range(0, 1, lo_open=True),
     "task_error_rate": UNIT, "task_label_noise": UNIT, "task_examples": _range(1), "task_pairs": _range(1),
-    "task_eval_pairs": _range(1), "task_prompts": _range(1), "task_eval_prompts": _range(1),
+    "task_eval_pairs": _range(1), "task_prompts": _range(1), "task_eval_prompts": NON_NEGATIVE,
     "seed": NON_NEGATIVE,
     "schedule": _choices("cosine", "linear", "constant"), "engine": _choices("auto", "vllm", "hf"),
     "kl_kind": _choices("k1", "k2", "k3"), "task_model_size": _choices("tiny", "small", "medium"),

@@ -198,13 +198,14 @@ def train(cfg: GRPOConfig) -> dict:
 
     # step 1: policy (float32 master weights), frozen reference (only when a KL term is used) and
     # reward model in the compute dtype, prompts, reward, engine
+    # the prompts first: a data error stops the run before the built-in base model is written
+    tokenizer = models.load_tokenizer(cfg.model) if cfg.model else ar.build_tokenizer()
+    prompts, heldout = online.load_prompt_sets(cfg, tokenizer, counters)
     model_dir = cfg.model or str(ar.save_base_model(out / "base", seed=cfg.seed))
     ckpt = runtime.resume_checkpoint(cfg, out)
-    tokenizer = models.load_tokenizer(model_dir)
     model = models.load_trained(ckpt or model_dir, cfg, device)
     models.check_max_len(model, cfg.max_len)
     ref = models.load_frozen(model_dir, device=device, dtype=prec.dtype) if cfg.kl_coef > 0 else None
-    prompts, heldout = online.load_prompt_sets(cfg, tokenizer, counters)
     rm = models.load_reward_model(cfg.reward_model, device=device, dtype=prec.dtype) if cfg.reward_model else None
     scorer = online.make_scorer(reward_fn, rm, tokenizer, cfg.tokens_per_micro_batch, device)
     engine = make_engine(cfg.engine, model_dir=model_dir, policy=model, tokenizer=tokenizer, dtype=prec.dtype,

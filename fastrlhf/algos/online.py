@@ -47,13 +47,15 @@ def load_prompt_sets(cfg, tokenizer, counters: dict) -> tuple[list[Prompt], list
         heldout = data.load_prompts(cfg.eval_data)
     elif not cfg.data:
         heldout = ar.heldout_prompts(task, cfg.task_eval_prompts)
-    else:
-        n_eval = max(1, len(train) // 20)
-        train, heldout = train[n_eval:], train[:n_eval]
+    else:  # held out by prompt: a duplicated prompt cannot land on both sides
+        train, heldout = data.split_heldout(train)
 
     def tokenize(records, what):
         out = []
         for r in records:
+            if isinstance(r["prompt"], str) and len(r["prompt"]) > cfg.max_len * data.MAX_CHARS_PER_TOKEN:
+                counters["skipped_long_prompts"] = counters.get("skipped_long_prompts", 0) + 1
+                continue  # longer than max_len whatever the tokenizer: not tokenised at all
             ids = data.prompt_ids(tokenizer, r["prompt"])
             if len(ids) + cfg.max_new_tokens > cfg.max_len:
                 counters["skipped_long_prompts"] = counters.get("skipped_long_prompts", 0) + 1

@@ -112,9 +112,11 @@ def train(cfg: PPOConfig) -> dict:
 
     # step 1: policy and critic (float32 master weights), reference and reward model (frozen, in
     # the compute dtype), prompts, engine
+    # the prompts first: a data error stops the run before the built-in base model is written
+    tokenizer = models.load_tokenizer(cfg.model) if cfg.model else ar.build_tokenizer()
+    prompts, heldout = online.load_prompt_sets(cfg, tokenizer, counters)
     model_dir = cfg.model or str(ar.save_base_model(out / "base", seed=cfg.seed))
     ckpt = runtime.resume_checkpoint(cfg, out)
-    tokenizer = models.load_tokenizer(model_dir)
     model = models.load_trained(ckpt or model_dir, cfg, device)
     models.check_max_len(model, cfg.max_len)
     ref = models.load_frozen(model_dir, device=device, dtype=prec.dtype)
@@ -125,7 +127,6 @@ def train(cfg: PPOConfig) -> dict:
         raise ValueError("token_rewards needs a logprob reward model (fastrlhf rm --head logprob); "
                          f"reward_model={cfg.reward_model!r}")
     scorer = online.make_scorer(reward_fn, rm, tokenizer, cfg.tokens_per_micro_batch, device)
-    prompts, heldout = online.load_prompt_sets(cfg, tokenizer, counters)
     engine = make_engine(cfg.engine, model_dir=model_dir, policy=model, tokenizer=tokenizer, dtype=prec.dtype,
                          max_model_len=cfg.max_len, seed=cfg.seed,
                          gpu_memory_utilization=cfg.gpu_memory_utilization, enforce_eager=cfg.enforce_eager)

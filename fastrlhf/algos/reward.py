@@ -66,8 +66,7 @@ class RMConfig(runtime.ModelFields):
 def prepare_pairs(cfg, out: Path):
     """(model dir, train pairs, eval pairs) for the RM and DPO trainers."""
     task = ar.ArithmeticTask(seed=cfg.seed)
-    model_dir = cfg.model or str(ar.save_base_model(out / "base", seed=cfg.seed))
-    if cfg.data:
+    if cfg.data:  # the data first: a data error stops the run before the base model is written
         pairs = data.load_preferences(cfg.data)
     else:
         pairs = ar.preference_pairs(task, cfg.task_pairs, label_noise=cfg.task_label_noise, seed=cfg.seed + 1)
@@ -76,9 +75,9 @@ def prepare_pairs(cfg, out: Path):
     elif not cfg.data:
         eval_pairs = ar.preference_pairs(task, cfg.task_eval_pairs, label_noise=cfg.task_label_noise,
                                          seed=cfg.seed + 2, split="test")
-    else:
-        n_eval = max(1, len(pairs) // 20)
-        pairs, eval_pairs = pairs[n_eval:], pairs[:n_eval]
+    else:  # held out by prompt: duplicated pairs cannot land on both sides
+        pairs, eval_pairs = data.split_heldout(pairs)
+    model_dir = cfg.model or str(ar.save_base_model(out / "base", seed=cfg.seed))
     return model_dir, pairs, eval_pairs
 
 

@@ -59,18 +59,21 @@ class SFTConfig(runtime.ModelFields):
 def prepare(cfg: SFTConfig, out: Path):
     """Model directory, demonstration records (train, eval), and held-out prompts (built-in)."""
     task = ar.ArithmeticTask(seed=cfg.seed)
-    model_dir = cfg.model or str(ar.save_base_model(out / "base", seed=cfg.seed,
-                                                    **ar.MODEL_SIZES[cfg.task_model_size]))
+    # the data first: a data error stops the run before anything (the built-in base model) is written
     if cfg.data:
         records = data.load_sft(cfg.data)
     else:
         records = ar.sft_examples(task, cfg.task_examples, error_rate=cfg.task_error_rate, seed=cfg.seed)
     if cfg.eval_data:
         eval_records = data.load_sft(cfg.eval_data)
-    else:
+    elif cfg.data:  # held out by prompt: duplicated records cannot land on both sides
+        records, eval_records = data.split_heldout(records)
+    else:  # the built-in demonstrations (distinct operand pairs): the first 5%
         n_eval = max(1, len(records) // 20)
         records, eval_records = records[n_eval:], records[:n_eval]
     heldout = ar.heldout_prompts(task, cfg.task_eval_prompts) if not cfg.data else None
+    model_dir = cfg.model or str(ar.save_base_model(out / "base", seed=cfg.seed,
+                                                    **ar.MODEL_SIZES[cfg.task_model_size]))
     return model_dir, records, eval_records, heldout
 
 

@@ -240,7 +240,7 @@ def test_the_first_failure_is_shown_once_and_an_all_failed_step_stops(tok, capsy
 
 
 def test_cli_reward_errors_are_one_line(qwen, tmp_path, capsys):
-    prompts = _jsonl(tmp_path / "p.jsonl", [{"prompt": "Hello"}] * 4)
+    prompts = _jsonl(tmp_path / "p.jsonl", [{"prompt": f"Hello {i}"} for i in range(4)])
     base = ["grpo", "--model", str(qwen), "--data", str(prompts), "--engine", "hf", "--device", "cpu",
             "--output_dir", str(tmp_path / "g"), "--max_len", "64", "--max_new_tokens", "4",
             "--prompts_per_step", "2", "--group_size", "2", "--steps", "1"]
@@ -362,8 +362,8 @@ def test_help_prints_every_field_with_its_help(capsys):
 
 @pytest.mark.parametrize("flag,message", [
     (["--eval_every", "0"], "eval_every=0: expected >= 1"),
-    (["--dtype", "half"], "dtype 'half': expected auto, bfloat16, float16 or float32"),
-    (["--device", "tpu"], "device 'tpu': expected auto, cpu or cuda"),
+    (["--dtype", "half"], "dtype='half': expected one of ['auto', 'bfloat16'"),
+    (["--device", "tpu"], "device='tpu': expected auto, cpu or cuda[:N]"),
     (["--max_len", "4096"], "max_len=4096 is longer than the model's max_position_embeddings=1024"),
 ])
 def test_settings_that_cannot_be_right_are_one_line(flag, message, tmp_path, capsys):
