@@ -151,6 +151,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", default="auto")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     out = Path(args.output_dir)
+    import importlib.util
+
+    can_plot = importlib.util.find_spec("matplotlib") is not None
+    if not can_plot:  # said before 10 minutes of training, not as a crash after them
+        print("fastrlhf demo: matplotlib is not installed: the stages run and summary.json is written, but no "
+              "report.png (pip install matplotlib)", file=sys.stderr, flush=True)
     out.mkdir(parents=True, exist_ok=True)
     cfg = {k: {**v, **(FAST[k] if args.fast else {})} for k, v in STAGES.items()}
     common = ["--device", args.device]
@@ -179,7 +185,8 @@ def main(argv: list[str] | None = None) -> dict:
                                      f"at most 5 new tokens; *_accuracy: {ar.EVAL_SAMPLES} samples per prompt "
                                      "at temperature 1; *_greedy_accuracy: greedy"})
     runtime.write_atomic(out / "summary.json", json.dumps(summary, indent=2))
-    draw_report(out, summary)
+    if can_plot:
+        draw_report(out, summary)
     print(" ".join(f"{k}={v:.3f}" for k, v in summary.items()
                    if k.endswith("accuracy") and "greedy" not in k and isinstance(v, float)) +
           f"  -> {out / 'summary.json'}, {out / 'report.png'}")

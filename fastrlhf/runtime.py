@@ -147,13 +147,15 @@ class ModelFields:
 # ----------------------------------------------------------------------------------------
 
 def _range(lo=None, hi=None, *, lo_open=False, hi_open=False):
+    bounds = [f"{'>' if lo_open else '>='} {lo}"] if lo is not None else []
+    bounds += [f"{'<' if hi_open else '<='} {hi}"] if hi is not None else []
+    wanted = " and ".join(bounds)
+
     def check(v):
         if isinstance(v, float) and not math.isfinite(v):
-            return "a finite number"
-        if lo is not None and (v <= lo if lo_open else v < lo):
-            return f"{'>' if lo_open else '>='} {lo}" + (f" and {'<' if hi_open else '<='} {hi}" if hi is not None else "")
-        if hi is not None and (v >= hi if hi_open else v > hi):
-            return f"{'<' if hi_open else '<='} {hi}" + (f" and {'>' if lo_open else '>='} {lo}" if lo is not None else "")
+            return "a finite number" + (f" {wanted}" if wanted else "")
+        if lo is not None and (v <= lo if lo_open else v < lo) or hi is not None and (v >= hi if hi_open else v > hi):
+            return wanted
         return None
     return check
 
