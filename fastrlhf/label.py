@@ -5,10 +5,21 @@
 
 PAIRS.jsonl lines: {"prompt", "a", "b"} (optional "id"; other fields kept as metadata), e.g.
 from `fastrlhf pairs`. The page shows the prompt and the two responses side by side with
-buttons and keys for A / B / tie / skip. Its HTTP API:
-    GET  /api/next     -> 200 {"id", "prompt", "a", "b", "answered", "total"}, or 204 when none remain
-    POST /api/choice   {"id", "choice": "a" | "b" | "tie" | "skip"} -> 200 {"answered", "total"}
-                       unknown id 404, bad JSON / choice 400, already answered 409: never a 500
+buttons and keys for A / B / tie / skip. Its HTTP API (every POST a JSON body, Content-Type
+application/json):
+    POST /api/next     {} -> 200 {"id", "prompt", "a", "b", "answered", "total"} (the pair is leased
+                       to you), 200 {"waiting": n, "answered", "total"} when the n unanswered pairs
+                       are all leased to others, 204 when every pair is answered
+    POST /api/choice   {"id", "choice": "a" | "b" | "tie" | "skip", "labeller"?} -> 200 {"answered", "total"}
+                       unknown id 404, bad JSON / choice 400, already answered 409, a body over
+                       64 KiB 413, not JSON 415, a foreign Origin 403: never a 500
+On loopback (the default) only this machine's own pages can use it: the Host header must be the
+bound address (DNS rebinding fails), a POST must come from the page's own origin as JSON (other
+sites cannot send one), and a plain GET changes nothing. With --host beyond loopback the printed
+URL carries a random token every request must present (the page keeps it in a SameSite cookie),
+the server warns that the page is reachable by others, and every answer records the name the
+labeller gives. Requests are bounded: 64 KiB bodies, 15 s socket timeouts, 64 handler threads,
+a 256-deep listen backlog.
 Every choice is committed (SQLite, WAL journal) before the reply. A pair handed out by /api/next
 is leased to that page for LEASE_S seconds, so people labelling at once get different pairs; a
 restart keeps every answer and never serves an answered pair again (the pair id is the primary
@@ -23,6 +34,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import secrets
 import sqlite3
 import sys
 import threading
@@ -41,7 +53,8 @@ CREATE TABLE IF NOT EXISTS pairs (
     id TEXT PRIMARY KEY, prompt TEXT NOT NULL, a TEXT NOT NULL, b TEXT NOT NULL,
     meta TEXT NOT NULL DEFAULT '{}', position INTEGER NOT NULL, leased_until REAL NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS answers (
-    id TEXT PRIMARY KEY REFERENCES pairs(id), choice TEXT NOT NULL, created REAL NOT NULL);
+    id TEXT PRIMARY KEY REFERENCES pairs(id), choice TEXT NOT NULL, created REAL NOT NULL,
+    labeller TEXT NOT NULL DEFAULT '');
 """
 
 
@@ -54,6 +67,9 @@ class Store:
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(SCHEMA)
+            columns = {row[1] for row in db.execute("PRAGMA table_info(answers)")}
+            if "labeller" not in columns:  # a database written before answers recorded who gave them
+                db.execute("ALTER TABLE answers ADD COLUMN labeller TEXT NOT NULL DEFAULT ''")
 
     @contextlib.contextmanager
     def _connect(self):
@@ -90,7 +106,8 @@ class Store:
         return {"answered": answered, "total": total}
 
     def next_pair(self) -> dict | None:
-        """The first unanswered pair not leased to someone else; leased to the caller."""
+        """The first unanswered pair not leased to someone else, leased to the caller; when the
+        unanswered ones are all leased, {"waiting": how many, ...}; None when all are answered."""
         now = time.time()
         with self._connect() as db:
             db.execute("BEGIN IMMEDIATE")
@@ -100,12 +117,13 @@ class Store:
             if row is not None:
                 db.execute("UPDATE pairs SET leased_until = ? WHERE id = ?", (now + LEASE_S, row[0]))
             db.execute("COMMIT")
-            if row is None:
-                return None
-            return {"id": row[0], "prompt": row[1], "a": row[2], "b": row[3], **self.progress(db)}
+            if row is not None:
+                return {"id": row[0], "prompt": row[1], "a": row[2], "b": row[3], **self.progress(db)}
+            waiting = db.execute("SELECT COUNT(*) FROM pairs WHERE id NOT IN (SELECT id FROM answers)").fetchone()[0]
+            return {"waiting": waiting, **self.progress(db)} if waiting else None
 
-    def answer(self, pair_id: str, choice: str) -> tuple[int, dict]:
-        """(HTTP status, body) for an answer; committed before returning."""
+    def answer(self, pair_id: str, choice: str, labeller: str = "") -> tuple[int, dict]:
+        """(HTTP status, body) for an answer, recorded with who gave it; committed before returning."""
         if choice not in CHOICES:
             return 400, {"error": f"choice must be one of {list(CHOICES)}, got {choice!r}"}
         with self._connect() as db:
@@ -114,7 +132,8 @@ class Store:
                 db.execute("ROLLBACK")
                 return 404, {"error": f"no pair with id {pair_id!r}"}
             try:
-                db.execute("INSERT INTO answers (id, choice, created) VALUES (?,?,?)", (pair_id, choice, time.time()))
+                db.execute("INSERT INTO answers (id, choice, created, labeller) VALUES (?,?,?,?)",
+                           (pair_id, choice, time.time(), labeller))
             except sqlite3.IntegrityError:
                 db.execute("ROLLBACK")
                 return 409, {"error": f"pair {pair_id!r} is already answered"}
@@ -195,7 +214,9 @@ PAGE = """<!doctype html>
  <div id="status"></div>
 </main>
 <script>
-let current = null, busy = false;
+let current = null, busy = false, retry = null;
+const NEEDS_NAME = __NEEDS_NAME__;  // beyond loopback every answer records who gave it
+let labeller = localStorage.getItem('fastrlhf-labeller') || '';
 function esc(s) { return s.replace(/[&<>"]/g, c => ({'&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;'}[c])); }
 function render(s) {  // readable markdown: fenced code blocks, inline code, bold
   return esc(s).split(/```[\\w-]*\\n?/).map((part, i) => i % 2
@@ -203,26 +224,54 @@ function render(s) {  // readable markdown: fenced code blocks, inline code, bol
     : part.replace(/`([^`]+)`/g, '<code>$1</code>').replace(/\\*\\*([^*]+)\\*\\*/g, '<b>$1</b>')).join('');
 }
 function progress(p) { document.getElementById('progress').textContent = p.answered + ' / ' + p.total + ' answered'; }
-async function next() {
-  const r = await fetch('/api/next');
-  if (r.status === 204) {
+function status(text) { document.getElementById('status').textContent = text; }
+function show(p, a, b) {
+  document.getElementById('prompt').textContent = p;
+  document.getElementById('a').textContent = a; document.getElementById('b').textContent = b;
+}
+async function post(path, body) {
+  return fetch(path, {method: 'POST', headers: {'Content-Type': 'application/json'}, body: JSON.stringify(body)});
+}
+async function next() {  // never leaves the page stuck: errors are shown and retried
+  clearTimeout(retry);
+  try {
+    const r = await post('/api/next', {});
+    if (r.status === 204) { current = null; show('All pairs are answered. Thank you!', '', ''); status(''); return; }
+    const body = await r.json();
+    if (!r.ok) throw new Error(body.error || ('HTTP ' + r.status));
+    progress(body);
+    if (body.waiting) {  // unanswered pairs remain, but others are labelling them now
+      current = null;
+      show(body.waiting + ' pairs are being labelled by others, retrying', '', '');
+      retry = setTimeout(next, 5000);
+      return;
+    }
+    current = body;
+    for (const k of ['prompt', 'a', 'b']) document.getElementById(k).innerHTML = render(current[k]);
+  } catch (e) {
     current = null;
-    document.getElementById('prompt').textContent = 'All pairs are answered. Thank you!';
-    document.getElementById('a').textContent = ''; document.getElementById('b').textContent = '';
-    return;
+    status('could not get the next pair (' + e.message + '); retrying');
+    retry = setTimeout(next, 3000);
   }
-  current = await r.json();
-  for (const k of ['prompt', 'a', 'b']) document.getElementById(k).innerHTML = render(current[k]);
-  progress(current);
 }
 async function choose(choice) {
   if (!current || busy) return;
+  if (NEEDS_NAME && !labeller) {
+    labeller = (prompt('Your name (it is saved with each of your answers):') || '').trim();
+    if (!labeller) return;
+    localStorage.setItem('fastrlhf-labeller', labeller);
+  }
   busy = true;
-  const r = await fetch('/api/choice', {method: 'POST', headers: {'Content-Type': 'application/json'},
-                                        body: JSON.stringify({id: current.id, choice: choice})});
-  const body = await r.json();
-  document.getElementById('status').textContent = r.ok ? 'saved: ' + choice : body.error;
-  if (r.ok) progress(body);
+  try {
+    const r = await post('/api/choice', {id: current.id, choice: choice, labeller: labeller});
+    const body = await r.json().catch(() => ({error: 'HTTP ' + r.status}));
+    status(r.ok ? 'saved: ' + choice : body.error);
+    if (r.ok) progress(body);
+  } catch (e) {
+    status('not saved (' + e.message + '): choose again');
+    busy = false;
+    return;
+  }
   busy = false;
   await next();
 }
@@ -235,49 +284,170 @@ next();
 """
 
 
-def make_server(store: Store, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
+MAX_BODY = 64 * 1024  # bytes of a request body (an answer is ~100)
+MAX_THREADS = 64  # requests handled at once; more are answered 503 at once
+SOCKET_TIMEOUT_S = 15.0  # a client that stalls mid-request is dropped after this
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+class _BoundedServer(ThreadingHTTPServer):
+    """ThreadingHTTPServer with a deep listen backlog (40 clients at once overflowed the default
+    of 5: 41% of connections were reset) and at most MAX_THREADS handler threads."""
+
+    request_queue_size = 256
+    daemon_threads = True
+
+    def __init__(self, *args, **kw):
+        self.slots = threading.BoundedSemaphore(MAX_THREADS)
+        super().__init__(*args, **kw)
+
+    def process_request(self, request, client_address):
+        if not self.slots.acquire(blocking=False):
+            try:
+                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nRetry-After: 1\r\n"
+                                b"Connection: close\r\n\r\n")
+            finally:
+                self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+
+def make_server(store: Store, host: str = "127.0.0.1", port: int = 8000, token: str | None = None):
+    """The page and its API. The security model: on loopback only this machine's own pages can
+    use it (the Host header must name the bound address, so DNS rebinding fails; a POST must be
+    application/json from the page's own origin, so other sites' forms and scripts fail; nothing
+    a plain GET can trigger changes state). Beyond loopback a random token, in the printed URL,
+    is required on every request (a cookie the page sets, or the X-Fastrlhf-Token header), and
+    every answer records the labeller's name."""
+    loopback = host in LOOPBACK
+    if not loopback and not token:
+        raise ValueError("a server beyond loopback needs a token")
+
     class Handler(BaseHTTPRequestHandler):
+        timeout = SOCKET_TIMEOUT_S  # a stalled Content-Length: 1e10 does not hold a thread
+
         def log_message(self, *args):  # no line per request on stderr
             pass
 
-        def _send(self, status: int, body=None, ctype="application/json"):
+        def _send(self, status: int, body=None, ctype="application/json", cookie: str | None = None):
             payload = b"" if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
             self.send_response(status)
             if payload:
                 self.send_header("Content-Type", ctype)
+            if cookie:
+                self.send_header("Set-Cookie", cookie)
             self.send_header("Content-Length", str(len(payload)))
             self.send_header("Cache-Control", "no-store")
+            self.send_header("X-Content-Type-Options", "nosniff")
+            self.send_header("X-Frame-Options", "DENY")
             self.end_headers()
             self.wfile.write(payload)
 
+        def _refused(self) -> bool:
+            """Answer and return True when the request may not be served."""
+            port = self.server.server_address[1]
+            if loopback:
+                allowed = {f"{h}:{port}" for h in ("127.0.0.1", "localhost", "[::1]")}
+                if self.headers.get("Host", "") not in allowed:
+                    self._send(421, {"error": "unexpected Host header: open the page at http://127.0.0.1:"
+                                              f"{port}/"})
+                    return True
+            elif not self._has_token():
+                self._send(403, {"error": "this server needs the token in the URL it printed (?token=...)"})
+                return True
+            return False
+
+        def _has_token(self) -> bool:
+            import hmac
+            from http.cookies import SimpleCookie
+
+            given = self.headers.get("X-Fastrlhf-Token")
+            if given is None:
+                jar = SimpleCookie(self.headers.get("Cookie", ""))
+                given = jar["fastrlhf_token"].value if "fastrlhf_token" in jar else ""
+            return hmac.compare_digest(given.encode(), token.encode())
+
         def do_GET(self):
-            if self.path in ("/", "/index.html"):
-                return self._send(200, PAGE.encode(), "text/html; charset=utf-8")
+            from urllib.parse import parse_qs, urlsplit
+
+            url = urlsplit(self.path)
+            if url.path in ("/", "/index.html"):
+                cookie = None
+                if not loopback:  # the printed URL carries the token: keep it in a strict cookie
+                    import hmac
+
+                    given = parse_qs(url.query).get("token", [""])[0]
+                    if not (given and hmac.compare_digest(given.encode(), token.encode())) and not self._has_token():
+                        return self._send(403, {"error": "open the URL the server printed: it carries the token"})
+                    cookie = f"fastrlhf_token={token}; Path=/; HttpOnly; SameSite=Strict"
+                elif self._refused():
+                    return
+                page = PAGE.replace("__NEEDS_NAME__", "false" if loopback else "true")
+                return self._send(200, page.encode(), "text/html; charset=utf-8", cookie=cookie)
+            if self._refused():
+                return
+            if url.path == "/api/next":
+                return self._send(405, {"error": "POST /api/next (it leases a pair to you)"})
+            self._send(404, {"error": f"no route GET {url.path}"})
+
+        def _json_body(self):
+            """The request's JSON body, or None after answering the error."""
+            ctype = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
+            if ctype != "application/json":
+                self._send(415, {"error": "the body must be sent as Content-Type: application/json"})
+                return None
+            origin = self.headers.get("Origin")
+            if origin is not None and origin != f"http://{self.headers.get('Host', '')}":
+                self._send(403, {"error": f"requests from {origin} are not accepted"})
+                return None
+            try:
+                n = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                n = -1
+            if n < 0 or n > MAX_BODY:
+                self._send(413, {"error": f"the body must be at most {MAX_BODY} bytes"})
+                return None
+            try:
+                return json.loads(self.rfile.read(n) or b"{}")
+            except (ValueError, UnicodeDecodeError, RecursionError):
+                self._send(400, {"error": "the body must be JSON: {\"id\": ..., \"choice\": ...}"})
+                return None
+            except OSError:  # the client stalled past the socket timeout
+                self.close_connection = True
+                return None
+
+        def do_POST(self):
+            if self._refused():
+                return
+            if self.path not in ("/api/next", "/api/choice"):
+                return self._send(404, {"error": f"no route POST {self.path}"})
+            body = self._json_body()
+            if body is None:
+                return
             if self.path == "/api/next":
                 pair = store.next_pair()
                 return self._send(204) if pair is None else self._send(200, pair)
-            self._send(404, {"error": f"no route GET {self.path}"})
-
-        def do_POST(self):
-            if self.path != "/api/choice":
-                return self._send(404, {"error": f"no route POST {self.path}"})
-            try:
-                n = int(self.headers.get("Content-Length") or 0)
-                body = json.loads(self.rfile.read(n) or b"null")
-            except (ValueError, UnicodeDecodeError):
-                return self._send(400, {"error": "the body must be JSON: {\"id\": ..., \"choice\": ...}"})
             if not isinstance(body, dict) or not isinstance(body.get("id"), str) or not isinstance(body.get("choice"), str):
                 return self._send(400, {"error": "expected {\"id\": str, \"choice\": \"a\"|\"b\"|\"tie\"|\"skip\"}"})
-            self._send(*store.answer(body["id"], body["choice"]))
+            who = body.get("labeller", "")
+            if not isinstance(who, str) or len(who) > 100:
+                return self._send(400, {"error": "labeller must be a name of at most 100 characters"})
+            if not loopback and not who.strip():
+                return self._send(400, {"error": "say who you are: the page asks for your name once"})
+            self._send(*store.answer(body["id"], body["choice"], who.strip()))
 
-    server = ThreadingHTTPServer((host, port), Handler)
-    server.daemon_threads = True
-    return server
+    return _BoundedServer((host, port), Handler)
 
 
-def serve_in_thread(store: Store, host="127.0.0.1", port=0) -> tuple[ThreadingHTTPServer, str]:
+def serve_in_thread(store: Store, host="127.0.0.1", port=0, token=None) -> tuple[ThreadingHTTPServer, str]:
     """Start the server in a background thread (tests, notebooks); returns (server, base URL)."""
-    server = make_server(store, host, port)
+    server = make_server(store, host, port, token)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, f"http://{host}:{server.server_address[1]}"
 
@@ -302,8 +472,13 @@ def main(argv: list[str] | None = None) -> int:
     prog = store.progress()
     if prog["total"] == 0:
         raise data.DataError(f"{args.db}: no pairs to label; pass --data PAIRS.jsonl")
-    server = make_server(store, args.host, args.port)
-    print(f"labelling {prog['answered']}/{prog['total']} answered: open http://{args.host}:{server.server_address[1]}/ "
+    token = None if args.host in LOOPBACK else secrets.token_urlsafe(16)
+    server = make_server(store, args.host, args.port, token)
+    url = f"http://{args.host}:{server.server_address[1]}/" + (f"?token={token}" if token else "")
+    if token:
+        print(f"warning: --host {args.host} makes the page reachable by others on the network; anyone with this "
+              "URL (its token) can label, and each answer records the name they give", file=sys.stderr)
+    print(f"labelling {prog['answered']}/{prog['total']} answered: open {url} "
           "(Ctrl-C to stop; every answer is already saved)", file=sys.stderr)
     try:
         server.serve_forever()
