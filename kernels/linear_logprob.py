@@ -215,10 +215,15 @@ def _matmul_kernel(
     for k0 in range(0, K, BLOCK_K):
         k_ok = rk < K - k0
         a = tl.load(a_ptrs, mask=(rm < M)[:, None] & k_ok[None, :], other=0.0)
-        b_ok = k_ok
+        b_ok = k_ok[:, None] & (rn < N)[None, :]
         if MASK_K:
-            b_ok = k_ok & (tl.load(LABELS + k0 + rk, mask=k_ok, other=ignore_index) != ignore_index)
-        b = tl.load(b_ptrs, mask=b_ok[:, None] & (rn < N)[None, :], other=0.0)
+            keep = tl.load(LABELS + k0 + rk, mask=k_ok, other=ignore_index) != ignore_index
+            if B.dtype.element_ty == tl.float32:  # (a where on the fp32 tile spills registers on sm_90)
+                b = tl.load(b_ptrs, mask=b_ok & keep[:, None], other=0.0)
+            else:  # a where after the plain load keeps the 16-bit tile's async-copy pipeline (4 stages)
+                b = tl.where(keep[:, None], tl.load(b_ptrs, mask=b_ok, other=0.0), 0.0)
+        else:
+            b = tl.load(b_ptrs, mask=b_ok, other=0.0)
         acc = _dot(a, b, acc, PRECISION, INTERPRET)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
