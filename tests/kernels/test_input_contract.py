@@ -194,3 +194,36 @@ def test_degenerate_shapes(impl):
 def test_settings_that_cannot_be_right_are_refused(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_the_torch_path_reuses_its_chunk_buffers(monkeypatch):
+    """The torch path's working set is a fixed number of (chunk, V) fp32 buffers allocated once
+    per call, whatever the number of chunks: allocating a fresh block per chunk let glibc's heap
+    grow to ~1.3 GB at N=4096, V=65536 in a default process (0.13 GB measured with the allocator
+    tuned). Counted with a dispatch mode: ops that allocate a (chunk, V)-sized result."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    ll = __import__("importlib").import_module("fastrlhf.kernels.linear_logprob")
+    monkeypatch.setattr(ll, "TORCH_CHUNK_ELEMS", 8 * 512)  # 8 rows of V = 512 per chunk
+    big = 8 * 512
+
+    class CountAllocations(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            writes_in_place = func._schema.name.endswith("_") or any(a.is_out for a in func._schema.arguments)
+            is_view = func._schema.returns and func._schema.returns[0].alias_info is not None
+            if isinstance(out, torch.Tensor) and not is_view and not writes_in_place \
+                    and out.dim() == 2 and out.shape[1] == 512 and out.numel() >= big:  # a (chunk, V) block
+                CountAllocations.count += 1
+            return out
+
+    h = torch.randn(8 * 7, 16, requires_grad=True)  # 7 chunks
+    w = torch.randn(512, 16, requires_grad=True)
+    labels = torch.randint(0, 512, (8 * 7,))
+    with CountAllocations():
+        logp, ent = linear_logprob(h, w, labels, return_entropy=True, softcap=4.0, impl="torch")
+        (logp.sum() + ent.sum()).backward()
+    # forward: z, e; backward: z, d(logits), the softcap's chain factor; (V, H) d(weight) is 512 x 16
+    assert CountAllocations.count <= 5, CountAllocations.count
