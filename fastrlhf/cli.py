@@ -59,7 +59,7 @@ def _run(command: str, rest: list[str]) -> int:
 
     from fastrlhf.data import DataError
     from fastrlhf.rollout import EngineError
-    from fastrlhf.runtime import TrainingError
+    from fastrlhf.optim import TrainingError
 
     module, _, prints_summary = COMMANDS[command]
     try:

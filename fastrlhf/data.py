@@ -1,6 +1,6 @@
 """Datasets: JSONL / parquet readers, the record formats, tokenisation and packing.
 
-Formats (DESIGN.md):
+Formats (docs/models-and-data.md has them all, TRL's included):
     prompts      {"prompt": str | messages, "answer"?: str, ...}
     SFT          {"prompt": str, "response": str}  or  {"messages": [{"role", "content"}, ...]}
     preferences  {"prompt", "chosen", "rejected"}  or  {"prompt", "responses": [best, ..., worst]}

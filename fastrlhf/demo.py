@@ -33,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from fastrlhf import runtime
+from fastrlhf import files
 from fastrlhf.tasks import arithmetic as ar
 
 # the examples' settings (examples/<stage>.yaml without output_dir)
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "eval_protocol": f"{16 if args.fast else EVAL_PROMPTS} held-out prompts, exact match, "
                                      f"at most 5 new tokens; *_accuracy: {ar.EVAL_SAMPLES} samples per prompt "
                                      "at temperature 1; *_greedy_accuracy: greedy"})
-    runtime.write_atomic(out / "summary.json", json.dumps(summary, indent=2))
+    files.write_atomic(out / "summary.json", json.dumps(summary, indent=2))
     if can_plot:
         draw_report(out, summary)
     print(" ".join(f"{k}={v:.3f}" for k, v in summary.items()

@@ -43,7 +43,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from fastrlhf import data
-from fastrlhf.runtime import write_atomic
+from fastrlhf.files import write_atomic
 
 CHOICES = ("a", "b", "tie", "skip")
 LEASE_S = 300.0

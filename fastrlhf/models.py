@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from fastrlhf.kernels import linear_logprob
-from fastrlhf.runtime import atomic_dir
+from fastrlhf.files import atomic_dir
 
 ATTN = "fastrlhf_varlen"
 _HAS_FLASH = importlib.util.find_spec("flash_attn") is not None
@@ -226,14 +226,20 @@ def check_logprob_fidelity(model, path, *, tol: float = 1e-3) -> float:
 
 def load_trained(path: str | Path, cfg, device, *, value: bool = False):
     """A model a trainer trains: float32 master weights, with the run's gradient checkpointing
-    and dropout settings (cfg: runtime.ModelFields); value=True: a scalar-head value model."""
-    from fastrlhf.runtime import check_finite_model
-
+    and dropout settings (cfg: config.ModelFields); value=True: a scalar-head value model."""
     load = load_value_model if value else load_causal_lm
     model = load(path, device=device, dtype=torch.float32, gradient_checkpointing=cfg.gradient_checkpointing,
                  no_dropout=cfg.disable_dropout)
     check_finite_model(model, path)  # a NaN checkpoint would skip every step and save NaN
     return model
+
+
+def check_finite_model(model, where) -> None:
+    """Every parameter finite: a checkpoint or model holding NaN/inf is refused, named (it would
+    skip every step, and be saved as NaN)."""
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise ValueError(f"{where}: parameter {name} holds NaN or inf; it cannot be trained or saved")
 
 
 def check_max_len(model, max_len: int) -> None:

@@ -19,11 +19,13 @@ import sys
 from pathlib import Path
 
 from fastrlhf import data, models
-from fastrlhf.runtime import DTYPES, Precision, resolve_device, write_atomic
+from fastrlhf.config import DTYPES, resolve_device
+from fastrlhf.files import write_atomic
+from fastrlhf.optim import Precision
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from fastrlhf.rollout import make_engine
+    from fastrlhf.rollout import Colocated, make_engine
 
     p = argparse.ArgumentParser(prog="fastrlhf pairs", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="HF model directory")
@@ -51,8 +53,9 @@ def main(argv: list[str] | None = None) -> dict:
     engine = make_engine(args.engine, model_dir=args.model, policy=policy, tokenizer=tok, max_model_len=max_len,
                          dtype=prec.dtype,
                          seed=args.seed, gpu_memory_utilization=args.gpu_memory_utilization)
-    groups = engine.generate(ids, n=args.samples, temperature=args.temperature, max_tokens=args.max_new_tokens,
-                             seed=args.seed)
+    with Colocated(engine, policy).generating() as gen:
+        groups = gen.generate(ids, n=args.samples, temperature=args.temperature, max_tokens=args.max_new_tokens,
+                              seed=args.seed)
     lines, same = [], 0
     for rec, group in zip(records, groups):
         texts = list(dict.fromkeys(tok.decode(s.completion_ids, skip_special_tokens=True) for s in group))

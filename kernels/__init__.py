@@ -1,7 +1,7 @@
 """fastrlhf.kernels: fused Triton ops for RLHF losses. Needs only torch and triton.
 
 Every op runs its Triton kernel on CUDA; on CPU it runs the same kernel under
-TRITON_INTERPRET=1 or the pure-torch implementation (impl="torch"). See DESIGN.md.
+TRITON_INTERPRET=1 or the pure-torch implementation (impl="torch"); the README lists their API.
 """
 
 from .gae import gae, gae_ref

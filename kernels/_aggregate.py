@@ -16,6 +16,8 @@ g * w_b * m[b, t]) need only (B,) numbers. All of it is tensor arithmetic: no ho
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
 _INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
@@ -58,3 +60,20 @@ def check_token_tensors(named: dict, B: int, T: int, mask: torch.Tensor) -> None
     devices["mask"] = mask.device
     if len(set(devices.values())) > 1:
         raise ValueError(f"tensors on different devices: {devices}")
+
+
+# ----------------------------------------------------------------------------------------
+# Triton loaders of (B, T) token tensors, shared by the policy and value loss kernels
+# ----------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_bt(PTR, b, t, t_ok, stride_b, stride_t):
+    """Row b, positions t of a (B, T) input as fp32."""
+    return tl.load(PTR + b * stride_b + t * stride_t, mask=t_ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _load_keep(MASK, b, t, t_ok, stride_b, stride_t):
+    """Which positions count: in range and mask != 0 (any mask dtype)."""
+    return t_ok & (tl.load(MASK + b * stride_b + t * stride_t, mask=t_ok, other=0) != 0)

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._aggregate import check_loss_agg, check_token_tensors, row_weights
+from ._aggregate import _load_bt, _load_keep, check_loss_agg, check_token_tensors, row_weights
 from ._common import check_finite, resolve_impl
 from .kl_penalty import _kl_token, kl_kind_id, kl_penalty_ref
 
@@ -73,18 +73,6 @@ def _policy_token(lp, old, adv, ref, ent, isw, clip_low, clip_high, dual_clip, k
         loss -= entropy_coef * ent
     approx_kl = ratio - 1.0 - log_ratio
     return loss, dloss, clipped, ratio, approx_kl, kl
-
-
-@triton.jit
-def _load_bt(PTR, b, t, t_ok, stride_b, stride_t):
-    """Row b, positions t of a (B, T) input as fp32."""
-    return tl.load(PTR + b * stride_b + t * stride_t, mask=t_ok, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _load_keep(MASK, b, t, t_ok, stride_b, stride_t):
-    """Which positions count: in range and mask != 0 (any mask dtype)."""
-    return t_ok & (tl.load(MASK + b * stride_b + t * stride_t, mask=t_ok, other=0) != 0)
 
 
 @triton.jit

@@ -22,9 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._aggregate import check_loss_agg, check_token_tensors, row_weights
+from ._aggregate import _load_bt, _load_keep, check_loss_agg, check_token_tensors, row_weights
 from ._common import resolve_impl
-from .policy_loss import _load_bt, _load_keep
 
 _K = 4  # partial sums: loss, tokens, clipped, values
 

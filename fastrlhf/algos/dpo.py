@@ -22,15 +22,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fastrlhf import data, models, runtime
-from fastrlhf.algos.reward import pair_scores, pair_steps, prepare_pairs
+from fastrlhf import checkpoints, config, data, logs, models, optim, runtime
+from fastrlhf.algos.offline import pair_scores, pair_steps, prepare_pairs, sample_completions
 from fastrlhf.kernels import preference_loss
 from fastrlhf.kernels.preference_loss import LOSS_TYPES
 from fastrlhf.tasks import arithmetic as ar
 
 
 @dataclass
-class DPOConfig(runtime.ModelFields):
+class DPOConfig(config.ModelFields):
     """fastrlhf dpo: optimise the policy directly on preference pairs."""
 
     model: str = field(default="", metadata={"help": "HF model directory to start from (the SFT run's final/); empty: built-in tiny model"})
@@ -62,7 +62,7 @@ class DPOConfig(runtime.ModelFields):
     task_eval_pairs: int = field(default=400, metadata={"help": "built-in task: held-out pairs"})
     task_eval_prompts: int = field(default=200, metadata={"help": "built-in task: held-out prompts for eval/accuracy"})
 
-    RULES = {"gamma": runtime._range()}  # SimPO's target margin: any finite number (not a discount)
+    RULES = {"gamma": config._range()}  # SimPO's target margin: any finite number (not a discount)
 
     def __post_init__(self):
         super().__post_init__()
@@ -95,8 +95,6 @@ def reference_logps(ref, pairs, cfg, device):
 def pair_samples(policy, tokenizer, eval_pairs, cfg) -> list[dict]:
     """Greedy completions of the first cfg.log_samples held-out prompts, beside the pair's chosen
     response (samples.jsonl)."""
-    from fastrlhf.algos.sft import sample_completions
-
     records = [{"prompt": p["prompt"], "response": p["chosen"]} for p in eval_pairs]
     return [{**row, "chosen": row.pop("reference")} for row in sample_completions(policy, tokenizer, records, cfg)]
 
@@ -112,7 +110,7 @@ def train(cfg: DPOConfig) -> dict:
 
     # step 1: policy, frozen reference (none for simpo; in the compute dtype), pairs, reference log-prob tables
     model_dir, pairs, eval_pairs = prepare_pairs(cfg, out)
-    ckpt = runtime.resume_checkpoint(cfg, out)
+    ckpt = checkpoints.resume_checkpoint(cfg, out)
     tokenizer = models.load_tokenizer(model_dir)
     policy = models.load_trained(ckpt or model_dir, cfg, device)
     models.check_max_len(policy, cfg.max_len)
@@ -129,7 +127,7 @@ def train(cfg: DPOConfig) -> dict:
     indexed = list(range(len(train_pairs)))
     steps_per_epoch = len(pair_steps(indexed, cfg.pairs_per_step, cfg.seed, 0))
     total = cfg.max_steps or steps_per_epoch * cfg.epochs
-    runtime.save_config(cfg, out)
+    config.save_config(cfg, out)
 
     def refs_for(idx, tok_pairs, table):
         """Reference (chosen, rejected) log-probs of the pairs idx: from the table, or computed."""
@@ -156,7 +154,7 @@ def train(cfg: DPOConfig) -> dict:
 
     # step 3: the loop
     step, counters, summary = state["step"], state["counters"], state["summary"]
-    samples_log = runtime.SampleLog(out, resume_step=state["step"] if ckpt else None)
+    samples_log = logs.SampleLog(out, resume_step=state["step"] if ckpt else None)
     with prec.autocast():
         if step == 0 and heldout:
             summary.update(task_accuracy(policy, tokenizer, heldout, "start"))
@@ -168,7 +166,7 @@ def train(cfg: DPOConfig) -> dict:
             batch = [train_pairs[i] for i in idx]
             refs = refs_for(idx, train_pairs, train_ref)
             loss, m = dpo_loss(policy, refs, batch, cfg, device)  # step 3a: preference loss
-            grad_norm = runtime.backward_and_step(loss, policy, opt, sched, cfg.grad_clip, counters, prec)
+            grad_norm = optim.backward_and_step(loss, policy, opt, sched, cfg.grad_clip, counters, prec)
             step += 1
             metrics = {"loss/dpo": loss.item(), **m, "lr": sched.get_last_lr()[0], "grad_norm": grad_norm,
                        "pairs_per_s": len(batch) / (time.time() - t0), **counters}
@@ -177,14 +175,14 @@ def train(cfg: DPOConfig) -> dict:
                 summary.update({k: v for k, v in metrics.items() if k.startswith("eval/")})
                 samples_log.write(step, pair_samples(policy, tokenizer, eval_pairs, cfg))
             log.log(step, metrics)
-            runtime.maybe_checkpoint(out, cfg, step, total, policy, tokenizer, opt, sched, counters, summary)
+            checkpoints.maybe_checkpoint(out, cfg, step, total, policy, tokenizer, opt, sched, counters, summary)
     # step 5: the final model, an HF directory in the compute dtype
     samples_log.close()
     return runtime.finish(out, log, policy, tokenizer, summary, step, counters, dtype=prec.dtype)
 
 
 def main(argv=None) -> dict:
-    return train(runtime.load_config(DPOConfig, argv, prog="fastrlhf dpo"))
+    return train(config.load_config(DPOConfig, argv, prog="fastrlhf dpo"))
 
 
 if __name__ == "__main__":

@@ -35,18 +35,18 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fastrlhf import data, models, runtime
+from fastrlhf import checkpoints, config, data, logs, models, optim, runtime
 from fastrlhf.algos import online
 from fastrlhf.kernels import gae, group_advantages, kl_penalty, policy_loss
 from fastrlhf.memory import StateSwapper
-from fastrlhf.rollout import make_engine
+from fastrlhf.rollout import Colocated, make_engine
 from fastrlhf.tasks import arithmetic as ar
 
 ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp")
 
 
 @dataclass
-class GRPOConfig(runtime.ModelFields):
+class GRPOConfig(config.ModelFields):
     """fastrlhf grpo: critic-free online RL (GRPO, Dr.GRPO, DAPO, RLOO, REINFORCE++)."""
 
     model: str = field(default="", metadata={"help": "HF policy directory (e.g. the SFT run's final/); empty: built-in tiny model"})
@@ -105,21 +105,6 @@ def check(cfg: GRPOConfig) -> None:
         raise ValueError("minibatches is larger than the number of samples per step")
 
 
-def step_prompts(prompts: list, cfg, step: int) -> list:
-    """The P prompts of a step: a seeded shuffle per pass over the prompts (resumable)."""
-    per_epoch = max(1, len(prompts) // cfg.prompts_per_step)
-    epoch, index = divmod(step, per_epoch)
-    order = list(range(len(prompts)))
-    random.Random(cfg.seed * 1000 + epoch).shuffle(order)
-    return [prompts[i] for i in order[index * cfg.prompts_per_step:(index + 1) * cfg.prompts_per_step]]
-
-
-def on_policy(cfg: GRPOConfig) -> bool:
-    """One epoch, one minibatch: the update is exactly on-policy, so the training forward's own
-    detached log-probs are the old ones (no extra pass)."""
-    return cfg.ppo_epochs == 1 and cfg.minibatches == 1
-
-
 def advantages(cfg: GRPOConfig, samples, old_lp, ref_lp) -> list[torch.Tensor]:
     """Per-sample advantages, each (L_i,)."""
     r = torch.tensor([s.reward for s in samples])  # (B,)
@@ -162,9 +147,9 @@ def train_on(cfg, model, opt, sched, batch, counters, device, prec) -> dict:
                 lp, ent = online.completion_rows(lp, mb), online.completion_rows(ent, mb)  # (b, T)
                 take = lambda key: None if batch[key] is None else online.rows([batch[key][i] for i in ids], device)[0]  # noqa: E731
                 adv, mask = online.rows([batch["adv"][i] for i in ids], device)
-                if on_policy(cfg):
+                if online.on_policy(cfg):
                     online.keep_rows(trainer_lp, lp, ids, samples)
-                old = lp.detach() if on_policy(cfg) else take("old")
+                old = lp.detach() if online.on_policy(cfg) else take("old")
                 is_w = None
                 if cfg.is_cap > 0:
                     sampler = take("sampler")
@@ -176,14 +161,14 @@ def train_on(cfg, model, opt, sched, batch, counters, device, prec) -> dict:
                                       kl_kind=cfg.kl_kind, entropy=ent, entropy_coef=cfg.entropy_coef,
                                       is_weights=is_w, loss_agg=cfg.loss_agg, max_len=cfg.max_new_tokens)
                 share = online.agg_share(mask, cfg.loss_agg, total_tokens, total_rows)
-                if not runtime.finite_or_skip(loss, counters):
+                if not optim.finite_or_skip(loss, counters):
                     ok = False
                     break
                 prec.backward(loss * share)
                 sums["loss/policy"] = sums.get("loss/policy", 0.0) + loss.item() * share
                 for key, v in m.items():
                     sums[key] = sums.get(key, 0.0) + float(v) * share
-            sums["grad_norm"] = sums.get("grad_norm", 0.0) + runtime.optimizer_step(
+            sums["grad_norm"] = sums.get("grad_norm", 0.0) + optim.optimizer_step(
                 model, opt, sched, cfg.grad_clip, counters, ok, prec.scaler)
             n_updates += 1
     metrics = {k: v / max(1, n_updates) for k, v in sums.items()}
@@ -202,7 +187,7 @@ def train(cfg: GRPOConfig) -> dict:
     tokenizer = models.load_tokenizer(cfg.model) if cfg.model else ar.build_tokenizer()
     prompts, heldout = online.load_prompt_sets(cfg, tokenizer, counters)
     model_dir = cfg.model or str(ar.save_base_model(out / "base", seed=cfg.seed))
-    ckpt = runtime.resume_checkpoint(cfg, out)
+    ckpt = checkpoints.resume_checkpoint(cfg, out)
     model = models.load_trained(ckpt or model_dir, cfg, device)
     models.check_max_len(model, cfg.max_len)
     ref = models.load_frozen(model_dir, device=device, dtype=prec.dtype) if cfg.kl_coef > 0 else None
@@ -211,21 +196,22 @@ def train(cfg: GRPOConfig) -> dict:
     engine = make_engine(cfg.engine, model_dir=model_dir, policy=model, tokenizer=tokenizer, dtype=prec.dtype,
                          max_model_len=cfg.max_len, seed=cfg.seed,
                          gpu_memory_utilization=cfg.gpu_memory_utilization, enforce_eager=cfg.enforce_eager)
-    runtime.save_config(cfg, out)
+    config.save_config(cfg, out)
 
     # step 2: optimiser, schedule, resume, the state swapper
     opt, sched, state, log = runtime.optimisation(cfg, model, out, cfg.steps, ckpt, "grpo", head_lr=cfg.head_lr)
     step, counters = state["step"], {**counters, **state["counters"]}
     swapper = StateSwapper(model, opt, device, offload_params=cfg.offload_params)
-    samples_log = runtime.SampleLog(out, resume_step=step if ckpt else None)
+    colocated = Colocated(engine, model, [swapper])  # every generation, rollouts and evaluations, goes through it
+    samples_log = logs.SampleLog(out, resume_step=step if ckpt else None)
     with prec.autocast():
-        summary = online.start_evaluation(engine, model, heldout, tokenizer, cfg, scorer, log) if step == 0 \
+        summary = online.start_evaluation(colocated, heldout, tokenizer, cfg, scorer, log) if step == 0 \
             else state["summary"]
         while step < cfg.steps:
             t_step = time.perf_counter()
             # step 3: generate with the current weights (training state off the device meanwhile)
-            group_prompts = step_prompts(prompts, cfg, step)
-            groups, phase = online.rollout(engine, model, [swapper], group_prompts, cfg, step)
+            group_prompts = online.step_prompts(prompts, cfg, step)
+            groups, phase = online.rollout(colocated, group_prompts, cfg, step)
             samples = [s for g in groups for s in g]  # (B,) in group order
 
             # step 4: rewards (failed samples: counted, imputed, not trained on)
@@ -235,7 +221,7 @@ def train(cfg: GRPOConfig) -> dict:
 
             # step 5: old and reference log-probs, advantages
             t0 = time.perf_counter()
-            old_lp = None if on_policy(cfg) and cfg.advantage != "reinforce_pp" else online.completion_logprobs(
+            old_lp = None if online.on_policy(cfg) and cfg.advantage != "reinforce_pp" else online.completion_logprobs(
                 model, samples, cfg.tokens_per_micro_batch, cfg.temperature, device)
             ref_lp = None if ref is None else online.completion_logprobs(
                 ref, samples, cfg.tokens_per_micro_batch, cfg.temperature, device)
@@ -254,24 +240,24 @@ def train(cfg: GRPOConfig) -> dict:
             # step 7: log, evaluate, checkpoint
             n_tokens = sum(len(s.completion_ids) for s in samples)
             metrics.update({
-                "rollout/engine": engine.name, "reward/mean": raw.mean().item(), "reward/std": raw.std().item(),
-                **online.rollout_metrics(samples, trainer_lp if on_policy(cfg) else old_lp),
+                "rollout/engine": colocated.name, "reward/mean": raw.mean().item(), "reward/std": raw.std().item(),
+                **online.rollout_metrics(samples, trainer_lp if online.on_policy(cfg) else old_lp),
                 **phase, "time/train_s": train_s, "tokens_per_s": n_tokens / (time.perf_counter() - t_step),
-                **runtime.lr_metrics(opt), "memory/train_state_mb": swapper.state_mb(), **counters})
+                **optim.lr_metrics(opt), "memory/train_state_mb": swapper.state_mb(), **counters})
             if step % cfg.eval_every == 0 or step == cfg.steps:
-                metrics.update(online.evaluate(engine, model, heldout, tokenizer, cfg.max_new_tokens, scorer))
+                metrics.update(online.evaluate(colocated, heldout, tokenizer, cfg.max_new_tokens, scorer))
                 summary.update({k: v for k, v in metrics.items() if k.startswith("eval/")})
             if step % cfg.log_samples_every == 0 or step == 1:
                 samples_log.write(step, online.sample_rows(samples, group_prompts, tokenizer, cfg.log_samples))
             log.log(step, metrics)
-            runtime.maybe_checkpoint(out, cfg, step, cfg.steps, model, tokenizer, opt, sched, counters, summary)
+            checkpoints.maybe_checkpoint(out, cfg, step, cfg.steps, model, tokenizer, opt, sched, counters, summary)
     # step 8: the final policy, an HF directory in the compute dtype
     samples_log.close()
     return runtime.finish(out, log, model, tokenizer, summary, step, counters, dtype=prec.dtype)
 
 
 def main(argv=None) -> dict:
-    return train(runtime.load_config(GRPOConfig, argv, prog="fastrlhf grpo"))
+    return train(config.load_config(GRPOConfig, argv, prog="fastrlhf grpo"))
 
 
 if __name__ == "__main__":

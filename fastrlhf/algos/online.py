@@ -14,8 +14,8 @@ import importlib.util
 import inspect
 import math
 import os
+import random
 import sys
-import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -247,6 +247,21 @@ def impute_failed(groups: list[list[Sample]]) -> None:
                 s.reward = mean
 
 
+def step_prompts(prompts: list, cfg, step: int) -> list:
+    """The P prompts of a step: a seeded shuffle per pass over the prompts (resumable)."""
+    per_epoch = max(1, len(prompts) // cfg.prompts_per_step)
+    epoch, index = divmod(step, per_epoch)
+    order = list(range(len(prompts)))
+    random.Random(cfg.seed * 1000 + epoch).shuffle(order)
+    return [prompts[i] for i in order[index * cfg.prompts_per_step:(index + 1) * cfg.prompts_per_step]]
+
+
+def on_policy(cfg) -> bool:
+    """One epoch, one minibatch: the update is exactly on-policy, so the training forward's own
+    detached log-probs are the old ones (no extra pass)."""
+    return cfg.ppo_epochs == 1 and cfg.minibatches == 1
+
+
 # ----------------------------------------------------------------------------------------
 # packed passes over completions
 # ----------------------------------------------------------------------------------------
@@ -336,33 +351,15 @@ def importance_weights(old: torch.Tensor, sampler: torch.Tensor, cap: float) -> 
     return torch.exp(old - sampler).clamp(max=cap)
 
 
-def push_weights(engine, model) -> float:
-    """The policy's weights into the engine, in place; returns seconds. Parameters only, each
-    once: a tied output layer (Gemma 2, Qwen2 0.5B, GPT-2) is its input embedding, and vLLM
-    refuses a second `lm_head.weight` for a model that ties them."""
-    t0 = time.perf_counter()
-    engine.update_weights((n, p.detach()) for n, p in model.named_parameters())
-    return time.perf_counter() - t0
-
-
-def rollout(engine, model, swappers, prompts: list[Prompt], cfg, step: int):
-    """Step 3 of both trainers: the training state off the device, the policy's weights into
-    the engine, G samples for each prompt, the engine asleep, the state back.
-    Returns (groups [[Sample] * G] * P, timing and memory metrics)."""
-    metrics: dict = {}
-    for sw in swappers:
-        for k, v in sw.offload().items():
-            metrics[k] = metrics.get(k, 0.0) + v
-    metrics["time/weight_sync_s"] = push_weights(engine, model)
-    t0 = time.perf_counter()
-    groups = engine.generate([p.ids for p in prompts], n=cfg.group_size, temperature=cfg.temperature,
-                             top_p=cfg.top_p, max_tokens=cfg.max_new_tokens, seed=cfg.seed * 1_000_003 + step)
-    metrics["time/generate_s"] = time.perf_counter() - t0
-    engine.sleep()
-    for sw in swappers:
-        for k, v in sw.onload().items():
-            metrics[k] = metrics.get(k, 0.0) + v
-    return groups, metrics
+def rollout(colocated, prompts: list[Prompt], cfg, step: int):
+    """Step 3 of both trainers, through the phase switch (rollout.Colocated: the training state
+    off the device, the policy's weights into the engine, the engine asleep and the state back
+    afterwards): G samples for each prompt. Returns (groups [[Sample] * G] * P, timing and
+    memory metrics)."""
+    with colocated.generating() as engine:
+        groups = engine.generate([p.ids for p in prompts], n=cfg.group_size, temperature=cfg.temperature,
+                                 top_p=cfg.top_p, max_tokens=cfg.max_new_tokens, seed=cfg.seed * 1_000_003 + step)
+    return groups, dict(colocated.metrics)
 
 
 def make_scorer(reward_fn: RewardFunction | None, rm, tokenizer, budget: int, device):
@@ -373,28 +370,29 @@ def make_scorer(reward_fn: RewardFunction | None, rm, tokenizer, budget: int, de
     return lambda samples, prompts, counters: reward_fn(samples, prompts, tokenizer, counters)
 
 
-def start_evaluation(engine, model, heldout, tokenizer, cfg, scorer, log) -> dict:
+def start_evaluation(colocated, heldout, tokenizer, cfg, scorer, log) -> dict:
     """The held-out scores before any update, logged as step 0; returned as <metric>_start."""
-    res = evaluate(engine, model, heldout, tokenizer, cfg.max_new_tokens, scorer)
-    log.log(0, {"rollout/engine": engine.name, **res})
+    res = evaluate(colocated, heldout, tokenizer, cfg.max_new_tokens, scorer)
+    log.log(0, {"rollout/engine": colocated.name, **res})
     return {f"{k}_start": v for k, v in res.items()}
 
 
-def evaluate(engine, model, heldout: list[Prompt], tokenizer, max_new_tokens: int, scorer=None) -> dict:
+def evaluate(colocated, heldout: list[Prompt], tokenizer, max_new_tokens: int, scorer=None) -> dict:
     """The held-out prompts with the current weights: eval/reward, the mean score (reward
     function or reward model, see make_scorer) of the greedy completions, and where the prompts
     carry an answer, eval/accuracy (greedy, exact match) and eval/sample_accuracy
     (ar.EVAL_SAMPLES draws per prompt at ar.EVAL_TEMPERATURE, the policy's own distribution:
-    what RL changes most)."""
-    push_weights(engine, model)
-    groups = engine.generate([p.ids for p in heldout], n=1, temperature=0.0,
-                             max_tokens=max_new_tokens, seed=0)
+    what RL changes most). It goes through the same phase switch as a training rollout."""
+    with_answers = all(p.record.get("answer") is not None for p in heldout)
+    with colocated.generating() as engine:
+        groups = engine.generate([p.ids for p in heldout], n=1, temperature=0.0,
+                                 max_tokens=max_new_tokens, seed=0)
+        drawn = engine.generate([p.ids for p in heldout], n=ar.EVAL_SAMPLES, temperature=ar.EVAL_TEMPERATURE,
+                                max_tokens=max_new_tokens, seed=0) if with_answers else None
     text = lambda s: tokenizer.decode(s.completion_ids, skip_special_tokens=True).strip()  # noqa: E731
     out = {}
-    if all(p.record.get("answer") is not None for p in heldout):
+    if with_answers:
         out["eval/accuracy"] = sum(text(g[0]) == p.record["answer"] for g, p in zip(groups, heldout)) / len(heldout)
-        drawn = engine.generate([p.ids for p in heldout], n=ar.EVAL_SAMPLES, temperature=ar.EVAL_TEMPERATURE,
-                                max_tokens=max_new_tokens, seed=0)
         hits = [text(s) == p.record["answer"] for g, p in zip(drawn, heldout) for s in g]
         out["eval/sample_accuracy"] = sum(hits) / len(hits)
     if scorer is not None:

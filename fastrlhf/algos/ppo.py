@@ -34,17 +34,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fastrlhf import data, models, runtime
+from fastrlhf import checkpoints, config, data, files, logs, models, optim, runtime
 from fastrlhf.algos import online
-from fastrlhf.algos.grpo import on_policy, step_prompts
 from fastrlhf.kernels import gae, kl_penalty, policy_loss, value_loss
 from fastrlhf.memory import StateSwapper
-from fastrlhf.rollout import make_engine
+from fastrlhf.rollout import Colocated, make_engine
 from fastrlhf.tasks import arithmetic as ar
 
 
 @dataclass
-class PPOConfig(runtime.ModelFields):
+class PPOConfig(config.ModelFields):
     """fastrlhf ppo: PPO with a critic against a reward model, KL penalty to the SFT reference."""
 
     model: str = field(default="", metadata={"help": "HF policy directory (the SFT run's final/); empty: built-in tiny model"})
@@ -116,7 +115,7 @@ def train(cfg: PPOConfig) -> dict:
     tokenizer = models.load_tokenizer(cfg.model) if cfg.model else ar.build_tokenizer()
     prompts, heldout = online.load_prompt_sets(cfg, tokenizer, counters)
     model_dir = cfg.model or str(ar.save_base_model(out / "base", seed=cfg.seed))
-    ckpt = runtime.resume_checkpoint(cfg, out)
+    ckpt = checkpoints.resume_checkpoint(cfg, out)
     model = models.load_trained(ckpt or model_dir, cfg, device)
     models.check_max_len(model, cfg.max_len)
     ref = models.load_frozen(model_dir, device=device, dtype=prec.dtype)
@@ -130,12 +129,12 @@ def train(cfg: PPOConfig) -> dict:
     engine = make_engine(cfg.engine, model_dir=model_dir, policy=model, tokenizer=tokenizer, dtype=prec.dtype,
                          max_model_len=cfg.max_len, seed=cfg.seed,
                          gpu_memory_utilization=cfg.gpu_memory_utilization, enforce_eager=cfg.enforce_eager)
-    runtime.save_config(cfg, out)
+    config.save_config(cfg, out)
 
     # step 2: two optimisers, resume, state swappers
     opt, sched, state, log = runtime.optimisation(cfg, model, out, cfg.steps, ckpt, "ppo", head_lr=cfg.head_lr)
-    critic_opt = runtime.make_optimizer(critic.parameters(), cfg.critic_lr, cfg.weight_decay)
-    critic_sched = runtime.make_schedule(critic_opt, cfg.warmup_steps, cfg.steps, cfg.schedule)
+    critic_opt = optim.make_optimizer(critic.parameters(), cfg.critic_lr, cfg.weight_decay)
+    critic_sched = optim.make_schedule(critic_opt, cfg.warmup_steps, cfg.steps, cfg.schedule)
     if critic_ckpt is not None:
         st = torch.load(critic_ckpt / "critic_state.pt", weights_only=False, map_location="cpu")
         critic_opt.load_state_dict(st["optimizer"])
@@ -144,16 +143,17 @@ def train(cfg: PPOConfig) -> dict:
     beta = state.get("kl_coef", cfg.kl_coef)
     swappers = [StateSwapper(model, opt, device, offload_params=cfg.offload_params),
                 StateSwapper(critic, critic_opt, device, offload_params=cfg.offload_params)]
-    samples_log = runtime.SampleLog(out, resume_step=step if ckpt else None)
+    colocated = Colocated(engine, model, swappers)  # every generation, rollouts and evaluations, goes through it
+    samples_log = logs.SampleLog(out, resume_step=step if ckpt else None)
 
     with prec.autocast():
-        summary = online.start_evaluation(engine, model, heldout, tokenizer, cfg, scorer, log) if step == 0 \
+        summary = online.start_evaluation(colocated, heldout, tokenizer, cfg, scorer, log) if step == 0 \
             else state["summary"]
         while step < cfg.steps:
             t_step = time.perf_counter()
             # step 3: generate with the current weights (training state off the device meanwhile)
-            step_p = step_prompts(prompts, cfg, step)
-            groups, phase = online.rollout(engine, model, swappers, step_p, cfg, step)
+            step_p = online.step_prompts(prompts, cfg, step)
+            groups, phase = online.rollout(colocated, step_p, cfg, step)
             samples = [s for g in groups for s in g if s.completion_ids]
 
             # step 4: scores (the reward model's, per sequence or per token; or the function's)
@@ -170,7 +170,7 @@ def train(cfg: PPOConfig) -> dict:
             # step 5: old / reference log-probs, values; KL-penalised token rewards; GAE
             budget = cfg.tokens_per_micro_batch
             sampler_lp = [torch.tensor(s.logprobs) for s in samples]
-            old_lp = None if on_policy(cfg) else online.completion_logprobs(model, samples, budget, cfg.temperature, device)
+            old_lp = None if online.on_policy(cfg) else online.completion_logprobs(model, samples, budget, cfg.temperature, device)
             ref_lp = online.completion_logprobs(ref, samples, budget, cfg.temperature, device)
             vals = online.completion_values(critic, samples, budget, device)
             old, mask = online.rows(sampler_lp if old_lp is None else old_lp)  # (B, T)
@@ -212,10 +212,10 @@ def train(cfg: PPOConfig) -> dict:
                         with torch.set_grad_enabled(train_policy):  # critic warm-up: the policy loss is only logged
                             lp, ent = models.token_logprobs(model, mbd, temperature=cfg.temperature, return_entropy=True)
                             lp, ent = online.completion_rows(lp, mb), online.completion_rows(ent, mb)
-                            if on_policy(cfg):
+                            if online.on_policy(cfg):
                                 online.keep_rows(trainer_lp, lp, ids, samples)
                             sampler, m = take("sampler")
-                            o = lp.detach() if on_policy(cfg) else take("old")[0]
+                            o = lp.detach() if online.on_policy(cfg) else take("old")[0]
                             is_w = online.importance_weights(o, sampler, cfg.is_cap) if cfg.is_cap > 0 else None
                             p_loss, pm = policy_loss(lp, o, take("adv")[0], m, clip_low=cfg.clip_low,
                                                      clip_high=cfg.clip_high, entropy=ent,
@@ -223,7 +223,7 @@ def train(cfg: PPOConfig) -> dict:
                         v = online.completion_rows(models.token_values(critic, mbd), mb)
                         v_loss, vm = value_loss(v, take("val")[0], take("ret")[0], m, clip=cfg.value_clip)
                         share = int(m.sum()) / n_tok
-                        if not (runtime.finite_or_skip(p_loss, counters) and runtime.finite_or_skip(v_loss, counters)):
+                        if not (optim.finite_or_skip(p_loss, counters) and optim.finite_or_skip(v_loss, counters)):
                             ok = False
                             break
                         loss = p_loss + v_loss if train_policy else v_loss  # disjoint parameters: one backward
@@ -232,9 +232,9 @@ def train(cfg: PPOConfig) -> dict:
                                          "value/clipfrac": vm["clipfrac"], "value/mean": vm["vpred_mean"]}.items():
                             sums[key] = sums.get(key, 0.0) + float(val.detach()) * share
                     if train_policy:  # (one float16 loss scale for both: updated once, after the critic's step)
-                        sums["grad_norm"] = sums.get("grad_norm", 0.0) + runtime.optimizer_step(
+                        sums["grad_norm"] = sums.get("grad_norm", 0.0) + optim.optimizer_step(
                             model, opt, sched, cfg.grad_clip, counters, ok, prec.scaler, update_scaler=False)
-                    runtime.optimizer_step(critic, critic_opt, critic_sched, cfg.grad_clip, {}, ok, prec.scaler)
+                    optim.optimizer_step(critic, critic_opt, critic_sched, cfg.grad_clip, {}, ok, prec.scaler)
                     n_updates += 1
             train_s = time.perf_counter() - t0
             step += 1
@@ -243,28 +243,28 @@ def train(cfg: PPOConfig) -> dict:
             kl_per_sample = (kl.sum(1)).mean().item()
             metrics = {k: v / max(1, n_updates) for k, v in sums.items()}
             metrics.update({
-                "rollout/engine": engine.name, "reward/mean": score.mean().item(),
+                "rollout/engine": colocated.name, "reward/mean": score.mean().item(),
                 "reward/kl_penalty": beta * kl_per_sample, "kl": kl_per_sample, "kl_coef": beta,
                 "value/explained_var": explained_var,
-                **online.rollout_metrics(samples, trainer_lp if on_policy(cfg) else old_lp),
+                **online.rollout_metrics(samples, trainer_lp if online.on_policy(cfg) else old_lp),
                 **phase, "time/train_s": train_s, "tokens_per_s": sum(L) / (time.perf_counter() - t_step),
-                **runtime.lr_metrics(opt), "memory/train_state_mb": sum(sw.state_mb() for sw in swappers),
+                **optim.lr_metrics(opt), "memory/train_state_mb": sum(sw.state_mb() for sw in swappers),
                 **counters})
             beta = adapt_kl(beta, kl_per_sample, cfg, len(samples))
             if step % cfg.eval_every == 0 or step == cfg.steps:
-                metrics.update(online.evaluate(engine, model, heldout, tokenizer, cfg.max_new_tokens, scorer))
+                metrics.update(online.evaluate(colocated, heldout, tokenizer, cfg.max_new_tokens, scorer))
                 summary.update({k: v for k, v in metrics.items() if k.startswith("eval/")})
             if step % cfg.log_samples_every == 0 or step == 1:
                 samples_log.write(step, logged)
             log.log(step, metrics)
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-                runtime.save_checkpoint(out, step, model, tokenizer, opt, sched,
+                checkpoints.save_checkpoint(out, step, model, tokenizer, opt, sched,
                                         {"step": step, "counters": counters, "summary": summary, "kl_coef": beta},
                                         extra=lambda tmp: save_critic(tmp / "critic", critic, tokenizer,
                                                                       critic_opt, critic_sched))
     # step 8: the final policy (final/, in the compute dtype) and critic (critic/), HF directories
     samples_log.close()
-    with runtime.atomic_dir(out / "critic") as tmp:
+    with files.atomic_dir(out / "critic") as tmp:
         save_critic(tmp, critic, tokenizer, critic_opt, critic_sched)
     return runtime.finish(out, log, model, tokenizer, summary, step, counters, dtype=prec.dtype)
 
@@ -276,7 +276,7 @@ def save_critic(path, critic, tokenizer, opt, sched) -> None:
 
 
 def main(argv=None) -> dict:
-    return train(runtime.load_config(PPOConfig, argv, prog="fastrlhf ppo"))
+    return train(config.load_config(PPOConfig, argv, prog="fastrlhf ppo"))
 
 
 if __name__ == "__main__":

@@ -22,20 +22,18 @@ start/loss, start/accuracy: the same before the first step (a fresh value head s
 
 from __future__ import annotations
 
-import random
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from fastrlhf import data, models, runtime
-from fastrlhf.tasks import arithmetic as ar
+from fastrlhf import checkpoints, config, data, models, optim, runtime
+from fastrlhf.algos.offline import pair_scores, pair_steps, prepare_pairs
 
 
 @dataclass
-class RMConfig(runtime.ModelFields):
+class RMConfig(config.ModelFields):
     """fastrlhf rm: train a reward model on preference pairs (Bradley-Terry)."""
 
     model: str = field(default="", metadata={"help": "HF model directory (e.g. the SFT run's final/); empty: built-in tiny model"})
@@ -63,37 +61,6 @@ class RMConfig(runtime.ModelFields):
     task_eval_pairs: int = field(default=400, metadata={"help": "built-in task: held-out pairs"})
 
 
-def prepare_pairs(cfg, out: Path):
-    """(model dir, train pairs, eval pairs) for the RM and DPO trainers."""
-    task = ar.ArithmeticTask(seed=cfg.seed)
-    if cfg.data:  # the data first: a data error stops the run before the base model is written
-        pairs = data.load_preferences(cfg.data)
-    else:
-        pairs = ar.preference_pairs(task, cfg.task_pairs, label_noise=cfg.task_label_noise, seed=cfg.seed + 1)
-    if cfg.eval_data:
-        eval_pairs = data.load_preferences(cfg.eval_data)
-    elif not cfg.data:
-        eval_pairs = ar.preference_pairs(task, cfg.task_eval_pairs, label_noise=cfg.task_label_noise,
-                                         seed=cfg.seed + 2, split="test")
-    else:  # held out by prompt: duplicated pairs cannot land on both sides
-        pairs, eval_pairs = data.split_heldout(pairs)
-    model_dir = cfg.model or str(ar.save_base_model(out / "base", seed=cfg.seed))
-    return model_dir, pairs, eval_pairs
-
-
-def pair_steps(pairs, pairs_per_step: int, seed: int, epoch: int) -> list[list]:
-    order = list(range(len(pairs)))
-    random.Random(seed * 1000 + epoch).shuffle(order)
-    return [[pairs[i] for i in order[k:k + pairs_per_step]] for k in range(0, len(order), pairs_per_step)]
-
-
-def pair_scores(score_fn, pairs, tokens_per_micro_batch: int, device):
-    """score_fn(model batch) -> (n_seq,) for packed batches; returns (chosen, rejected) (P,)."""
-    flat = [s for c, r in pairs for s in (c, r)]
-    scores = torch.cat([score_fn(data.to_device(mb, device)) for mb in data.pack(flat, tokens_per_micro_batch)])
-    return scores[0::2], scores[1::2]
-
-
 def bt_loss(model, pairs, cfg, device):
     r_c, r_r = pair_scores(lambda mb: models.sequence_rewards(model, mb), pairs,
                            cfg.tokens_per_micro_batch, device)
@@ -119,7 +86,7 @@ def train(cfg: RMConfig) -> dict:
 
     # step 1: model with its reward head, tokenizer, pairs
     model_dir, pairs, eval_pairs = prepare_pairs(cfg, out)
-    ckpt = runtime.resume_checkpoint(cfg, out)
+    ckpt = checkpoints.resume_checkpoint(cfg, out)
     tokenizer = models.load_tokenizer(model_dir)
     model = models.load_trained(ckpt or model_dir, cfg, device, value=cfg.head == "value")
     if cfg.head == "logprob":
@@ -130,7 +97,7 @@ def train(cfg: RMConfig) -> dict:
     eval_tok = data.tokenize_pairs(tokenizer, eval_pairs, cfg.max_len, "rm eval data")
     steps_per_epoch = len(pair_steps(train_pairs, cfg.pairs_per_step, cfg.seed, 0))
     total = cfg.max_steps or steps_per_epoch * cfg.epochs
-    runtime.save_config(cfg, out)
+    config.save_config(cfg, out)
 
     # step 2: optimiser, schedule, resume
     opt, sched, state, log = runtime.optimisation(cfg, model, out, total, ckpt, "rm")
@@ -148,7 +115,7 @@ def train(cfg: RMConfig) -> dict:
             model.train()
             t0 = time.time()
             loss, r_c, r_r = bt_loss(model, batch, cfg, device)  # step 3a: Bradley-Terry
-            grad_norm = runtime.backward_and_step(loss, model, opt, sched, cfg.grad_clip, counters, prec)
+            grad_norm = optim.backward_and_step(loss, model, opt, sched, cfg.grad_clip, counters, prec)
             step += 1
             metrics = {"loss/rm": loss.item(), "accuracy": pairwise_accuracy(r_c, r_r),
                        "margin": (r_c - r_r).mean().item(), "lr": sched.get_last_lr()[0],
@@ -157,13 +124,13 @@ def train(cfg: RMConfig) -> dict:
                 metrics.update(evaluate(model, eval_tok, cfg, device))
                 summary.update({k: v for k, v in metrics.items() if k.startswith("eval/")})
             log.log(step, metrics)
-            runtime.maybe_checkpoint(out, cfg, step, total, model, tokenizer, opt, sched, counters, summary)
+            checkpoints.maybe_checkpoint(out, cfg, step, total, model, tokenizer, opt, sched, counters, summary)
     # step 5: the final model, an HF directory in the compute dtype
     return runtime.finish(out, log, model, tokenizer, summary, step, counters, dtype=prec.dtype)
 
 
 def main(argv=None) -> dict:
-    return train(runtime.load_config(RMConfig, argv, prog="fastrlhf rm"))
+    return train(config.load_config(RMConfig, argv, prog="fastrlhf rm"))
 
 
 if __name__ == "__main__":

@@ -22,12 +22,13 @@ from pathlib import Path
 
 import torch
 
-from fastrlhf import data, models, runtime
+from fastrlhf import checkpoints, config, data, logs, models, optim, runtime
+from fastrlhf.algos.offline import sample_completions
 from fastrlhf.tasks import arithmetic as ar
 
 
 @dataclass
-class SFTConfig(runtime.ModelFields):
+class SFTConfig(config.ModelFields):
     """fastrlhf sft: supervised fine-tuning on demonstrations."""
 
     model: str = field(default="", metadata={"help": "HF model directory; empty: the built-in tiny model"})
@@ -97,7 +98,7 @@ def epoch_split(seqs, cfg: SFTConfig, epoch: int) -> list[list]:
     (the shuffle changes where the budget falls)."""
     order = list(range(len(seqs)))
     random.Random(cfg.seed * 1000 + epoch).shuffle(order)
-    return runtime.split_by_budget([seqs[i] for i in order], cfg.tokens_per_step,
+    return optim.split_by_budget([seqs[i] for i in order], cfg.tokens_per_step,
                                    lambda s: sum(y != data.IGNORE for y in s[1]))
 
 
@@ -126,52 +127,23 @@ def eval_loss(model, seqs, cfg: SFTConfig, device) -> float:
     return total / max(1, count)
 
 
-def _prompt_and_reference(record: dict):
-    """What to prompt with and the reference answer: a conversation up to its last assistant turn."""
-    prompt, response = record["prompt"], record["response"]
-    if isinstance(response, list):
-        msgs = list(prompt) + list(response)
-        last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
-        return msgs[:last], msgs[last]["content"]
-    return prompt, response
-
-
-def sample_completions(model, tokenizer, records, cfg, max_new_tokens: int = 64) -> list[dict]:
-    """Greedy completions of the first cfg.log_samples held-out prompts: what the model now
-    writes, for samples.jsonl (prompt, completion, and the reference response). The global RNG
-    is left as it was (resume stays exact)."""
-    from fastrlhf.rollout.hf import HFEngine
-
-    rows = [_prompt_and_reference(r) for r in records[: cfg.log_samples]]
-    rows = [(p, ref, data.prompt_ids(tokenizer, p)) for p, ref in rows if p]
-    rows = [r for r in rows if len(r[2]) < cfg.max_len]
-    if not rows:
-        return []
-    new = max(1, min(max_new_tokens, cfg.max_len - max(len(ids) for _, _, ids in rows)))
-    with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
-        groups = HFEngine(model, tokenizer).generate([ids for _, _, ids in rows], n=1, temperature=0.0,
-                                                     max_tokens=new, seed=0)
-    return [{"prompt": p, "completion": tokenizer.decode(g[0].completion_ids, skip_special_tokens=True),
-             "reference": ref} for (p, ref, _), g in zip(rows, groups)]
-
-
 def train(cfg: SFTConfig) -> dict:
     out, device, prec = runtime.begin(cfg)
 
     # step 1: model, tokenizer, data
     model_dir, records, eval_records, heldout = prepare(cfg, out)
-    ckpt = runtime.resume_checkpoint(cfg, out)
+    ckpt = checkpoints.resume_checkpoint(cfg, out)
     tokenizer = models.load_tokenizer(model_dir)
     model = models.load_trained(ckpt or model_dir, cfg, device)
     models.check_max_len(model, cfg.max_len)
     seqs, eval_seqs = tokenize(tokenizer, records, cfg.max_len), tokenize(tokenizer, eval_records, cfg.max_len)
     steps_in = functools.cache(lambda epoch: len(epoch_split(seqs, cfg, epoch)))  # (cheap: no packing)
     total = cfg.max_steps or sum(steps_in(e) for e in range(cfg.epochs))
-    runtime.save_config(cfg, out)
+    config.save_config(cfg, out)
 
     # step 2: optimiser, schedule, resume
     opt, sched, state, log = runtime.optimisation(cfg, model, out, total, ckpt, "sft")
-    samples_log = runtime.SampleLog(out, resume_step=state["step"] if ckpt else None)
+    samples_log = logs.SampleLog(out, resume_step=state["step"] if ckpt else None)
 
     # step 3: the loop (forward passes under autocast in the compute dtype; float32 master weights)
     step, counters, summary, epochs = state["step"], state["counters"], state["summary"], {}
@@ -190,13 +162,13 @@ def train(cfg: SFTConfig) -> dict:
                 mb = data.to_device(mb, device)
                 # step 3a: token-mean NLL over the whole step's response tokens
                 loss = -models.token_logprobs(model, mb).sum() / n_tok
-                if not runtime.finite_or_skip(loss, counters):
+                if not optim.finite_or_skip(loss, counters):
                     ok = False
                     break
                 prec.backward(loss)
                 loss_sum += loss.item()
             # step 3b: update (skipped, and counted, on a non-finite loss or gradient)
-            grad_norm = runtime.optimizer_step(model, opt, sched, cfg.grad_clip, counters, ok, prec.scaler)
+            grad_norm = optim.optimizer_step(model, opt, sched, cfg.grad_clip, counters, ok, prec.scaler)
             step += 1
             metrics = {"loss/sft": loss_sum, "lr": sched.get_last_lr()[0], "grad_norm": grad_norm,
                        "tokens": n_tok, "tokens_per_s": n_tok / max(time.time() - t0, 1e-9),
@@ -209,14 +181,14 @@ def train(cfg: SFTConfig) -> dict:
                 summary.update({k: metrics[k] for k in metrics if k.startswith("eval/")})
                 samples_log.write(step, sample_completions(model, tokenizer, eval_records, cfg))
             log.log(step, metrics)
-            runtime.maybe_checkpoint(out, cfg, step, total, model, tokenizer, opt, sched, counters, summary)
+            checkpoints.maybe_checkpoint(out, cfg, step, total, model, tokenizer, opt, sched, counters, summary)
     # step 5: the final model, an HF directory in the compute dtype
     samples_log.close()
     return runtime.finish(out, log, model, tokenizer, summary, step, counters, dtype=prec.dtype)
 
 
 def main(argv=None) -> dict:
-    return train(runtime.load_config(SFTConfig, argv, prog="fastrlhf sft"))
+    return train(config.load_config(SFTConfig, argv, prog="fastrlhf sft"))
 
 
 if __name__ == "__main__":

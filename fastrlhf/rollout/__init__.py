@@ -1,37 +1,19 @@
-"""Generation engines for online RL: one interface, two implementations.
-
-    engine.generate(prompt_ids, n=G, temperature=1.0, max_tokens=L, seed=s) -> [[Sample] * G] * P
-    engine.update_weights(named_tensors)   # the policy's current weights, pushed in place
-    engine.sleep() / engine.wake_up()      # hand accelerator memory to training and back
+"""Generation engines for online RL: one interface (base.Engine), two implementations, one owner.
 
 VLLMEngine (vllm.py) is the default: in-process vLLM colocated with training. HFEngine (hf.py)
-runs transformers `generate` on the policy itself when vLLM is not installed. Both return the
-sampler's own log-probs of the sampled tokens after temperature ("processed" log-probs), which
-the trainer compares with its own to prove the weight push worked and to correct for the
-sampler/trainer mismatch with importance weights.
+runs transformers `generate` on the policy itself when vLLM is not installed (or would serve the
+architecture through its Transformers backend). Both return the sampler's own log-probs of the
+sampled tokens after temperature ("processed" log-probs), which the trainer compares with its
+own to prove the weight push worked and to correct for the sampler/trainer mismatch with
+importance weights. colocate.Colocated is the only caller of their wake / push / sleep.
 """
 
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass, field
 
-
-@dataclass
-class Sample:
-    """One completion of one prompt."""
-
-    prompt_index: int  # index into the prompts passed to generate
-    prompt_ids: list[int]
-    completion_ids: list[int]  # the sampled tokens, EOS included when the sample stopped
-    logprobs: list[float]  # the sampler's log-prob of each completion token (after temperature)
-    finish_reason: str  # "stop" (EOS) or "length" (hit max_tokens: overlong)
-    reward: float = 0.0
-    info: dict = field(default_factory=dict)
-
-
-class EngineError(RuntimeError):
-    """The generation engine could not start or run; the message says which setting to change."""
+from fastrlhf.rollout.base import Engine, EngineError, Sample  # noqa: F401 (the package's names)
+from fastrlhf.rollout.colocate import Colocated  # noqa: F401
 
 
 def has_vllm() -> bool:

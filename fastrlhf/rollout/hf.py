@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from fastrlhf.rollout import Sample
+from fastrlhf.rollout.base import Sample
 
 
 class HFEngine:
@@ -19,6 +19,9 @@ class HFEngine:
         self.policy, self.tokenizer, self.max_batch = policy, tokenizer, max_batch
 
     def sleep(self) -> None:
+        pass  # it generates with the live policy: nothing to release
+
+    def wake_up(self, tags=None) -> None:
         pass
 
     def update_weights(self, named_tensors) -> None:

@@ -1,8 +1,8 @@
 """In-process vLLM colocated with training on the same device.
 
-The call sequence (DESIGN.md, "Colocation"): start once with sleep mode on CUDA, then every
-step  wake_up(["weights"]) -> push the policy's weights in place with
-collective_rpc("reload_weights") -> wake_up(["kv_cache"]) -> reset_prefix_cache() -> generate
+The call sequence (driven by rollout.colocate.Colocated): start once with sleep mode on CUDA,
+then every phase  wake_up(["weights"]) -> push the policy's weights in place with
+collective_rpc("reload_weights") -> reset_prefix_cache() -> wake_up(["kv_cache"]) -> generate
 -> sleep(). The push never reloads from disk: vLLM's own weight loaders copy the tensors into
 its (possibly fused, e.g. qkv / gate_up) parameters. On CPU sleep mode does not exist and
 sleep/wake are skipped; everything else runs as on a GPU.
@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from fastrlhf.rollout import EngineError, Sample
+from fastrlhf.rollout.base import EngineError, Sample
 
 _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -59,27 +59,35 @@ class VLLMEngine:
         # and warns once per push; the trainer-vs-sampler log-prob check proves the push
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(
             lambda r: "RotaryEmbedding" not in str(r.args))
-        self.asleep = False
+        self.asleep, self.awake = False, {"weights", "kv_cache"}
         self.sleep()
 
     def sleep(self) -> None:
         """Free the KV cache and the weights' memory for the training phase (CUDA only)."""
         if self.on_cuda and not self.asleep:
             self.llm.sleep(level=2)  # weights are pushed again before the next generate anyway
-            self.asleep = True
+            self.asleep, self.awake = True, set()
+
+    def wake_up(self, tags=None) -> None:
+        """Bring back what sleep() released: tags "weights" (before a push) and "kv_cache"
+        (before generating); all when None. CUDA only (the CPU backend has no sleep mode)."""
+        if not self.on_cuda:
+            return
+        for tag in tags or ["weights", "kv_cache"]:
+            if tag not in self.awake:
+                self.llm.wake_up(tags=[tag])
+                self.awake.add(tag)
+        self.asleep = not self.awake
 
     def update_weights(self, named_tensors) -> None:
-        """Wake the weights, copy the policy's tensors in (cast to the engine's dtype: a bf16
-        engine gets half the bytes of the fp32 master weights), wake the KV cache."""
-        if self.on_cuda and self.asleep:
-            self.llm.wake_up(tags=["weights"])
+        """Copy the policy's tensors in (cast to the engine's dtype: a bf16 engine gets half the
+        bytes of the fp32 master weights); its weights must be awake (Colocated wakes them)."""
+        if self.on_cuda and "weights" not in self.awake:
+            raise RuntimeError("update_weights on sleeping vLLM weights: wake_up(['weights']) first")
         tensors = [(name, t.to(self.dtype)) for name, t in named_tensors]
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(tensors)})
         if not self.on_cuda:
             self.llm.collective_rpc(_repack_cpu_lm_heads)
-        if self.on_cuda and self.asleep:
-            self.llm.wake_up(tags=["kv_cache"])
-            self.asleep = False
         self.llm.reset_prefix_cache()  # cached prefixes were computed with the old weights
 
     def generate(self, prompt_ids: list[list[int]], *, n: int, temperature: float, max_tokens: int,

@@ -162,7 +162,7 @@ def exact_match(prompt: str, response: str, answer: str, **_) -> float:
 
 def write_jsonl(rows, path: str | os.PathLike) -> Path:
     """Write rows atomically (tmp file + rename)."""
-    from fastrlhf.runtime import write_atomic
+    from fastrlhf.files import write_atomic
 
     path = Path(path)
     write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))

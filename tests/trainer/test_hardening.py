@@ -5,13 +5,11 @@ writes a NaN final/."""
 
 import json
 import shutil
-import struct
-from pathlib import Path
 
 import pytest
 import torch
 
-from fastrlhf import cli, data, label, models, runtime
+from fastrlhf import checkpoints, cli, data, label, models, optim
 from fastrlhf.algos import sft
 from fastrlhf.tasks import arithmetic as ar
 
@@ -87,7 +85,7 @@ def test_a_run_whose_steps_are_all_skipped_stops_without_final(tmp_path, monkeyp
     assert cli.main(["sft", *TINY, "--output-dir", str(out), "--max_steps", "3", "--eval_every", "100"]) == 2
     assert "every one of the 3 optimiser steps was skipped" in capsys.readouterr().err
     assert not (out / "final").exists()
-    monkeypatch.setattr(runtime, "MAX_SKIPPED_IN_A_ROW", 2)  # a long run stops as soon as it is hopeless
+    monkeypatch.setattr(optim, "MAX_SKIPPED_IN_A_ROW", 2)  # a long run stops as soon as it is hopeless
     assert cli.main(["sft", *TINY, "--output-dir", str(tmp_path / "n2"), "--max_steps", "50", "--eval_every", "100"]) == 2
     assert "2 optimiser steps in a row had a non-finite loss" in capsys.readouterr().err
 
@@ -102,7 +100,7 @@ def test_a_damaged_checkpoint_is_set_aside_and_the_previous_one_resumed(damage, 
     shutil.copy(full / "metrics.jsonl", out / "metrics.jsonl")
     victim = out / "checkpoints" / "step-4" / ("model.safetensors" if damage == "weights" else "trainer_state.pt")
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
-    assert runtime.damaged(out / "checkpoints" / "step-4") and runtime.damaged(out / "checkpoints" / "step-2") is None
+    assert checkpoints.damaged(out / "checkpoints" / "step-4") and checkpoints.damaged(out / "checkpoints" / "step-2") is None
     sft.main(TINY + ["--output_dir", str(out), "--max_steps", "6", "--save_every", "2", "--eval_every", "100"])
     assert "step-4 is damaged" in capsys.readouterr().err
     assert (out / "checkpoints" / "step-4.damaged").exists()

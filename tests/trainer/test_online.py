@@ -11,7 +11,7 @@ from fastrlhf import data, models
 from fastrlhf.algos import grpo, online, ppo
 from fastrlhf.kernels import policy_loss
 from fastrlhf.memory import StateSwapper, training_state, tensor_bytes
-from fastrlhf.rollout import Sample
+from fastrlhf.rollout import Colocated, Sample
 from fastrlhf.rollout.hf import HFEngine
 from fastrlhf.tasks import arithmetic as ar
 
@@ -91,7 +91,13 @@ class _ScriptedEngine:
     def update_weights(self, named):
         list(named)
 
-    def generate(self, prompt_ids, *, n, temperature, max_tokens, seed):
+    def wake_up(self, tags=None):
+        pass
+
+    def sleep(self):
+        pass
+
+    def generate(self, prompt_ids, *, n, temperature, max_tokens, seed, top_p=1.0):
         self.calls.append((n, temperature))
         texts = ["12"] if temperature == 0 else ["12", "12", "13", ""]
         ids = lambda t: self.tok(t, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]  # noqa: E731
@@ -103,10 +109,62 @@ def test_evaluate_reports_greedy_and_sampled_accuracy(tiny):
     heldout = [online.Prompt({"prompt": "5+7=", "answer": "12"}, tok("5+7=")["input_ids"]),
                online.Prompt({"prompt": "6+7=", "answer": "13"}, tok("6+7=")["input_ids"])]
     engine = _ScriptedEngine(tok)
-    res = online.evaluate(engine, model, heldout, tok, max_new_tokens=4)
+    res = online.evaluate(Colocated(engine, model), heldout, tok, max_new_tokens=4)
     assert res["eval/accuracy"] == 0.5  # greedy "12": right for the first prompt only
     assert res["eval/sample_accuracy"] == 3 / 8  # 2 of 4 right on the first, 1 of 4 on the second
     assert engine.calls == [(1, 0.0), (ar.EVAL_SAMPLES, 1.0)]
+
+
+class _Recorder:
+    """An engine and a state swapper that write down every call, in order."""
+
+    name = "recorder"
+
+    def __init__(self):
+        self.calls = []
+
+    def offload(self):
+        self.calls.append("offload")
+        return {}
+
+    def onload(self):
+        self.calls.append("onload")
+        return {}
+
+    def wake_up(self, tags=None):
+        self.calls.append(f"wake_up:{','.join(tags or ['all'])}")
+
+    def update_weights(self, named):
+        self.calls.append(f"update_weights:{len(list(named))}")
+
+    def sleep(self):
+        self.calls.append("sleep")
+
+    def generate(self, prompt_ids, *, n, temperature, max_tokens, seed, top_p=1.0):
+        self.calls.append("generate")
+        return [[Sample(i, p, [2], [0.0], "stop") for _ in range(n)] for i, p in enumerate(prompt_ids)]
+
+
+def test_rollouts_and_evaluations_go_through_the_same_phase_switch(tiny):
+    """An evaluation used to push and generate with the training state still on the device and
+    without putting vLLM back to sleep (an OOM on a GPU that CPU CI cannot see)."""
+    _, model, tok = tiny
+    rec = _Recorder()
+    colocated = Colocated(rec, model, [rec])
+    prompts = [online.Prompt({"prompt": "1+2=", "answer": "3"}, tok("1+2=")["input_ids"])]
+    cfg = grpo.GRPOConfig(group_size=2, max_new_tokens=4, max_len=64)
+    n_params = len(list(model.parameters()))
+    phase = ["offload", "wake_up:weights", f"update_weights:{n_params}", "wake_up:kv_cache"]
+    online.rollout(colocated, prompts, cfg, step=0)
+    assert rec.calls == phase + ["generate", "sleep", "onload"]
+    rec.calls.clear()
+    online.evaluate(colocated, prompts, tok, max_new_tokens=4)  # greedy and sampled: two generates
+    assert rec.calls == phase + ["generate", "generate", "sleep", "onload"]
+    rec.calls.clear()
+    with pytest.raises(RuntimeError, match="engine failed"):  # an engine that fails still sleeps, state back
+        with colocated.generating():
+            raise RuntimeError("engine failed")
+    assert rec.calls == phase + ["sleep", "onload"]
 
 
 def test_reward_function_spec_errors():
@@ -204,8 +262,8 @@ def test_vllm_engine_push_and_logprobs(tiny, tmp_path):
     with torch.no_grad():
         for p in trained.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    online.push_weights(engine, trained)
-    after = engine.generate(prompts, n=4, temperature=1.0, max_tokens=6, seed=1)
+    with Colocated(engine, trained).generating() as gen:  # wake, push in place, generate, sleep
+        after = gen.generate(prompts, n=4, temperature=1.0, max_tokens=6, seed=1)
     samples = [s for g in after for s in g]
     new_lp = online.completion_logprobs(trained, samples, 256, 1.0, "cpu")
     old_lp = online.completion_logprobs(model, samples, 256, 1.0, "cpu")

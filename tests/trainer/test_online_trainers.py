@@ -137,7 +137,7 @@ def test_ppo_on_policy_skips_the_old_logprob_pass_with_the_same_updates(tiny, tm
     monkeypatch.setattr(ppo.online, "completion_logprobs", lambda m, *a: passes.append(m) or real(m, *a))
     ppo.main(args(tmp_path / "on"))
     assert len(passes) == 3  # the reference's only, once per step
-    monkeypatch.setattr(ppo, "on_policy", lambda cfg: False)
+    monkeypatch.setattr(ppo.online, "on_policy", lambda cfg: False)
     ppo.main(args(tmp_path / "recompute"))
     assert len(passes) == 3 + 6
     on, rec = _metrics(tmp_path / "on")[1:], _metrics(tmp_path / "recompute")[1:]

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from fastrlhf import cli, models, runtime
+from fastrlhf import cli, config, models, optim
 from fastrlhf.algos import dpo, reward, sft
 from fastrlhf.tasks import arithmetic as ar
 
@@ -62,7 +62,7 @@ def test_sft_epochs_of_different_step_counts_each_train_on_every_example(tmp_pat
     ar.write_jsonl(rows[:4], held)
     args = ["--data", str(train), "--eval_data", str(held), "--task_model_size", "tiny", "--tokens_per_step", "20",
             "--epochs", "3", "--warmup_steps", "1", "--eval_every", "1000", "--save_every", "0", "--device", "cpu", *TOY]
-    cfg = runtime.load_config(sft.SFTConfig, args)
+    cfg = config.load_config(sft.SFTConfig, args)
     seqs = sft.tokenize(ar.build_tokenizer(), rows, cfg.max_len)
     counts = [len(sft.epoch_split(seqs, cfg, e)) for e in range(3)]
     assert len(set(counts)) > 1, counts  # the case under test: epochs of different lengths
@@ -102,10 +102,10 @@ def test_head_lr_gives_the_output_layer_its_own_step_size(head_lr):
     optimiser keeps its two groups (decayed matrices, the rest) and everything moves by lr / 4."""
     model = ar.build_model(**ar.MODEL_SIZES["tiny"])
     head = list(model.get_output_embeddings().parameters())
-    opt = runtime.make_optimizer(model.parameters(), 1e-3, 0.0, head=head if head_lr else (), head_lr=head_lr)
-    sched = runtime.make_schedule(opt, 4, 10, "constant")
+    opt = optim.make_optimizer(model.parameters(), 1e-3, 0.0, head=head if head_lr else (), head_lr=head_lr)
+    sched = optim.make_schedule(opt, 4, 10, "constant")
     assert len(opt.param_groups) == (3 if head_lr else 2)
-    assert runtime.lr_metrics(opt) == pytest.approx({"lr": 2.5e-4, **({"lr/head": 2.5e-3} if head_lr else {})})
+    assert optim.lr_metrics(opt) == pytest.approx({"lr": 2.5e-4, **({"lr/head": 2.5e-3} if head_lr else {})})
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     torch.manual_seed(0)
     for p in model.parameters():
@@ -115,7 +115,7 @@ def test_head_lr_gives_the_output_layer_its_own_step_size(head_lr):
     for n, p in model.named_parameters():
         lr = (head_lr or 1e-3) if n == "lm_head.weight" else 1e-3
         assert (p.detach() - before[n]).abs() == pytest.approx(torch.full_like(p, lr / 4), rel=1e-3), n  # float32 rounding of p + step
-    assert runtime.lr_metrics(opt)["lr"] == pytest.approx(5e-4)
+    assert optim.lr_metrics(opt)["lr"] == pytest.approx(5e-4)
 
 
 @pytest.mark.slow
@@ -129,19 +129,17 @@ def test_cli_bad_data_is_one_clear_line(tmp_path, capsys):
 
 
 def test_config_file_overrides_and_unknown_keys(tmp_path):
-    from fastrlhf import runtime
-
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("lr: 0.01\nepochs: 2\n")
-    cfg = runtime.load_config(sft.SFTConfig, ["--config", str(cfg_file), "--epochs", "5"])
+    cfg = config.load_config(sft.SFTConfig, ["--config", str(cfg_file), "--epochs", "5"])
     assert (cfg.lr, cfg.epochs) == (0.01, 5)  # file overrides defaults, flags override the file
     cfg_file.write_text("learning_rate: 0.01\n")
     with pytest.raises(SystemExit, match="unknown config field 'learning_rate'"):
-        runtime.load_config(sft.SFTConfig, ["--config", str(cfg_file)])
+        config.load_config(sft.SFTConfig, ["--config", str(cfg_file)])
     with pytest.raises(SystemExit, match="lr must be float, got 'fast'"):
-        runtime.load_config(sft.SFTConfig, ["--lr", "fast"])
+        config.load_config(sft.SFTConfig, ["--lr", "fast"])
     with pytest.raises(SystemExit, match="loss_type must be one of"):
-        runtime.load_config(dpo.DPOConfig, ["--loss_type", "kto"])
+        config.load_config(dpo.DPOConfig, ["--loss_type", "kto"])
 
 
 TINY_PAIRS = ["--task_pairs", "256", "--task_eval_pairs", "64", "--pairs_per_step", "32",

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastrlhf import cli, data, models, runtime
+from fastrlhf import checkpoints, cli, data, models, optim
 from fastrlhf.algos import grpo, online, ppo, reward, sft
 from fastrlhf.rollout import Sample
 from fastrlhf.tasks import arithmetic as ar
@@ -334,7 +334,7 @@ def test_a_checkpoint_written_on_a_gpu_resumes_on_a_cpu(tmp_path, monkeypatch):
     opt = torch.optim.AdamW(model.parameters())
     model(torch.randn(1, 3)).sum().backward()
     opt.step()
-    sched = runtime.make_schedule(opt, 0, 10, "constant")
+    sched = optim.make_schedule(opt, 0, 10, "constant")
     ckpt = tmp_path / "step-1"
     ckpt.mkdir()
     with monkeypatch.context() as m:  # what torch.save writes for tensors on cuda:0
@@ -344,7 +344,7 @@ def test_a_checkpoint_written_on_a_gpu_resumes_on_a_cpu(tmp_path, monkeypatch):
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="CUDA"):
             torch.load(ckpt / "trainer_state.pt", weights_only=False)
-    state = runtime.load_trainer_state(ckpt, opt, sched)
+    state = checkpoints.load_trainer_state(ckpt, opt, sched)
     assert state["step"] == 1
 
 

@@ -1,0 +1,76 @@
+"""What the offline trainers (sft.py, reward.py, dpo.py) share: preference pairs and their
+steps, packed pair scoring, and the completions they show in samples.jsonl.
+
+A pair is (chosen, rejected), each an (input_ids, labels) sequence from data.tokenize_pairs;
+both sides of every pair are packed together into micro-batches (no padding).
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+
+from fastrlhf import data
+from fastrlhf.tasks import arithmetic as ar
+
+
+def prepare_pairs(cfg, out: Path):
+    """(model dir, train pairs, eval pairs) for the RM and DPO trainers."""
+    task = ar.ArithmeticTask(seed=cfg.seed)
+    if cfg.data:  # the data first: a data error stops the run before the base model is written
+        pairs = data.load_preferences(cfg.data)
+    else:
+        pairs = ar.preference_pairs(task, cfg.task_pairs, label_noise=cfg.task_label_noise, seed=cfg.seed + 1)
+    if cfg.eval_data:
+        eval_pairs = data.load_preferences(cfg.eval_data)
+    elif not cfg.data:
+        eval_pairs = ar.preference_pairs(task, cfg.task_eval_pairs, label_noise=cfg.task_label_noise,
+                                         seed=cfg.seed + 2, split="test")
+    else:  # held out by prompt: duplicated pairs cannot land on both sides
+        pairs, eval_pairs = data.split_heldout(pairs)
+    model_dir = cfg.model or str(ar.save_base_model(out / "base", seed=cfg.seed))
+    return model_dir, pairs, eval_pairs
+
+
+def pair_steps(pairs, pairs_per_step: int, seed: int, epoch: int) -> list[list]:
+    order = list(range(len(pairs)))
+    random.Random(seed * 1000 + epoch).shuffle(order)
+    return [[pairs[i] for i in order[k:k + pairs_per_step]] for k in range(0, len(order), pairs_per_step)]
+
+
+def pair_scores(score_fn, pairs, tokens_per_micro_batch: int, device):
+    """score_fn(model batch) -> (n_seq,) for packed batches; returns (chosen, rejected) (P,)."""
+    flat = [s for c, r in pairs for s in (c, r)]
+    scores = torch.cat([score_fn(data.to_device(mb, device)) for mb in data.pack(flat, tokens_per_micro_batch)])
+    return scores[0::2], scores[1::2]
+
+
+def _prompt_and_reference(record: dict):
+    """What to prompt with and the reference answer: a conversation up to its last assistant turn."""
+    prompt, response = record["prompt"], record["response"]
+    if isinstance(response, list):
+        msgs = list(prompt) + list(response)
+        last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+        return msgs[:last], msgs[last]["content"]
+    return prompt, response
+
+
+def sample_completions(model, tokenizer, records, cfg, max_new_tokens: int = 64) -> list[dict]:
+    """Greedy completions of the first cfg.log_samples held-out prompts: what the model now
+    writes, for samples.jsonl (prompt, completion, and the reference response). The global RNG
+    is left as it was (resume stays exact)."""
+    from fastrlhf.rollout.hf import HFEngine
+
+    rows = [_prompt_and_reference(r) for r in records[: cfg.log_samples]]
+    rows = [(p, ref, data.prompt_ids(tokenizer, p)) for p, ref in rows if p]
+    rows = [r for r in rows if len(r[2]) < cfg.max_len]
+    if not rows:
+        return []
+    new = max(1, min(max_new_tokens, cfg.max_len - max(len(ids) for _, _, ids in rows)))
+    with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
+        groups = HFEngine(model, tokenizer).generate([ids for _, _, ids in rows], n=1, temperature=0.0,
+                                                     max_tokens=new, seed=0)
+    return [{"prompt": p, "completion": tokenizer.decode(g[0].completion_ids, skip_special_tokens=True),
+             "reference": ref} for (p, ref, _), g in zip(rows, groups)]

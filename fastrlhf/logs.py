@@ -1,0 +1,121 @@
+"""What a run reports: metrics.jsonl every step (TensorBoard, Weights & Biases when installed),
+samples.jsonl of generated text, a one-line progress bar; resumable (rows after the checkpoint
+are dropped, a row torn by a crash too). Only the main process writes (fastrlhf.dist)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from fastrlhf import dist
+from fastrlhf.files import write_atomic
+
+
+def _read_rows(path: Path, keep_step: int) -> list[str]:
+    """The JSONL rows up to keep_step; a row cut short by a crash (the last) is dropped."""
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get("step", 0) <= keep_step:
+            kept.append(line)
+    return kept
+
+
+class MetricsLog:
+    """metrics.jsonl (one JSON object per step, flushed), TensorBoard when installed, Weights &
+    Biases when installed and asked for (FASTRLHF_WANDB_PROJECT=<project>), and a one-line
+    progress bar on stderr. Resuming from the checkpoint of step resume_step keeps the rows up to
+    it and drops the later ones (logged before a crash, or by a finished run rerun), which the
+    resumed run logs again."""
+
+    def __init__(self, out_dir: Path, total_steps: int, *, desc: str, resume_step: int | None):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.path = out_dir / "metrics.jsonl" if dist.is_main() else Path(os.devnull)
+        resume = resume_step is not None
+        if resume and self.path.exists() and dist.is_main():
+            write_atomic(self.path, "".join(line + "\n" for line in _read_rows(self.path, resume_step)))
+        self.file = open(self.path, "a" if resume else "w")
+        self.total, self.desc, self.t0 = total_steps, desc, time.time()
+        self.tb = None
+        try:
+            if not dist.is_main():
+                raise ImportError("only the main process logs")
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out_dir / "tb"))
+        except Exception:  # tensorboard not installed: jsonl only
+            pass
+        self.wandb = None
+        project = os.environ.get("FASTRLHF_WANDB_PROJECT") if dist.is_main() else None
+        if project:
+            try:
+                import wandb
+            except ImportError:
+                print("FASTRLHF_WANDB_PROJECT is set but wandb is not installed: logging to "
+                      f"{self.path} only", file=sys.stderr)
+            else:
+                self.wandb = wandb.init(project=project, name=f"{desc}-{out_dir.name}", dir=str(out_dir),
+                                        resume="allow" if resume else None)
+
+    def log(self, step: int, metrics: dict) -> None:
+        row = {"step": step, **{k: _num(v) for k, v in metrics.items()}}
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=step)
+        self.progress(step, row)
+
+    def progress(self, step: int, row: dict) -> None:
+        if not sys.stderr.isatty() and step % max(1, self.total // 10) and step != self.total:
+            return
+        frac = step / max(1, self.total)
+        bar = "#" * int(20 * frac)
+        shown = {k: v for k, v in row.items() if k.startswith(("loss", "eval/", "reward/mean")) and isinstance(v, float)}
+        text = " ".join(f"{k}={v:.4g}" for k, v in shown.items())
+        end = "\r" if sys.stderr.isatty() and step != self.total else "\n"
+        print(f"{self.desc} [{bar:<20}] {step}/{self.total} {time.time() - self.t0:.0f}s {text}",
+              file=sys.stderr, end=end, flush=True)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+class SampleLog:
+    """samples.jsonl: {"step", ...} rows of generated text (prompt, completion, reward), flushed;
+    resuming from the checkpoint of step resume_step drops the rows written after it."""
+
+    def __init__(self, out_dir: Path, *, resume_step: int | None):
+        self.path = out_dir / "samples.jsonl" if dist.is_main() else Path(os.devnull)
+        if resume_step is not None and self.path.exists() and dist.is_main():
+            write_atomic(self.path, "".join(line + "\n" for line in _read_rows(self.path, resume_step)))
+        self.file = open(self.path, "a" if resume_step is not None else "w")
+
+    def write(self, step: int, rows: list[dict]) -> None:
+        for row in rows:
+            self.file.write(json.dumps({"step": step, **row}) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _num(v):
+    if isinstance(v, torch.Tensor):
+        v = v.item()
+    return round(v, 6) if isinstance(v, float) else v
