@@ -2,8 +2,8 @@
 
 The call sequence (driven by rollout.colocate.Colocated): start once with sleep mode on CUDA,
 then every phase  wake_up(["weights"]) -> push the policy's weights in place with
-collective_rpc("reload_weights") -> reset_prefix_cache() -> wake_up(["kv_cache"]) -> generate
--> sleep(). The push never reloads from disk: vLLM's own weight loaders copy the tensors into
+collective_rpc("reload_weights") -> wake_up(["kv_cache"]) -> reset_prefix_cache() (at the first
+generate after a push) -> generate -> sleep(). The push never reloads from disk: vLLM's own weight loaders copy the tensors into
 its (possibly fused, e.g. qkv / gate_up) parameters. On CPU sleep mode does not exist and
 sleep/wake are skipped; everything else runs as on a GPU.
 """
@@ -59,7 +59,7 @@ class VLLMEngine:
         # and warns once per push; the trainer-vs-sampler log-prob check proves the push
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(
             lambda r: "RotaryEmbedding" not in str(r.args))
-        self.asleep, self.awake = False, {"weights", "kv_cache"}
+        self.asleep, self.awake, self.stale_prefixes = False, {"weights", "kv_cache"}, False
         self.sleep()
 
     def sleep(self) -> None:
@@ -88,13 +88,16 @@ class VLLMEngine:
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(tensors)})
         if not self.on_cuda:
             self.llm.collective_rpc(_repack_cpu_lm_heads)
-        self.llm.reset_prefix_cache()  # cached prefixes were computed with the old weights
+        self.stale_prefixes = True  # cached prefixes were computed with the old weights: reset before generating
 
     def generate(self, prompt_ids: list[list[int]], *, n: int, temperature: float, max_tokens: int,
                  seed: int, top_p: float = 1.0) -> list[list[Sample]]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        if self.stale_prefixes:  # (with the KV cache awake, as the verified sequence has it)
+            self.llm.reset_prefix_cache()
+            self.stale_prefixes = False
         params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
                                  logprobs=0, seed=seed * 100003 + i) for i in range(len(prompt_ids))]
         try:  # in process, so the trainer's autocast would reach vLLM's own forward: off here
