@@ -179,3 +179,6 @@ def validate_config(cfg) -> None:
         problem = rule(value)
         if problem:
             raise ValueError(f"{f.name}={value!r}: expected {problem}")
+    if hasattr(cfg, "max_new_tokens") and not cfg.max_new_tokens < cfg.max_len:  # the one rule across fields
+        raise ValueError(f"max_new_tokens={cfg.max_new_tokens}: expected 0 < max_new_tokens < max_len={cfg.max_len} "
+                         "(max_len counts the prompt and the completion)")

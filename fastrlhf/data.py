@@ -52,9 +52,9 @@ def read_records(path: str | Path) -> list[tuple[str, dict]]:
         rows = _read_saved_dataset(path, split)
     elif path.suffix == ".parquet":
         rows = _read_parquet(path)
-    elif path.suffix == ".json" and path.read_text(encoding="utf-8").lstrip().startswith("["):
+    elif path.suffix == ".json" and (text := path.read_text(encoding="utf-8")).lstrip().startswith("["):
         try:
-            loaded = json.loads(path.read_text(encoding="utf-8"))
+            loaded = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
         rows = [(f"{path}:item {i}", r) for i, r in enumerate(loaded)]
@@ -146,7 +146,7 @@ def _text_or_messages(rec: dict, name: str, where: str):
     return _check_messages(value, where, name) if isinstance(value, list) else value
 
 
-def _as_turns(response, where: str, name: str):
+def _as_turns(response):
     """A response next to a conversational prompt: a string is the assistant's one turn."""
     if isinstance(response, str):
         return [{"role": "assistant", "content": response}]
@@ -156,7 +156,7 @@ def _as_turns(response, where: str, name: str):
 def _pair_with_prompt(prompt, response, where: str, name: str):
     """(prompt, response) of one consistent kind: both strings, or messages + messages."""
     if isinstance(prompt, list):
-        return prompt, _as_turns(response, where, name)
+        return prompt, _as_turns(response)
     if isinstance(response, list):
         raise DataError(f"{where}: {name!r} is a list of messages but 'prompt' is a string; give both as "
                         "messages (conversational) or both as strings")
@@ -245,16 +245,14 @@ def split_heldout(records: list[dict], share: float = 0.05) -> tuple[list[dict],
     leak into the held-out split). At least one prompt is held out and one kept."""
     import hashlib
 
-    def bucket(r):
-        return int(hashlib.sha256(json.dumps(r["prompt"], sort_keys=True).encode()).hexdigest()[:12], 16)
-
-    keys = {json.dumps(r["prompt"], sort_keys=True): bucket(r) for r in records}
-    if len(keys) < 2:
-        raise DataError(f"{len(records)} records with {len(keys)} distinct prompt(s): too few to hold any out; "
+    buckets = [int(hashlib.sha256(json.dumps(r["prompt"], sort_keys=True).encode()).hexdigest()[:12], 16)
+               for r in records]  # one per record, equal for equal prompts
+    distinct = sorted(set(buckets))
+    if len(distinct) < 2:
+        raise DataError(f"{len(records)} records with {len(distinct)} distinct prompt(s): too few to hold any out; "
                         "give eval data")
-    cut = sorted(keys.values())[max(0, min(len(keys) - 2, int(share * len(keys)) - 1))]  # the held-out share
-    held = [r for r in records if bucket(r) <= cut]
-    return [r for r in records if bucket(r) > cut], held
+    cut = distinct[max(0, min(len(distinct) - 2, int(share * len(distinct)) - 1))]  # the held-out share
+    return ([r for r, b in zip(records, buckets) if b > cut], [r for r, b in zip(records, buckets) if b <= cut])
 
 
 def load_prompts(path) -> list[dict]:
@@ -314,7 +312,7 @@ def conversation(tokenizer, messages: list[dict], train_from: int = 0) -> tuple[
         start = len(ids)
         if msg["role"] == "assistant" and i >= train_from:
             head = chat_ids(tokenizer, messages[:i], add_generation_prompt=True) if i else \
-                _generation_header(tokenizer, full)
+                _generation_header(tokenizer)
             _check_continues(ids, head, i, "the assistant header")
             _check_continues(head, full, i, "the assistant turn")
             turn = full[len(head):]
@@ -328,7 +326,7 @@ def conversation(tokenizer, messages: list[dict], train_from: int = 0) -> tuple[
     return ids, labels
 
 
-def _generation_header(tokenizer, full: list[int]) -> list[int]:
+def _generation_header(tokenizer) -> list[int]:
     """The tokens before a first-message assistant turn's content (a template may refuse to render
     an empty conversation): everything up to where the turn's content starts."""
     try:
@@ -360,6 +358,11 @@ class Truncations:
 MAX_CHARS_PER_TOKEN = 64  # no tokenizer's token is longer: text past max_len * this cannot fit
 
 
+def too_long(text, max_len: int) -> bool:
+    """A string longer than max_len tokens whatever the tokenizer: skipped without tokenising."""
+    return isinstance(text, str) and len(text) > max_len * MAX_CHARS_PER_TOKEN
+
+
 def _capped(text: str, max_len: int) -> str:
     """The start of a text that can still matter in max_len tokens: tokenising a 50 MB response
     to keep its first 1024 tokens took 11.8 GB."""
@@ -372,10 +375,10 @@ def tokenize_pair(tokenizer, prompt, response, max_len: int, counts: Truncations
     by the chat template; loss on the response's assistant turns). Longer than max_len:
     truncated and counted; None (counted) when no trained token fits."""
     if isinstance(prompt, list) or isinstance(response, list):
-        msgs = [dict(m, content=_capped(m["content"], max_len)) for m in list(prompt) + list(_as_turns(response, "", ""))]
+        msgs = [dict(m, content=_capped(m["content"], max_len)) for m in list(prompt) + list(_as_turns(response))]
         ids, labels = conversation(tokenizer, msgs, len(prompt))
     else:
-        if len(prompt) > max_len * MAX_CHARS_PER_TOKEN:  # longer than max_len whatever the tokenizer
+        if too_long(prompt, max_len):
             counts.skipped += 1
             return None
         p = prompt_ids(tokenizer, prompt)

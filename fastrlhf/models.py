@@ -193,12 +193,12 @@ def check_logprob_fidelity(model, path, *, tol: float = 1e-3) -> float:
     attention, materialised logits) on two short random sequences, in float32: a model whose
     attention or output layer we do not reproduce is refused here, before any training, with
     the config fields that may be why. Returns the largest difference (nats)."""
-    from fastrlhf.data import pack
+    from fastrlhf.data import pack, to_device
 
     g = torch.Generator().manual_seed(0)
     V = model.get_output_embeddings().weight.shape[0]
     seqs = [torch.randint(0, V, (n,), generator=g).tolist() for n in (11, 7)]
-    mb = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in pack([(s, s) for s in seqs], 64)[0].items()}
+    mb = to_device(pack([(s, s) for s in seqs], 64)[0], model.device)
     was_training, impl = model.training, model.config._attn_implementation
     model.eval()
     try:
@@ -312,11 +312,6 @@ class OutputHead:
     bias: torch.Tensor | None  # (V,): Phi
     logit_scale: float = 1.0  # Cohere, Granite
     softcap: float | None = None  # Gemma 2 / 3
-
-    def describe(self) -> str:
-        parts = [f"bias {self.bias is not None}", f"logit_scale {self.logit_scale:g}",
-                 f"softcap {self.softcap}"]
-        return ", ".join(parts)
 
 
 def _text_config(config):

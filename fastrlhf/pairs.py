@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.3)
-    p.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, float32 on CPU) | bfloat16 | float16 | float32")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                   help="auto: bfloat16 on CUDA, float32 on CPU")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     if args.samples < 2:
         p.error("--samples must be at least 2")
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
     records = data.load_prompts(args.prompts)
     tok = models.load_tokenizer(args.model)
     device = resolve_device(args.device)
-    prec = Precision(args.dtype if args.dtype in DTYPES else "auto", device)
+    prec = Precision(args.dtype, device)
     policy = models.load_frozen(args.model, device=device, dtype=prec.dtype)
     ids = [data.prompt_ids(tok, r["prompt"]) for r in records]
     max_len = max(len(x) for x in ids) + args.max_new_tokens

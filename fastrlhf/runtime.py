@@ -29,8 +29,8 @@ def seed_everything(seed: int) -> None:
 
 
 def begin(cfg) -> tuple[Path, torch.device, optim.Precision]:
-    """The output directory (created), seeded RNGs, the device and the precision of a run."""
-    check_common(cfg)
+    """The output directory (created), seeded RNGs, the device and the precision of a run (the
+    settings were validated when cfg was built: config.validate_config)."""
     device = resolve_device(cfg.device)
     prec = optim.Precision(cfg.dtype, device)
     out = Path(cfg.output_dir)
@@ -39,25 +39,11 @@ def begin(cfg) -> tuple[Path, torch.device, optim.Precision]:
     return out, device, prec
 
 
-def check_common(cfg) -> None:
-    """Settings every trainer shares that cannot be right, refused before anything runs."""
-    for name in ("eval_every", "log_samples_every"):
-        if getattr(cfg, name, 1) < 1:
-            raise ValueError(f"{name}={getattr(cfg, name)}: expected >= 1")
-    if getattr(cfg, "save_every", 0) < 0:
-        raise ValueError(f"save_every={cfg.save_every}: expected >= 0 (0: only final/)")
-    if hasattr(cfg, "max_new_tokens") and not 0 < cfg.max_new_tokens < cfg.max_len:
-        raise ValueError(f"max_new_tokens={cfg.max_new_tokens}: expected 0 < max_new_tokens < max_len={cfg.max_len} "
-                         "(max_len counts the prompt and the completion)")
-
-
 def optimisation(cfg, model, out: Path, total: int, ckpt: Path | None, desc: str, *, head_lr: float = 0.0):
     """AdamW + warm-up schedule, the resumed trainer state (step, counters, summary: what the
     run has reported so far, e.g. its start/* scores) from ckpt if any, and the metrics log:
     (opt, sched, state, log). head_lr > 0: the output layer (lm_head) learns at head_lr, the
     rest at cfg.lr (make_optimizer)."""
-    if head_lr < 0:
-        raise ValueError(f"head_lr={head_lr}: expected >= 0 (0: the output layer learns at lr)")
     head = list(model.get_output_embeddings().parameters()) if head_lr else []
     opt = optim.make_optimizer(model.parameters(), cfg.lr, cfg.weight_decay, head=head, head_lr=head_lr)
     sched = optim.make_schedule(opt, cfg.warmup_steps, total, cfg.schedule)

@@ -53,9 +53,9 @@ def load_prompt_sets(cfg, tokenizer, counters: dict) -> tuple[list[Prompt], list
     def tokenize(records, what):
         out = []
         for r in records:
-            if isinstance(r["prompt"], str) and len(r["prompt"]) > cfg.max_len * data.MAX_CHARS_PER_TOKEN:
+            if data.too_long(r["prompt"], cfg.max_len):
                 counters["skipped_long_prompts"] = counters.get("skipped_long_prompts", 0) + 1
-                continue  # longer than max_len whatever the tokenizer: not tokenised at all
+                continue
             ids = data.prompt_ids(tokenizer, r["prompt"])
             if len(ids) + cfg.max_new_tokens > cfg.max_len:
                 counters["skipped_long_prompts"] = counters.get("skipped_long_prompts", 0) + 1
@@ -130,10 +130,7 @@ class RewardFunction:
 
     def _one(self, rec: dict, text: str):
         extra = {k: v for k, v in rec.items() if k != "prompt"}
-        try:
-            return _check_score(self.fn(rec["prompt"], text, **extra)), None
-        except Exception as e:  # a user's function: any failure is the sample's, not the run's
-            return 0.0, (f"{type(e).__name__}: {e}", traceback.format_exc())
+        return _scored(lambda: self.fn(rec["prompt"], text, **extra))
 
     def _batched(self, samples, records, texts):
         fields = {k for rec in records for k in rec if k != "prompt"}
@@ -146,26 +143,27 @@ class RewardFunction:
             if len(out) != len(samples):
                 raise ValueError(f"returned {len(out)} scores for {len(samples)} completions")
         except Exception as e:  # the whole call failed: every sample of it did
-            err = (f"{type(e).__name__}: {e}", traceback.format_exc())
-            return [0.0] * len(samples), [err] * len(samples)
-        scores, errors = [], []
-        for r in out:
-            try:
-                scores.append(_check_score(r))
-                errors.append(None)
-            except Exception as e:
-                scores.append(0.0)
-                errors.append((f"{type(e).__name__}: {e}", traceback.format_exc()))
-        return scores, errors
+            return [0.0] * len(samples), [_failure(e)] * len(samples)
+        return tuple(zip(*(_scored(lambda r=r: r) for r in out)))
 
 
-def _check_score(r) -> float:
-    if r is None:
-        raise ValueError("returned None")
-    r = float(r)
-    if not math.isfinite(r):
-        raise ValueError(f"returned {r}")
-    return r
+def _scored(score) -> tuple[float, tuple[str, str] | None]:
+    """(the score score() gives, None), or (0.0, (the error, its traceback)) when it raises or
+    gives None or a non-finite number: a user's function's failure is the sample's, not the run's."""
+    try:
+        r = score()
+        if r is None:
+            raise ValueError("returned None")
+        r = float(r)
+        if not math.isfinite(r):
+            raise ValueError(f"returned {r}")
+        return r, None
+    except Exception as e:
+        return 0.0, _failure(e)
+
+
+def _failure(e: Exception) -> tuple[str, str]:
+    return f"{type(e).__name__}: {e}", traceback.format_exc()
 
 
 def _import_function(spec: str):
@@ -192,10 +190,6 @@ def _import_function(spec: str):
     return fn
 
 
-def reward_function(spec: str) -> RewardFunction:
-    return RewardFunction(spec)
-
-
 def resolve_reward(cfg) -> RewardFunction | None:
     """The run's reward function: --reward_fn; none with a reward model; the built-in task's
     exact-match checker only on the built-in task (its prompts): your own prompts need a reward."""
@@ -209,11 +203,6 @@ def resolve_reward(cfg) -> RewardFunction | None:
         raise ValueError(f"data={cfg.data!r} needs a reward: --reward_fn module:function (TRL's batched "
                          "fn(prompts, completions, **fields) or fn(prompt, response, **fields)) or --reward_model DIR")
     return RewardFunction(BUILTIN_REWARD)
-
-
-def score_with_function(fn: RewardFunction, samples: list[Sample], prompts: list[Prompt], tokenizer, counters: dict):
-    """Fill sample.reward from a Python reward function (RewardFunction)."""
-    fn(samples, prompts, tokenizer, counters)
 
 
 @torch.no_grad()

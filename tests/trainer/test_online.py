@@ -71,8 +71,7 @@ def test_failed_rewards_are_counted_imputed_and_not_trained_on():
     ids = lambda s: tok(s, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]  # noqa: E731
     group = [_sample(prompts[0].ids, ids(r)) for r in ("3", "1", "2", "4")]
     counters = {}
-    online.score_with_function(online.RewardFunction("tests.trainer.test_online:_bad_reward"), group, prompts,
-                               tok, counters)
+    online.RewardFunction("tests.trainer.test_online:_bad_reward")(group, prompts, tok, counters)
     assert counters == {"reward_failures": 2}
     assert "judge crashed" in group[1].info["failed"] and "nan" in group[2].info["failed"]
     online.impute_failed([group])
@@ -168,14 +167,14 @@ def test_rollouts_and_evaluations_go_through_the_same_phase_switch(tiny):
 
 
 def test_reward_function_spec_errors():
-    fn = online.reward_function("fastrlhf.tasks.arithmetic:exact_match")
+    fn = online.RewardFunction("fastrlhf.tasks.arithmetic:exact_match")
     assert fn.fn is ar.exact_match and not fn.batched
     with pytest.raises(ValueError, match="expected 'module:function'"):
-        online.reward_function("exact_match")
+        online.RewardFunction("exact_match")
     with pytest.raises(ValueError, match="no attribute 'nope'"):
-        online.reward_function("fastrlhf.tasks.arithmetic:nope")
+        online.RewardFunction("fastrlhf.tasks.arithmetic:nope")
     with pytest.raises(ValueError, match="no such file"):
-        online.reward_function("missing/reward.py:score")
+        online.RewardFunction("missing/reward.py:score")
 
 
 def test_reinforce_pp_returns_by_hand():

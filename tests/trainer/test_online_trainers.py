@@ -221,7 +221,7 @@ def test_ppo_token_rewards_from_a_logprob_reward_model(tiny, tmp_path, monkeypat
 
 def test_cli_bad_reward_function_is_one_clear_line(tiny, tmp_path, capsys):
     code = cli.main(["grpo", "--model", tiny, "--reward_fn", "no_such_module:f", "--engine", "hf",
-                     "--output-dir", str(tmp_path / "o"), "--device", "cpu", *TOY])
+                     "--max_new_tokens", "8", "--output-dir", str(tmp_path / "o"), "--device", "cpu", *TOY])
     err = capsys.readouterr().err
     assert code == 2 and "reward function 'no_such_module:f'" in err and "Traceback" not in err
 
