@@ -43,14 +43,14 @@ def _peak_mb() -> float:
 
 
 def run_fastrlhf(engine: str, args, model_dir: str, out: Path) -> dict:
-    from fastrlhf.algos import grpo
+    from fastrlhf import cli
 
-    grpo.main(["--model", model_dir, "--output_dir", str(out), "--engine", engine,
-               "--prompts_per_step", str(args.prompts), "--group_size", str(args.group),
-               "--max_new_tokens", str(args.max_new_tokens), "--steps", str(args.steps),
-               "--eval_every", "1000000", "--task_eval_prompts", "1", "--save_every", "0",
-               "--lr", "1e-5", "--gpu_memory_utilization", "0.1", "--is_cap", "2.0",
-               "--max_len", str(min(64, args.max_new_tokens + 16)), "--tokens_per_micro_batch", "4096"])
+    cli.train("grpo", ["--model", model_dir, "--output_dir", str(out), "--engine", engine,
+                       "--prompts_per_step", str(args.prompts), "--group_size", str(args.group),
+                       "--max_new_tokens", str(args.max_new_tokens), "--steps", str(args.steps),
+                       "--eval_every", "1000000", "--task_eval_prompts", "1", "--save_every", "0",
+                       "--lr", "1e-5", "--gpu_memory_utilization", "0.1", "--is_cap", "2.0",
+                       "--max_len", str(min(64, args.max_new_tokens + 16)), "--tokens_per_micro_batch", "4096"])
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][1:]  # row 0: eval
     rows = rows[1:]  # the first step is warm-up
     gen = statistics.median(r["time/generate_s"] for r in rows)

@@ -41,17 +41,33 @@ def _bench(rest: list[str]) -> int:
     return 0
 
 
-# command -> (module with main(argv), help, whether main returns a summary to print)
+# command -> (module, help); a trainer's module has train(cfg, task), the others main(argv)
 COMMANDS = {
-    "demo": ("fastrlhf.demo", "the whole pipeline on the built-in task: SFT -> RM -> PPO (vLLM) -> DPO, GRPO", False),
-    "sft": ("fastrlhf.algos.sft", "supervised fine-tuning on demonstrations", True),
-    "rm": ("fastrlhf.algos.reward", "reward model on preference pairs (Bradley-Terry)", True),
-    "dpo": ("fastrlhf.algos.dpo", "DPO-family training on preference pairs", True),
-    "grpo": ("fastrlhf.algos.grpo", "online RL without a critic: GRPO, Dr.GRPO, DAPO, RLOO, REINFORCE++", True),
-    "ppo": ("fastrlhf.algos.ppo", "online RL with a critic: PPO against a reward model", True),
-    "pairs": ("fastrlhf.pairs", "sample two responses per prompt for people to compare", False),
-    "label": ("fastrlhf.label", "serve the pairwise comparison page / export preferences", False),
+    "demo": ("fastrlhf.demo", "the whole pipeline on the built-in task: SFT -> RM -> PPO (vLLM) -> DPO, GRPO"),
+    "sft": ("fastrlhf.algos.sft", "supervised fine-tuning on demonstrations"),
+    "rm": ("fastrlhf.algos.reward", "reward model on preference pairs (Bradley-Terry)"),
+    "dpo": ("fastrlhf.algos.dpo", "DPO-family training on preference pairs"),
+    "grpo": ("fastrlhf.algos.grpo", "online RL without a critic: GRPO, Dr.GRPO, DAPO, RLOO, REINFORCE++"),
+    "ppo": ("fastrlhf.algos.ppo", "online RL with a critic: PPO against a reward model"),
+    "pairs": ("fastrlhf.pairs", "sample two responses per prompt for people to compare"),
+    "label": ("fastrlhf.label", "serve the pairwise comparison page / export preferences"),
 }
+# trainer command -> its config class (in its module)
+TRAINERS = {"sft": "SFTConfig", "rm": "RMConfig", "dpo": "DPOConfig", "grpo": "GRPOConfig", "ppo": "PPOConfig"}
+
+
+def train(command: str, argv: list[str] | None = None) -> dict:
+    """Run one trainer as `fastrlhf <command> ARGS` does and return its summary: the config
+    (defaults <- --config YAML <- flags, validated), the task those settings choose (the
+    built-in task, the user's files in front of it: fastrlhf.tasks.for_config), train(cfg, task).
+    The composition root: no trainer chooses its own data."""
+    import importlib
+
+    from fastrlhf import config, tasks
+
+    module = importlib.import_module(COMMANDS[command][0])
+    cfg = config.load_config(getattr(module, TRAINERS[command]), argv, prog=f"fastrlhf {command}")
+    return module.train(cfg, tasks.for_config(cfg))
 
 
 def _run(command: str, rest: list[str]) -> int:
@@ -61,9 +77,11 @@ def _run(command: str, rest: list[str]) -> int:
     from fastrlhf.rollout import EngineError
     from fastrlhf.optim import TrainingError
 
-    module, _, prints_summary = COMMANDS[command]
     try:
-        summary = importlib.import_module(module).main(rest)
+        if command in TRAINERS:
+            summary = train(command, rest)
+        else:
+            importlib.import_module(COMMANDS[command][0]).main(rest)
     except (DataError, FileNotFoundError, EngineError, ValueError, TrainingError, OSError) as e:  # one line
         print(f"fastrlhf {command}: {e}", file=sys.stderr)
         return 2
@@ -72,7 +90,7 @@ def _run(command: str, rest: list[str]) -> int:
             raise  # --help (0), argparse's own usage errors (2)
         print(e.code, file=sys.stderr)
         return 2
-    if prints_summary:
+    if command in TRAINERS:
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
     return 0
 
@@ -81,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(prog="fastrlhf", description="Performance-first RLHF.")
     sub = p.add_subparsers(dest="command", required=True)
-    for name, (_, doc, _) in COMMANDS.items():
+    for name, (_, doc) in COMMANDS.items():
         sub.add_parser(name, help=f"{doc} (fastrlhf {name} --help)", add_help=False)
     sub.add_parser("bench", help="benchmark: fastrlhf bench [logprob|losses|all (the kernels)|train|step] "
                    "[arguments of benchmarks/bench_<suite>.py]", add_help=False)

@@ -1,5 +1,7 @@
-"""Configs: one flat dataclass per trainer, the fields every trainer shares (ModelFields),
-one rule table that validates every field, and config <-> YAML <-> command line.
+"""Configs: one flat dataclass per trainer, composed from the groups trainers share (RunFields,
+OptimFields, EpochFields, PairFields, RolloutFields: each field written once, a trainer
+overriding only a default), one rule table that validates every field, and config <-> YAML
+<-> command line.
 
 Each field has metadata {"help": ...}. A YAML file only overrides fields (an unknown key is an
 error naming the key and the file); every field is also a command-line flag (`--lr 1e-4`,
@@ -102,26 +104,117 @@ DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.f
           "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}
 
 
-@dataclasses.dataclass
-class ModelFields:
-    """What every trainer shares: how the trained model is held and whether the run resumes;
-    composed into every trainer's config (flat on the command line: --dtype, --resume, ...)."""
+def arg(default, help: str):
+    """A config field: its default and the one-line help its flag shows."""
+    return dataclasses.field(default=default, metadata={"help": help})
 
-    dtype: str = dataclasses.field(default="auto", metadata={
-        "help": "compute dtype of forward passes, the frozen reference / reward models and vLLM: auto "
-                "(bfloat16 on CUDA, float32 on CPU) | bfloat16 | float16 | float32; the trained weights and "
-                "AdamW state stay float32 (master weights) and final/ is saved in this dtype"})
-    gradient_checkpointing: bool = dataclasses.field(default=False, metadata={
-        "help": "recompute each decoder layer's activations in the backward (less memory, ~30% more compute)"})
-    resume: str = dataclasses.field(default="auto", metadata={
-        "help": "auto: continue from the newest intact checkpoint in output_dir if its settings are this run's "
-                "(a differing field is an error) | never: start over there | must: a checkpoint is required"})
-    disable_dropout: bool = dataclasses.field(default=True, metadata={
-        "help": "set every dropout of the trained models to 0 (as TRL): the sampler, the reference and the "
-                "trainer then compute the same distribution"})
+
+def override(group, name: str, default=dataclasses.MISSING, help: str | None = None):
+    """A trainer's own default (and help) for a field of a shared group: the field stays where
+    the group put it, with the group's help unless another is given."""
+    f = group.__dataclass_fields__[name]
+    return arg(f.default if default is dataclasses.MISSING else default, help or help_of(f))
+
+
+# ----------------------------------------------------------------------------------------
+# the groups every trainer composes (flat on the command line and in YAML: --lr, not --optim.lr)
+# ----------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class RunFields:
+    """What every run has: the model it starts from, its data, where it writes, the device and
+    precision, resuming, sizes of the packed forward, and how often it evaluates and saves."""
+
+    model: str = arg("", "HF model directory to start from; empty: the built-in task's model")
+    data: str = arg("", "your data: JSONL / JSON / parquet / a datasets directory (DIR:SPLIT) in this trainer's "
+                        "format (docs/models-and-data.md); empty: the built-in task's")
+    eval_data: str = arg("", "held-out data in the same format; empty: the built-in task's held-out set, or a 5% "
+                             "split of data by prompt")
+    output_dir: str = arg("runs/run", "where metrics.jsonl, samples.jsonl, checkpoints/ and final/ go")
+    max_len: int = arg(1024, "longest prompt + response in tokens")
+    tokens_per_micro_batch: int = arg(8192, "packed tokens per forward pass")
+    eval_every: int = arg(100, "evaluate every k steps (and at the end)")
+    save_every: int = arg(500, "checkpoint every k steps (0: only final/)")
+    seed: int = arg(0, "seed for data order, initialisation and sampling")
+    device: str = arg("auto", "auto | cpu | cuda[:N]")
+    dtype: str = arg("auto", "compute dtype of forward passes, the frozen reference / reward models and vLLM: auto "
+                             "(bfloat16 on CUDA, float32 on CPU) | bfloat16 | float16 | float32; the trained weights "
+                             "and AdamW state stay float32 (master weights) and final/ is saved in this dtype")
+    gradient_checkpointing: bool = arg(False, "recompute each decoder layer's activations in the backward (less "
+                                              "memory, ~30% more compute)")
+    resume: str = arg("auto", "auto: continue from the newest intact checkpoint in output_dir if its settings are "
+                              "this run's (a differing field is an error) | never: start over there | must: a "
+                              "checkpoint is required")
+    disable_dropout: bool = arg(True, "set every dropout of the trained models to 0 (as TRL): the sampler, the "
+                                      "reference and the trainer then compute the same distribution")
 
     def __post_init__(self):
         validate_config(self)
+
+
+@dataclasses.dataclass
+class OptimFields:
+    """AdamW and its schedule."""
+
+    lr: float = arg(1e-5, "peak learning rate")
+    warmup_steps: int = arg(10, "linear warm-up steps")
+    schedule: str = arg("cosine", "cosine | linear | constant after warm-up")
+    weight_decay: float = arg(0.0, "AdamW weight decay (matrices only)")
+    grad_clip: float = arg(1.0, "max gradient norm")
+
+
+@dataclasses.dataclass
+class EpochFields:
+    """Offline training: passes over a fixed dataset."""
+
+    epochs: int = arg(1, "passes over the data")
+    max_steps: int = arg(0, "stop after this many steps (0: run all epochs)")
+
+
+@dataclasses.dataclass
+class PairFields:
+    """Training on preference pairs (rm, dpo) and the built-in task's simulated annotator."""
+
+    pairs_per_step: int = arg(32, "preference pairs per optimiser step")
+    task_pairs: int = arg(4000, "built-in task: pairs the simulated annotator labels")
+    task_label_noise: float = arg(0.1, "built-in task: annotator's chance to pick the worse one")
+    task_eval_pairs: int = arg(400, "built-in task: held-out pairs")
+
+
+@dataclasses.dataclass
+class RolloutFields:
+    """Online RL (grpo, ppo): the reward, the rollout engine, sampling, the clipped policy loss
+    and its passes over each rollout batch, samples.jsonl, the built-in task's prompts."""
+
+    reward_fn: str = arg("", "module:function or file.py:function: TRL's batched fn(prompts, completions, **fields) "
+                             "-> list[float], or fn(prompt, response, **fields) -> float; empty: the built-in task's "
+                             "exact match (built-in prompts only)")
+    reward_model: str = arg("", "reward model directory (instead of reward_fn)")
+    engine: str = arg("auto", "rollout engine: auto (vllm if installed) | vllm | hf")
+    gpu_memory_utilization: float = arg(0.3, "vLLM's share of device memory (of RAM on CPU)")
+    enforce_eager: bool = arg(False, "vLLM without graph capture / compilation (faster start)")
+    offload_params: bool = arg(False, "also move the parameters off the GPU while generating")
+    max_new_tokens: int = arg(512, "longest completion")
+    prompts_per_step: int = arg(32, "P: prompts per step")
+    group_size: int = arg(8, "G: samples per prompt")
+    temperature: float = arg(1.0, "sampling temperature (log-probs are taken at it too)")
+    top_p: float = arg(1.0, "nucleus sampling")
+    steps: int = arg(200, "optimisation steps (one rollout batch each)")
+    ppo_epochs: int = arg(1, "passes over each rollout batch")
+    minibatches: int = arg(1, "optimiser steps per pass")
+    clip_low: float = arg(0.2, "ratio clip below: 1 - clip_low")
+    clip_high: float = arg(0.2, "ratio clip above: 1 + clip_high (0.28: DAPO's clip-higher)")
+    dual_clip: float = arg(0.0, "dual-clip c > 1 for negative advantages (0: off)")
+    loss_agg: str = arg("token-mean", "token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm")
+    entropy_coef: float = arg(0.0, "entropy bonus")
+    is_cap: float = arg(2.0, "truncation of the sampler-vs-trainer importance weights (0: off)")
+    head_lr: float = arg(0.0, "learning rate of the policy's output layer (lm_head), as nanochat's unembedding_lr; "
+                              "0: lr")
+    log_samples_every: int = arg(10, "write log_samples prompts, completions and rewards to samples.jsonl every k steps")
+    log_samples: int = arg(4, "samples per samples.jsonl write (0: none)")
+    task_prompts: int = arg(4000, "built-in task: training prompts")
+    task_eval_prompts: int = arg(200, "built-in task: held-out prompts")
 
 
 def _range(lo=None, hi=None, *, lo_open=False, hi_open=False):

@@ -21,7 +21,8 @@ mode, which hides them). DIR/summary.json holds the accuracies, the reward model
 pairwise accuracy and the seconds per stage; DIR/report.png draws reward, KL and held-out
 accuracy over the PPO steps (and GRPO's beside PPO's) and every stage's accuracy side by side.
 
-The stage settings below are the examples' (examples/*.yaml; a test keeps them in step).
+Each stage runs with its example config, examples/<stage>.yaml (the very file
+`fastrlhf <stage> --config examples/<stage>.yaml` reads), plus the paths between the stages.
 `--fast` shrinks everything to the tiny model and a few steps per stage: a smoke run.
 """
 
@@ -33,28 +34,23 @@ import sys
 import time
 from pathlib import Path
 
-from fastrlhf import files
+from fastrlhf import cli, files
 from fastrlhf.tasks import arithmetic as ar
 
-# the examples' settings (examples/<stage>.yaml without output_dir)
-STAGES = {
-    "sft": {"max_len": 64, "task_examples": 9000, "tokens_per_step": 256, "epochs": 10, "lr": 5.0e-4,
-            "warmup_steps": 20, "eval_every": 50, "save_every": 100, "tokens_per_micro_batch": 4096},
-    "rm": {"head": "logprob", "beta": 1.0, "pairs_per_step": 64, "epochs": 2, "lr": 5.0e-5, "eval_every": 25,
-           "max_len": 64, "tokens_per_micro_batch": 4096, "save_every": 100},
-    "ppo": {"prompts_per_step": 512, "group_size": 1, "max_new_tokens": 6, "steps": 40, "ppo_epochs": 1,
-            "minibatches": 1, "lr": 5.0e-5, "head_lr": 1.0e-3, "warmup_steps": 10, "critic_lr": 1.0e-4, "critic_warmup": 3,
-            "kl_coef": 0.05, "gamma": 1.0, "lam": 0.95, "eval_every": 10, "save_every": 20, "max_len": 64,
-            "tokens_per_micro_batch": 4096},
-    "dpo": {"loss_type": "sigmoid", "beta": 0.5, "label_smoothing": 0.1, "pairs_per_step": 32,
-            "epochs": 2, "lr": 5.0e-5, "eval_every": 50, "max_len": 64, "tokens_per_micro_batch": 4096,
-            "save_every": 100},
-    "grpo": {"reward_fn": "fastrlhf.tasks.arithmetic:exact_match", "advantage": "grpo", "prompts_per_step": 32,
-             "group_size": 8, "max_new_tokens": 6, "temperature": 1.0, "steps": 60, "lr": 2.0e-5, "head_lr": 1.0e-3,
-             "clip_low": 0.2, "clip_high": 0.28, "loss_agg": "token-mean", "eval_every": 10, "save_every": 30,
-             "max_len": 64, "tokens_per_micro_batch": 4096},
-}
+STAGES = ("sft", "rm", "ppo", "dpo", "grpo")
 
+
+def example_config(stage: str) -> Path:
+    """examples/<stage>.yaml: the settings the stage runs with (installed as fastrlhf.examples)."""
+    import importlib.resources
+
+    path = importlib.resources.files("fastrlhf.examples") / f"{stage}.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"the example config {path} is missing: reinstall fastrlhf")
+    return Path(str(path))
+
+
+# --fast: overrides on top of the examples (a smoke run on the tiny model)
 FAST = {
     "sft": {"task_model_size": "tiny", "task_examples": 300, "epochs": 1, "tokens_per_step": 128,
             "warmup_steps": 2, "eval_every": 1000, "task_eval_prompts": 16},
@@ -77,10 +73,11 @@ def _flags(settings: dict) -> list[str]:
     return out
 
 
-def run_stage(name: str, module, argv: list[str], times: dict) -> dict:
+def run_stage(name: str, argv: list[str], times: dict, fast: bool) -> dict:
+    """One stage as `fastrlhf <name> --config examples/<name>.yaml ARGV` runs it."""
     print(f"== {name}", file=sys.stderr, flush=True)
     t0 = time.time()
-    summary = module.main(argv)
+    summary = cli.train(name, ["--config", str(example_config(name))] + (_flags(FAST[name]) if fast else []) + argv)
     times[f"{name}_seconds"] = round(time.time() - t0, 1)
     print(f"{name}: " + " ".join(f"{k}={v:.4g}" for k, v in summary.items() if isinstance(v, float)),
           file=sys.stderr, flush=True)
@@ -142,8 +139,6 @@ def draw_report(out: Path, summary: dict) -> Path:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from fastrlhf.algos import dpo, grpo, ppo, reward, sft
-
     p = argparse.ArgumentParser(prog="fastrlhf demo", description=__doc__.splitlines()[0])
     p.add_argument("--output-dir", default="runs/demo")
     p.add_argument("--fast", action="store_true", help="tiny model, a few steps per stage (a smoke run)")
@@ -158,21 +153,17 @@ def main(argv: list[str] | None = None) -> dict:
         print("fastrlhf demo: matplotlib is not installed: the stages run and summary.json is written, but no "
               "report.png (pip install matplotlib)", file=sys.stderr, flush=True)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = {k: {**v, **(FAST[k] if args.fast else {})} for k, v in STAGES.items()}
     common = ["--device", args.device]
     times: dict = {}
 
-    sft_sum = run_stage("sft", sft, _flags(cfg["sft"]) + common + ["--output_dir", str(out / "sft")], times)
+    sft_sum = run_stage("sft", common + ["--output_dir", str(out / "sft")], times, args.fast)
     sft_dir = out / "sft" / "final"
-    rm_sum = run_stage("rm", reward, _flags(cfg["rm"]) + common + [
-        "--model", str(sft_dir), "--output_dir", str(out / "rm")], times)
-    run_stage("ppo", ppo, _flags(cfg["ppo"]) + common + [
-        "--model", str(sft_dir), "--reward_model", str(out / "rm" / "final"), "--engine", args.engine,
-        "--output_dir", str(out / "ppo")], times)
-    run_stage("dpo", dpo, _flags(cfg["dpo"]) + common + ["--model", str(sft_dir), "--output_dir", str(out / "dpo")],
-              times)
-    run_stage("grpo", grpo, _flags(cfg["grpo"]) + common + [
-        "--model", str(sft_dir), "--engine", args.engine, "--output_dir", str(out / "grpo")], times)
+    rm_sum = run_stage("rm", common + ["--model", str(sft_dir), "--output_dir", str(out / "rm")], times, args.fast)
+    run_stage("ppo", common + ["--model", str(sft_dir), "--reward_model", str(out / "rm" / "final"),
+                               "--engine", args.engine, "--output_dir", str(out / "ppo")], times, args.fast)
+    run_stage("dpo", common + ["--model", str(sft_dir), "--output_dir", str(out / "dpo")], times, args.fast)
+    run_stage("grpo", common + ["--model", str(sft_dir), "--engine", args.engine, "--output_dir", str(out / "grpo")],
+              times, args.fast)
 
     print("== evaluation (held-out prompts, exact match, sampled and greedy)", file=sys.stderr, flush=True)
     summary = evaluate_policies({"sft": sft_dir, "rlhf": out / "ppo" / "final", "dpo": out / "dpo" / "final",

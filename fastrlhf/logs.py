@@ -1,6 +1,7 @@
 """What a run reports: metrics.jsonl every step (TensorBoard, Weights & Biases when installed),
 samples.jsonl of generated text, a one-line progress bar; resumable (rows after the checkpoint
-are dropped, a row torn by a crash too). Only the main process writes (fastrlhf.dist)."""
+are dropped, a row torn by a crash too). Only the main process writes (fastrlhf.dist).
+DeviceMetrics keeps a step's statistics on the device until one read-back."""
 
 from __future__ import annotations
 
@@ -27,6 +28,51 @@ def _read_rows(path: Path, keep_step: int) -> list[str]:
         if row.get("step", 0) <= keep_step:
             kept.append(line)
     return kept
+
+
+class DeviceMetrics:
+    """A step's statistics as device tensors, read back to the host together: each fetch() is
+    one device->host copy (one .tolist()), carrying the values its caller needs now (an
+    optimiser step's finite flag and gradient norm) and every statistic added since the last.
+
+        add(key, t)      summed over the fetches (the update's micro-batch-weighted losses)
+        maximum(key, t)  the largest (rollout/logprob_diff_max)
+        set(key, t)      one value (a step's KL, explained variance)
+
+    After the last fetch, `values` holds them as floats; `syncs` counts the read-backs."""
+
+    def __init__(self):
+        self._pending: dict[str, tuple[str, torch.Tensor]] = {}
+        self.values: dict[str, float] = {}
+        self.syncs = 0
+
+    def _put(self, how: str, key: str, t: torch.Tensor, combine) -> None:
+        t = t.detach().float().reshape(())
+        old = self._pending.get(key)
+        self._pending[key] = (how, t if old is None else combine(old[1], t))
+
+    def add(self, key: str, t: torch.Tensor) -> None:
+        self._put("sum", key, t, torch.add)
+
+    def maximum(self, key: str, t: torch.Tensor) -> None:
+        self._put("max", key, t, torch.maximum)
+
+    def set(self, key: str, t: torch.Tensor) -> None:
+        self._put("set", key, t, lambda old, new: new)
+
+    def fetch(self, *now: torch.Tensor) -> list[float]:
+        """Read back `now` (returned, as floats) and every pending statistic (into values)."""
+        keys = list(self._pending)
+        ts = [t.detach().float().reshape(()) for t in now] + [self._pending[k][1] for k in keys]
+        if not ts:
+            return []
+        host = torch.stack(ts).tolist()  # the one device -> host copy
+        self.syncs += 1
+        for k, v in zip(keys, host[len(now):]):
+            how, old = self._pending[k][0], self.values.get(k)
+            self.values[k] = v if old is None or how == "set" else old + v if how == "sum" else max(old, v)
+        self._pending.clear()
+        return host[: len(now)]
 
 
 class MetricsLog:

@@ -226,7 +226,7 @@ def check_logprob_fidelity(model, path, *, tol: float = 1e-3) -> float:
 
 def load_trained(path: str | Path, cfg, device, *, value: bool = False):
     """A model a trainer trains: float32 master weights, with the run's gradient checkpointing
-    and dropout settings (cfg: config.ModelFields); value=True: a scalar-head value model."""
+    and dropout settings (cfg: config.RunFields); value=True: a scalar-head value model."""
     load = load_value_model if value else load_causal_lm
     model = load(path, device=device, dtype=torch.float32, gradient_checkpointing=cfg.gradient_checkpointing,
                  no_dropout=cfg.disable_dropout)

@@ -95,6 +95,34 @@ class TrainingError(RuntimeError):
     """A run that cannot go on (every step skipped, a model gone non-finite); one line, exit 2."""
 
 
+def clip_gradients(model, opt, grad_clip: float, scaler=None) -> torch.Tensor:
+    """Unscale (float16: the GradScaler's scale) and clip the gradients to grad_clip; returns
+    their norm before clipping as a 0-d tensor on the device (no host sync)."""
+    if scaler is not None:
+        scaler.unscale_(opt)
+    return torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+
+
+def apply_step(opt, sched, counters: dict, grad_norm: float, *, ok: bool = True, scaler=None,
+               update_scaler: bool = True) -> None:
+    """The second half of an optimiser step, once the gradient norm is on the host: step unless
+    ok=False (the loss was not finite: the caller counted it) or the norm is not finite (counted
+    here in counters["skipped_nonfinite"], or ["skipped_overflow"] under a float16 loss scale,
+    which is then lowered); zero the gradients, advance the schedule."""
+    if ok:
+        if math.isfinite(grad_norm):
+            opt.step()
+            counters.pop("skipped_in_a_row", None)
+        else:
+            key = "skipped_overflow" if scaler is not None else "skipped_nonfinite"
+            counters[key] = counters.get(key, 0) + 1
+            _count_skip(counters)
+    if scaler is not None and update_scaler:
+        scaler.update()
+    opt.zero_grad(set_to_none=True)
+    sched.step()
+
+
 def optimizer_step(model, opt, sched, grad_clip: float, counters: dict, ok: bool = True, scaler=None,
                    update_scaler: bool = True) -> float:
     """Clip, step (unless the step's loss was not finite, ok=False, or the gradient norm is
@@ -103,22 +131,8 @@ def optimizer_step(model, opt, sched, grad_clip: float, counters: dict, ok: bool
     gradients are unscaled first and an overflow (the scale was too high: it is lowered) is
     counted in counters["skipped_overflow"]; update_scaler=False when a second optimiser steps
     on the same scaled loss next (the scale is updated once, after the last)."""
-    grad_norm = float("nan")
-    if ok:
-        if scaler is not None:
-            scaler.unscale_(opt)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
-        if math.isfinite(grad_norm):
-            opt.step()
-            counters.pop("skipped_in_a_row", None)
-        else:
-            key = "skipped_overflow" if scaler is not None else "skipped_nonfinite"
-            counters[key] = counters.get(key, 0) + 1
-            _count_skip(counters)
-        if scaler is not None and update_scaler:
-            scaler.update()
-    opt.zero_grad(set_to_none=True)
-    sched.step()
+    grad_norm = float(clip_gradients(model, opt, grad_clip, scaler)) if ok else float("nan")
+    apply_step(opt, sched, counters, grad_norm, ok=ok, scaler=scaler, update_scaler=update_scaler and ok)
     return grad_norm
 
 
@@ -141,10 +155,15 @@ def _count_skip(counters: dict) -> None:
                             "gradient and were skipped: stopping (lower lr, check the data, or the model's weights)")
 
 
+def count_nonfinite_loss(counters: dict) -> None:
+    """A step whose loss was not finite: counted in skipped_nonfinite (the step is not applied)."""
+    counters["skipped_nonfinite"] = counters.get("skipped_nonfinite", 0) + 1
+    _count_skip(counters)
+
+
 def finite_or_skip(loss: torch.Tensor, counters: dict) -> bool:
     """True if the loss is finite; else count the skip (the step is not applied)."""
     if torch.isfinite(loss):
         return True
-    counters["skipped_nonfinite"] = counters.get("skipped_nonfinite", 0) + 1
-    _count_skip(counters)
+    count_nonfinite_loss(counters)
     return False

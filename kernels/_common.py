@@ -52,6 +52,11 @@ def no_autocast(t: torch.Tensor):
     return torch.autocast(device_type=t.device.type, enabled=False)
 
 
+def on_host(t: torch.Tensor) -> bool:
+    """Whether t lives in host memory, where reading a value back costs no device sync."""
+    return t.device.type == "cpu"
+
+
 def check_labels(labels: torch.Tensor, lead_shape: torch.Size, vocab: int, ignore_index: int,
                  what: str) -> None:
     """labels must be int64 of shape lead_shape with every non-ignored value in [0, V)."""
@@ -61,7 +66,12 @@ def check_labels(labels: torch.Tensor, lead_shape: torch.Size, vocab: int, ignor
         raise ValueError(f"labels shape {tuple(labels.shape)} does not match {what} {tuple(lead_shape)}")
     valid = labels != ignore_index
     bad = valid & ((labels < 0) | (labels >= vocab))
-    if labels.numel() and bool(bad.any()):
+    if not labels.numel():
+        return
+    if not on_host(labels):  # no host sync on an accelerator: a device-side assert (fails the next sync)
+        torch._assert_async(~bad.any(), f"labels out of range [0, {vocab}) (ignore_index={ignore_index})")
+        return
+    if bool(bad.any()):
         first = tuple(int(i) for i in bad.nonzero()[0])
         raise ValueError(
             f"labels out of range [0, {vocab}) at index {first}: {int(labels[first])} "

@@ -12,13 +12,13 @@ Logged every step: loss/dpo, rewards/chosen, rewards/rejected, rewards/margin,
 rewards/accuracy, lr, grad_norm; every eval_every steps: eval/loss, eval/reward_accuracy
 (implicit-reward accuracy on held-out pairs) and, on the built-in task, eval/accuracy (greedy
 exact match on held-out prompts, the same protocol as SFT's) and eval/sample_accuracy (the same
-at temperature 1, ar.EVAL_SAMPLES draws per prompt); start/... are the SFT model's.
+at temperature 1, fastrlhf.task.EVAL_SAMPLES draws per prompt); start/... are the SFT model's.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -26,41 +26,23 @@ from fastrlhf import checkpoints, config, data, logs, models, optim, runtime
 from fastrlhf.algos.offline import pair_scores, pair_steps, prepare_pairs, sample_completions
 from fastrlhf.kernels import preference_loss
 from fastrlhf.kernels.preference_loss import LOSS_TYPES
-from fastrlhf.tasks import arithmetic as ar
+from fastrlhf.task import Task
 
 
 @dataclass
-class DPOConfig(config.ModelFields):
+class DPOConfig(config.PairFields, config.EpochFields, config.OptimFields, config.RunFields):
     """fastrlhf dpo: optimise the policy directly on preference pairs."""
 
-    model: str = field(default="", metadata={"help": "HF model directory to start from (the SFT run's final/); empty: built-in tiny model"})
-    data: str = field(default="", metadata={"help": "preferences JSONL / JSON / parquet / datasets directory (prompt + chosen + rejected as strings or messages, TRL's implicit-prompt chosen + rejected, or a ranking); empty: the built-in annotator's pairs"})
-    eval_data: str = field(default="", metadata={"help": "held-out preferences; empty: built-in held-out pairs or a 5% split"})
-    output_dir: str = field(default="runs/dpo", metadata={"help": "where metrics.jsonl, checkpoints/ and final/ go"})
-    loss_type: str = field(default="sigmoid", metadata={"help": "sigmoid (DPO) | robust | ipo | hinge | simpo"})
-    beta: float = field(default=0.1, metadata={"help": "inverse temperature of the implicit reward"})
-    label_smoothing: float = field(default=0.0, metadata={"help": "cDPO / rDPO label noise eps (sigmoid, robust, simpo)"})
-    gamma: float = field(default=0.5, metadata={"help": "SimPO target margin"})
-    precompute_ref: bool = field(default=True, metadata={"help": "reference log-probs once before training (else every step)"})
-    max_len: int = field(default=1024, metadata={"help": "longest prompt+response in tokens"})
-    tokens_per_micro_batch: int = field(default=8192, metadata={"help": "packed tokens per forward pass"})
-    pairs_per_step: int = field(default=32, metadata={"help": "preference pairs per optimiser step"})
-    epochs: int = field(default=1, metadata={"help": "passes over the pairs"})
-    max_steps: int = field(default=0, metadata={"help": "stop after this many steps (0: run all epochs)"})
-    lr: float = field(default=1e-6, metadata={"help": "peak learning rate"})
-    warmup_steps: int = field(default=10, metadata={"help": "linear warm-up steps"})
-    schedule: str = field(default="cosine", metadata={"help": "cosine | linear | constant after warm-up"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (matrices only)"})
-    grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm"})
-    eval_every: int = field(default=100, metadata={"help": "evaluate every k steps (and at the end)"})
-    save_every: int = field(default=500, metadata={"help": "checkpoint every k steps (0: only final/)"})
-    log_samples: int = field(default=4, metadata={"help": "at each evaluation, greedy completions of this many held-out prompts into samples.jsonl (0: none)"})
-    seed: int = field(default=0, metadata={"help": "seed for data order"})
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
-    task_pairs: int = field(default=4000, metadata={"help": "built-in task: pairs the simulated annotator labels"})
-    task_label_noise: float = field(default=0.1, metadata={"help": "built-in task: annotator's chance to pick the worse one"})
-    task_eval_pairs: int = field(default=400, metadata={"help": "built-in task: held-out pairs"})
-    task_eval_prompts: int = field(default=200, metadata={"help": "built-in task: held-out prompts for eval/accuracy"})
+    data: str = config.override(config.RunFields, "data", help="preferences (prompt + chosen + rejected as strings or messages, TRL's implicit-prompt chosen + rejected, or a ranking): JSONL / JSON / parquet / datasets directory; empty: the built-in annotator's pairs")
+    output_dir: str = config.override(config.RunFields, "output_dir", "runs/dpo")
+    lr: float = config.override(config.OptimFields, "lr", 1e-6)
+    loss_type: str = config.arg("sigmoid", "sigmoid (DPO) | robust | ipo | hinge | simpo")
+    beta: float = config.arg(0.1, "inverse temperature of the implicit reward")
+    label_smoothing: float = config.arg(0.0, "cDPO / rDPO label noise eps (sigmoid, robust, simpo)")
+    gamma: float = config.arg(0.5, "SimPO target margin")
+    precompute_ref: bool = config.arg(True, "reference log-probs once before training (else every step)")
+    log_samples: int = config.arg(4, "at each evaluation, greedy completions of this many held-out prompts into samples.jsonl (0: none)")
+    task_eval_prompts: int = config.arg(200, "built-in task: held-out prompts for eval/accuracy")
 
     RULES = {"gamma": config._range()}  # SimPO's target margin: any finite number (not a discount)
 
@@ -99,17 +81,11 @@ def pair_samples(policy, tokenizer, eval_pairs, cfg) -> list[dict]:
     return [{**row, "chosen": row.pop("reference")} for row in sample_completions(policy, tokenizer, records, cfg)]
 
 
-def task_accuracy(policy, tokenizer, heldout, prefix: str) -> dict:
-    """Built-in task: greedy and sampled exact match (ar.accuracy, ar.sampled_accuracy)."""
-    return {f"{prefix}/accuracy": ar.accuracy(policy, tokenizer, heldout),
-            f"{prefix}/sample_accuracy": ar.sampled_accuracy(policy, tokenizer, heldout)}
-
-
-def train(cfg: DPOConfig) -> dict:
+def train(cfg: DPOConfig, task: Task) -> dict:
     out, device, prec = runtime.begin(cfg)
 
     # step 1: policy, frozen reference (none for simpo; in the compute dtype), pairs, reference log-prob tables
-    model_dir, pairs, eval_pairs = prepare_pairs(cfg, out)
+    model_dir, pairs, eval_pairs = prepare_pairs(cfg, task, out)
     ckpt = checkpoints.resume_checkpoint(cfg, out)
     tokenizer = models.load_tokenizer(model_dir)
     policy = models.load_trained(ckpt or model_dir, cfg, device)
@@ -123,7 +99,7 @@ def train(cfg: DPOConfig) -> dict:
         with prec.autocast():
             train_ref, eval_ref = reference_logps(ref, train_pairs, cfg, device), reference_logps(ref, eval_tok, cfg, device)
         ref = None  # the reference model is no longer needed: free it
-    heldout = ar.heldout_prompts(ar.ArithmeticTask(seed=cfg.seed), cfg.task_eval_prompts) if not cfg.data else None
+    accuracy = lambda prefix: {f"{prefix}/{k}": v for k, v in task.evaluate(policy, tokenizer, sampled=True).items()}  # noqa: E731
     indexed = list(range(len(train_pairs)))
     steps_per_epoch = len(pair_steps(indexed, cfg.pairs_per_step, cfg.seed, 0))
     total = cfg.max_steps or steps_per_epoch * cfg.epochs
@@ -148,16 +124,15 @@ def train(cfg: DPOConfig) -> dict:
         idx = list(range(len(eval_tok)))
         loss, m = dpo_loss(policy, refs_for(idx, eval_tok, eval_ref), eval_tok, cfg, device)
         res = {"eval/loss": loss.item(), "eval/reward_accuracy": m["rewards/accuracy"].item()}
-        if heldout:
-            res.update(task_accuracy(policy, tokenizer, heldout, "eval"))
+        res.update(accuracy("eval"))
         return res
 
     # step 3: the loop
     step, counters, summary = state["step"], state["counters"], state["summary"]
     samples_log = logs.SampleLog(out, resume_step=state["step"] if ckpt else None)
     with prec.autocast():
-        if step == 0 and heldout:
-            summary.update(task_accuracy(policy, tokenizer, heldout, "start"))
+        if step == 0:
+            summary.update(accuracy("start"))
         while step < total:
             epoch, index = divmod(step, steps_per_epoch)
             idx = pair_steps(indexed, cfg.pairs_per_step, cfg.seed, epoch)[index]
@@ -179,11 +154,3 @@ def train(cfg: DPOConfig) -> dict:
     # step 5: the final model, an HF directory in the compute dtype
     samples_log.close()
     return runtime.finish(out, log, policy, tokenizer, summary, step, counters, dtype=prec.dtype)
-
-
-def main(argv=None) -> dict:
-    return train(config.load_config(DPOConfig, argv, prog="fastrlhf dpo"))
-
-
-if __name__ == "__main__":
-    main()

@@ -29,71 +29,43 @@ over 4 samples per prompt at temperature 1), eval/reward.
 
 from __future__ import annotations
 
-import random
+import math
+import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from fastrlhf import checkpoints, config, data, logs, models, optim, runtime
+from fastrlhf import checkpoints, config, logs, models, optim, runtime
 from fastrlhf.algos import online
-from fastrlhf.kernels import gae, group_advantages, kl_penalty, policy_loss
+from fastrlhf.algos.batch import RolloutBatch
+from fastrlhf.algos.update import on_policy, update
+from fastrlhf.kernels import gae, group_advantages, kl_penalty
+from fastrlhf.logs import DeviceMetrics
 from fastrlhf.memory import StateSwapper
 from fastrlhf.rollout import Colocated, make_engine
-from fastrlhf.tasks import arithmetic as ar
+from fastrlhf.task import Task
 
 ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp")
 
 
 @dataclass
-class GRPOConfig(config.ModelFields):
+class GRPOConfig(config.RolloutFields, config.OptimFields, config.RunFields):
     """fastrlhf grpo: critic-free online RL (GRPO, Dr.GRPO, DAPO, RLOO, REINFORCE++)."""
 
-    model: str = field(default="", metadata={"help": "HF policy directory (e.g. the SFT run's final/); empty: built-in tiny model"})
-    reward_fn: str = field(default="", metadata={"help": "module:function or file.py:function: TRL's batched fn(prompts, completions, **fields) -> list[float], or fn(prompt, response, **fields) -> float; empty: the built-in task's exact match (built-in prompts only)"})
-    reward_model: str = field(default="", metadata={"help": "reward model directory (instead of reward_fn)"})
-    data: str = field(default="", metadata={"help": "prompts JSONL / JSON / parquet / datasets directory ({\"prompt\": str | messages, ...}); empty: the built-in task's training prompts"})
-    eval_data: str = field(default="", metadata={"help": "held-out prompts; empty: built-in held-out prompts or a 5% split"})
-    output_dir: str = field(default="runs/grpo", metadata={"help": "where metrics.jsonl, checkpoints/ and final/ go"})
-    engine: str = field(default="auto", metadata={"help": "rollout engine: auto (vllm if installed) | vllm | hf"})
-    gpu_memory_utilization: float = field(default=0.3, metadata={"help": "vLLM's share of device memory (of RAM on CPU)"})
-    enforce_eager: bool = field(default=False, metadata={"help": "vLLM without graph capture / compilation (faster start)"})
-    offload_params: bool = field(default=False, metadata={"help": "also move the parameters off the GPU while generating"})
-    max_len: int = field(default=1024, metadata={"help": "longest prompt + completion in tokens"})
-    max_new_tokens: int = field(default=512, metadata={"help": "longest completion"})
-    prompts_per_step: int = field(default=32, metadata={"help": "P: prompts per step"})
-    group_size: int = field(default=8, metadata={"help": "G: samples per prompt"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (log-probs are taken at it too)"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling"})
-    steps: int = field(default=200, metadata={"help": "optimisation steps (one rollout batch each)"})
-    ppo_epochs: int = field(default=1, metadata={"help": "passes over each rollout batch"})
-    minibatches: int = field(default=1, metadata={"help": "optimiser steps per pass"})
-    tokens_per_micro_batch: int = field(default=8192, metadata={"help": "packed tokens per forward pass"})
-    advantage: str = field(default="grpo", metadata={"help": "grpo | dr_grpo | rloo | reinforce_pp"})
-    gamma: float = field(default=1.0, metadata={"help": "discount (reinforce_pp)"})
-    clip_low: float = field(default=0.2, metadata={"help": "ratio clip below: 1 - clip_low"})
-    clip_high: float = field(default=0.2, metadata={"help": "ratio clip above: 1 + clip_high (0.28: DAPO's clip-higher)"})
-    dual_clip: float = field(default=0.0, metadata={"help": "dual-clip c > 1 for negative advantages (0: off)"})
-    loss_agg: str = field(default="token-mean", metadata={"help": "token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm"})
-    kl_coef: float = field(default=0.0, metadata={"help": "KL to the frozen reference: in the loss (grpo/dr_grpo/rloo) or the reward (reinforce_pp)"})
-    kl_kind: str = field(default="k3", metadata={"help": "KL estimator in the loss: k1 | k2 | k3"})
-    entropy_coef: float = field(default=0.0, metadata={"help": "entropy bonus"})
-    overlong_filter: bool = field(default=False, metadata={"help": "do not train on samples that hit max_new_tokens"})
-    is_cap: float = field(default=2.0, metadata={"help": "truncation of the sampler-vs-trainer importance weights (0: off)"})
-    lr: float = field(default=1e-6, metadata={"help": "peak learning rate"})
-    head_lr: float = field(default=0.0, metadata={"help": "learning rate of the output layer (lm_head), as nanochat's unembedding_lr; 0: lr"})
-    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps"})
-    schedule: str = field(default="constant", metadata={"help": "cosine | linear | constant after warm-up"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (matrices only)"})
-    grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm"})
-    eval_every: int = field(default=10, metadata={"help": "evaluate every k steps (and at the start and end)"})
-    save_every: int = field(default=50, metadata={"help": "checkpoint every k steps (0: only final/)"})
-    log_samples_every: int = field(default=10, metadata={"help": "write log_samples prompts, completions and rewards to samples.jsonl every k steps"})
-    log_samples: int = field(default=4, metadata={"help": "samples per samples.jsonl write (0: none)"})
-    seed: int = field(default=0, metadata={"help": "seed for prompt order and sampling"})
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
-    task_prompts: int = field(default=4000, metadata={"help": "built-in task: training prompts"})
-    task_eval_prompts: int = field(default=200, metadata={"help": "built-in task: held-out prompts"})
+    data: str = config.override(config.RunFields, "data", help="prompts ({\"prompt\": str | messages, ...}, + answer for rule rewards): JSONL / JSON / parquet / datasets directory; empty: the built-in task's training prompts")
+    eval_data: str = config.override(config.RunFields, "eval_data", help="held-out prompts; empty: built-in held-out prompts or a 5% split")
+    output_dir: str = config.override(config.RunFields, "output_dir", "runs/grpo")
+    eval_every: int = config.override(config.RunFields, "eval_every", 10, help="evaluate every k steps (and at the start and end)")
+    save_every: int = config.override(config.RunFields, "save_every", 50)
+    lr: float = config.override(config.OptimFields, "lr", 1e-6)
+    warmup_steps: int = config.override(config.OptimFields, "warmup_steps", 0)
+    schedule: str = config.override(config.OptimFields, "schedule", "constant")
+    advantage: str = config.arg("grpo", "grpo | dr_grpo | rloo | reinforce_pp")
+    gamma: float = config.arg(1.0, "discount (reinforce_pp)")
+    kl_coef: float = config.arg(0.0, "KL to the frozen reference: in the loss (grpo/dr_grpo/rloo) or the reward (reinforce_pp)")
+    kl_kind: str = config.arg("k3", "KL estimator in the loss: k1 | k2 | k3")
+    overlong_filter: bool = config.arg(False, "do not train on samples that hit max_new_tokens")
 
 
 def check(cfg: GRPOConfig) -> None:
@@ -105,88 +77,34 @@ def check(cfg: GRPOConfig) -> None:
         raise ValueError("minibatches is larger than the number of samples per step")
 
 
-def advantages(cfg: GRPOConfig, samples, old_lp, ref_lp) -> list[torch.Tensor]:
-    """Per-sample advantages, each (L_i,)."""
-    r = torch.tensor([s.reward for s in samples])  # (B,)
+def advantages(cfg: GRPOConfig, batch: RolloutBatch) -> torch.Tensor:
+    """Per-token advantages (B, T) on the batch's device, 0 beyond each completion."""
     if cfg.advantage != "reinforce_pp":
-        adv = group_advantages(r, cfg.group_size, scale="std" if cfg.advantage == "grpo" else "none",
-                               leave_one_out=cfg.advantage == "rloo")
-        return [adv[i].expand(len(s.completion_ids)).clone() for i, s in enumerate(samples)]
+        adv = group_advantages(batch.scores, cfg.group_size, scale="std" if cfg.advantage == "grpo" else "none",
+                               leave_one_out=cfg.advantage == "rloo")  # (B,)
+        return torch.where(batch.mask, adv[:, None], 0.0)
     # REINFORCE++: token rewards, discounted returns (gae with zero values and lam = 1), whitened
-    old, mask = online.rows(old_lp)
-    rewards = torch.zeros_like(old)
-    if ref_lp is not None and cfg.kl_coef > 0:
-        rewards -= cfg.kl_coef * kl_penalty(old, online.rows(ref_lp)[0], kind="k1") * mask
-    last = mask.sum(1) - 1
-    rewards[torch.arange(len(samples)), last] += r
-    returns, _ = gae(rewards, torch.zeros_like(rewards), mask, gamma=cfg.gamma, lam=1.0)
-    valid = returns[mask]
-    whitened = (returns - valid.mean()) / (valid.std() + 1e-8)
-    return [whitened[i, : len(s.completion_ids)] for i, s in enumerate(samples)]
+    rewards = torch.zeros_like(batch.old)  # (B, T)
+    if batch.ref is not None and cfg.kl_coef > 0:
+        rewards -= cfg.kl_coef * kl_penalty(batch.old, batch.ref, kind="k1") * batch.mask
+    rewards[torch.arange(len(batch.samples), device=batch.device), batch.last] += batch.scores
+    returns, _ = gae(rewards, torch.zeros_like(rewards), batch.mask, gamma=cfg.gamma, lam=1.0)
+    valid = batch.valid(returns)
+    return torch.where(batch.mask, (returns - valid.mean()) / (valid.std() + 1e-8), 0.0)
 
 
-def train_on(cfg, model, opt, sched, batch, counters, device, prec) -> dict:
-    """ppo_epochs x minibatches optimiser steps on the rollout batch; weighted-mean metrics."""
-    sums: dict[str, float] = {}
-    n_updates = 0
-    samples = batch["samples"]
-    trainer_lp = [None] * len(samples)
-    for epoch in range(cfg.ppo_epochs):
-        order = list(batch["train_idx"])
-        random.Random(cfg.seed * 7919 + epoch).shuffle(order)
-        for k in range(cfg.minibatches):
-            idx = order[k::cfg.minibatches]
-            if not idx:
-                continue
-            total_tokens, total_rows = sum(len(samples[i].completion_ids) for i in idx), len(idx)
-            ok = True
-            for mb in online.pack_samples([samples[i] for i in idx], cfg.tokens_per_micro_batch):
-                ids = [idx[j] for j in mb["seq_index"]]
-                lp, ent = models.token_logprobs(model, data.to_device(mb, device),
-                                                temperature=cfg.temperature, return_entropy=True)
-                lp, ent = online.completion_rows(lp, mb), online.completion_rows(ent, mb)  # (b, T)
-                take = lambda key: None if batch[key] is None else online.rows([batch[key][i] for i in ids], device)[0]  # noqa: E731
-                adv, mask = online.rows([batch["adv"][i] for i in ids], device)
-                if online.on_policy(cfg):
-                    online.keep_rows(trainer_lp, lp, ids, samples)
-                old = lp.detach() if online.on_policy(cfg) else take("old")
-                is_w = None
-                if cfg.is_cap > 0:
-                    sampler = take("sampler")
-                    is_w = online.importance_weights(old, sampler, cfg.is_cap)
-                loss, m = policy_loss(lp, old, adv, mask, clip_low=cfg.clip_low,
-                                      clip_high=cfg.clip_high, dual_clip=cfg.dual_clip or None,
-                                      ref_logprobs=take("ref") if cfg.advantage != "reinforce_pp" else None,
-                                      kl_coef=cfg.kl_coef if cfg.advantage != "reinforce_pp" else 0.0,
-                                      kl_kind=cfg.kl_kind, entropy=ent, entropy_coef=cfg.entropy_coef,
-                                      is_weights=is_w, loss_agg=cfg.loss_agg, max_len=cfg.max_new_tokens)
-                share = online.agg_share(mask, cfg.loss_agg, total_tokens, total_rows)
-                if not optim.finite_or_skip(loss, counters):
-                    ok = False
-                    break
-                prec.backward(loss * share)
-                sums["loss/policy"] = sums.get("loss/policy", 0.0) + loss.item() * share
-                for key, v in m.items():
-                    sums[key] = sums.get(key, 0.0) + float(v) * share
-            sums["grad_norm"] = sums.get("grad_norm", 0.0) + optim.optimizer_step(
-                model, opt, sched, cfg.grad_clip, counters, ok, prec.scaler)
-            n_updates += 1
-    metrics = {k: v / max(1, n_updates) for k, v in sums.items()}
-    return metrics, trainer_lp
-
-
-def train(cfg: GRPOConfig) -> dict:
+def train(cfg: GRPOConfig, task: Task) -> dict:
     check(cfg)
-    reward_fn = online.resolve_reward(cfg)  # before anything is loaded: a missing reward is an error
+    reward_fn = online.resolve_reward(cfg, task)  # before anything is loaded: a missing reward is an error
     out, device, prec = runtime.begin(cfg)
     counters: dict = {}
 
     # step 1: policy (float32 master weights), frozen reference (only when a KL term is used) and
     # reward model in the compute dtype, prompts, reward, engine
     # the prompts first: a data error stops the run before the built-in base model is written
-    tokenizer = models.load_tokenizer(cfg.model) if cfg.model else ar.build_tokenizer()
-    prompts, heldout = online.load_prompt_sets(cfg, tokenizer, counters)
-    model_dir = cfg.model or str(ar.save_base_model(out / "base", seed=cfg.seed))
+    tokenizer = models.load_tokenizer(cfg.model) if cfg.model else task.tokenizer()
+    prompts, heldout = online.load_prompt_sets(cfg, task, tokenizer, counters)
+    model_dir = cfg.model or str(task.base_model(out / "base"))
     ckpt = checkpoints.resume_checkpoint(cfg, out)
     model = models.load_trained(ckpt or model_dir, cfg, device)
     models.check_max_len(model, cfg.max_len)
@@ -216,33 +134,39 @@ def train(cfg: GRPOConfig) -> dict:
 
             # step 4: rewards (failed samples: counted, imputed, not trained on)
             scorer(samples, group_prompts, counters)
-            raw = torch.tensor([s.reward for s in samples])
+            raw = [s.reward for s in samples]
             online.impute_failed(groups)
 
-            # step 5: old and reference log-probs, advantages
+            # step 5: the rollout batch on the device; old and reference log-probs, advantages
             t0 = time.perf_counter()
-            old_lp = None if online.on_policy(cfg) and cfg.advantage != "reinforce_pp" else online.completion_logprobs(
-                model, samples, cfg.tokens_per_micro_batch, cfg.temperature, device)
-            ref_lp = None if ref is None else online.completion_logprobs(
-                ref, samples, cfg.tokens_per_micro_batch, cfg.temperature, device)
-            adv = advantages(cfg, samples, old_lp, ref_lp)
             train_idx = [i for i, s in enumerate(samples) if "failed" not in s.info and s.completion_ids
                          and not (cfg.overlong_filter and s.finish_reason == "length")]
-            batch = {"samples": samples, "train_idx": train_idx, "adv": adv, "old": old_lp, "ref": ref_lp,
-                     "sampler": [torch.tensor(s.logprobs) for s in samples]}
+            batch = RolloutBatch.build(samples, device, train_idx)
+            budget = cfg.tokens_per_micro_batch
+            if not on_policy(cfg) or cfg.advantage == "reinforce_pp":
+                batch.old = batch.logprobs(model, budget, cfg.temperature)
+            if ref is not None:
+                batch.ref = batch.logprobs(ref, budget, cfg.temperature)
+            batch.advantages = advantages(cfg, batch)
+            stats = DeviceMetrics()  # read back once per optimiser step, by the update
+            if not on_policy(cfg):  # on-policy: the update measures it against the training forward
+                stats.maximum("rollout/logprob_diff_max", batch.sampler_gap(batch.old))
 
-            # step 6: the policy update
+            # step 6: the policy update (one read-back per optimiser step)
             model.train()
-            metrics, trainer_lp = train_on(cfg, model, opt, sched, batch, counters, device, prec)
+            metrics = update(cfg, batch, model, opt, sched, prec, counters, stats, seed=cfg.seed * 7919,
+                             kl_coef=cfg.kl_coef if cfg.advantage != "reinforce_pp" else 0.0, kl_kind=cfg.kl_kind)
             train_s = time.perf_counter() - t0
             step += 1
 
             # step 7: log, evaluate, checkpoint
-            n_tokens = sum(len(s.completion_ids) for s in samples)
+            n_tokens = sum(batch.lengths)
             metrics.update({
-                "rollout/engine": colocated.name, "reward/mean": raw.mean().item(), "reward/std": raw.std().item(),
-                **online.rollout_metrics(samples, trainer_lp if online.on_policy(cfg) else old_lp),
-                **phase, "time/train_s": train_s, "tokens_per_s": n_tokens / (time.perf_counter() - t_step),
+                "rollout/engine": colocated.name, "reward/mean": statistics.fmean(raw),
+                "reward/std": statistics.stdev(raw) if len(raw) > 1 else math.nan,
+                "rollout/logprob_diff_max": stats.values.get("rollout/logprob_diff_max", 0.0),
+                **online.rollout_stats(samples), **phase, "time/train_s": train_s,
+                "tokens_per_s": n_tokens / (time.perf_counter() - t_step),
                 **optim.lr_metrics(opt), "memory/train_state_mb": swapper.state_mb(), **counters})
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 metrics.update(online.evaluate(colocated, heldout, tokenizer, cfg.max_new_tokens, scorer))
@@ -254,11 +178,3 @@ def train(cfg: GRPOConfig) -> dict:
     # step 8: the final policy, an HF directory in the compute dtype
     samples_log.close()
     return runtime.finish(out, log, model, tokenizer, summary, step, counters, dtype=prec.dtype)
-
-
-def main(argv=None) -> dict:
-    return train(config.load_config(GRPOConfig, argv, prog="fastrlhf grpo"))
-
-
-if __name__ == "__main__":
-    main()

@@ -13,24 +13,14 @@ from pathlib import Path
 import torch
 
 from fastrlhf import data
-from fastrlhf.tasks import arithmetic as ar
+from fastrlhf.task import Task
 
 
-def prepare_pairs(cfg, out: Path):
-    """(model dir, train pairs, eval pairs) for the RM and DPO trainers."""
-    task = ar.ArithmeticTask(seed=cfg.seed)
-    if cfg.data:  # the data first: a data error stops the run before the base model is written
-        pairs = data.load_preferences(cfg.data)
-    else:
-        pairs = ar.preference_pairs(task, cfg.task_pairs, label_noise=cfg.task_label_noise, seed=cfg.seed + 1)
-    if cfg.eval_data:
-        eval_pairs = data.load_preferences(cfg.eval_data)
-    elif not cfg.data:
-        eval_pairs = ar.preference_pairs(task, cfg.task_eval_pairs, label_noise=cfg.task_label_noise,
-                                         seed=cfg.seed + 2, split="test")
-    else:  # held out by prompt: duplicated pairs cannot land on both sides
-        pairs, eval_pairs = data.split_heldout(pairs)
-    model_dir = cfg.model or str(ar.save_base_model(out / "base", seed=cfg.seed))
+def prepare_pairs(cfg, task: Task, out: Path):
+    """(model dir, train pairs, eval pairs) for the RM and DPO trainers: the task's pairs first (a
+    data error stops the run before its base model is written), then the model to start from."""
+    pairs, eval_pairs = task.preference_pairs()
+    model_dir = cfg.model or str(task.base_model(out / "base"))
     return model_dir, pairs, eval_pairs
 
 

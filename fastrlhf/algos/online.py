@@ -1,10 +1,8 @@
-"""What the online trainers (grpo.py, ppo.py) share: prompts, rollouts, rewards, packed
-log-prob passes over completions, importance weights, micro-batch loss weights, evaluation.
+"""What the online trainers (grpo.py, ppo.py) share before and after the update: prompts,
+the rollout through the phase switch, rewards (a function's or a reward model's), evaluation,
+samples.jsonl rows. The step's tensors are batch.RolloutBatch's; the update is update.py's.
 
-Shapes: P prompts per step, G samples per prompt, B = P * G samples; per-sample tensors are 1-D
-over that sample's completion tokens (L_i); `rows` pads a list of them to (b, T) with a mask.
-Every forward over samples runs on packed micro-batches (data.pack, prompt + completion, loss
-positions = the completion tokens), so no FLOPs go to padding.
+Shapes: P prompts per step, G samples per prompt, B = P * G samples.
 """
 
 from __future__ import annotations
@@ -23,8 +21,9 @@ from pathlib import Path
 import torch
 
 from fastrlhf import data, models
+from fastrlhf.algos.batch import sequences
 from fastrlhf.rollout import Sample
-from fastrlhf.tasks import arithmetic as ar
+from fastrlhf.task import EVAL_SAMPLES, EVAL_TEMPERATURE
 
 
 @dataclass
@@ -38,17 +37,10 @@ class Prompt:
 # ----------------------------------------------------------------------------------------
 
 
-def load_prompt_sets(cfg, tokenizer, counters: dict) -> tuple[list[Prompt], list[Prompt]]:
-    """Training and held-out prompts: cfg.data / cfg.eval_data, or the built-in task's splits.
-    A prompt that leaves no room for max_new_tokens in max_len is skipped and counted."""
-    task = ar.ArithmeticTask(seed=cfg.seed)
-    train = data.load_prompts(cfg.data) if cfg.data else ar.train_prompts(task, cfg.task_prompts)
-    if cfg.eval_data:
-        heldout = data.load_prompts(cfg.eval_data)
-    elif not cfg.data:
-        heldout = ar.heldout_prompts(task, cfg.task_eval_prompts)
-    else:  # held out by prompt: a duplicated prompt cannot land on both sides
-        train, heldout = data.split_heldout(train)
+def load_prompt_sets(cfg, task, tokenizer, counters: dict) -> tuple[list[Prompt], list[Prompt]]:
+    """The task's training and held-out prompts, tokenized. A prompt that leaves no room for
+    max_new_tokens in max_len is skipped and counted."""
+    train, heldout = task.prompts()
 
     def tokenize(records, what):
         out = []
@@ -67,9 +59,6 @@ def load_prompt_sets(cfg, tokenizer, counters: dict) -> tuple[list[Prompt], list
         return out
 
     return tokenize(train, "prompts"), tokenize(heldout, "held-out prompts")
-
-
-BUILTIN_REWARD = "fastrlhf.tasks.arithmetic:exact_match"
 
 
 class RewardError(ValueError):
@@ -190,39 +179,28 @@ def _import_function(spec: str):
     return fn
 
 
-def resolve_reward(cfg) -> RewardFunction | None:
-    """The run's reward function: --reward_fn; none with a reward model; the built-in task's
-    exact-match checker only on the built-in task (its prompts): your own prompts need a reward."""
+def resolve_reward(cfg, task) -> RewardFunction | None:
+    """The run's reward function: --reward_fn; none with a reward model; else the task's own for
+    its prompts (the built-in task's exact match). Your own prompts need a reward."""
     if cfg.reward_model:
         if cfg.reward_fn:
             raise ValueError("give reward_fn or reward_model, not both")
         return None
-    if cfg.reward_fn:
-        return RewardFunction(cfg.reward_fn)
-    if cfg.data:
-        raise ValueError(f"data={cfg.data!r} needs a reward: --reward_fn module:function (TRL's batched "
-                         "fn(prompts, completions, **fields) or fn(prompt, response, **fields)) or --reward_model DIR")
-    return RewardFunction(BUILTIN_REWARD)
+    if cfg.reward_fn or task.reward_fn:
+        return RewardFunction(cfg.reward_fn or task.reward_fn)
+    raise ValueError(f"data={cfg.data!r} needs a reward: --reward_fn module:function (TRL's batched "
+                     "fn(prompts, completions, **fields) or fn(prompt, response, **fields)) or --reward_model DIR")
 
 
 @torch.no_grad()
 def score_with_model(rm, samples: list[Sample], budget: int, device) -> None:
-    """Fill sample.reward with the reward model's score (models.sequence_rewards)."""
+    """Fill sample.reward with the reward model's score (models.sequence_rewards); one read-back
+    for the step (the scores are the samples': samples.jsonl, failed-sample imputation)."""
     rm.eval()
-    scores = [models.sequence_rewards(rm, data.to_device(mb, device)).float().cpu()
-              for mb in pack_samples(samples, budget)]
+    scores = [models.sequence_rewards(rm, data.to_device(mb, device)).float()
+              for mb in data.pack(sequences(samples), budget)]
     for s, r in zip(samples, torch.cat(scores).tolist()):
         s.reward = r
-
-
-def score_tokens_with_model(rm, samples: list[Sample], budget: int, device) -> list[torch.Tensor]:
-    """A logprob reward model's per-token rewards of each completion, [(L_i,)] (models.token_rewards);
-    sample.reward is their sum, the score score_with_model gives."""
-    rm.eval()
-    per_token = per_completion(lambda mb: models.token_rewards(rm, mb), samples, budget, device)
-    for s, t in zip(samples, per_token):
-        s.reward = t.sum().item()
-    return per_token
 
 
 def impute_failed(groups: list[list[Sample]]) -> None:
@@ -243,101 +221,6 @@ def step_prompts(prompts: list, cfg, step: int) -> list:
     order = list(range(len(prompts)))
     random.Random(cfg.seed * 1000 + epoch).shuffle(order)
     return [prompts[i] for i in order[index * cfg.prompts_per_step:(index + 1) * cfg.prompts_per_step]]
-
-
-def on_policy(cfg) -> bool:
-    """One epoch, one minibatch: the update is exactly on-policy, so the training forward's own
-    detached log-probs are the old ones (no extra pass)."""
-    return cfg.ppo_epochs == 1 and cfg.minibatches == 1
-
-
-# ----------------------------------------------------------------------------------------
-# packed passes over completions
-# ----------------------------------------------------------------------------------------
-
-
-def sequences(samples: list[Sample]) -> list[tuple[list[int], list[int]]]:
-    """(input_ids, labels) for data.pack: loss positions are the completion tokens."""
-    return [(s.prompt_ids + s.completion_ids, [data.IGNORE] * len(s.prompt_ids) + s.completion_ids)
-            for s in samples]
-
-
-def pack_samples(samples: list[Sample], budget: int) -> list[dict]:
-    """Packed micro-batches of samples (prompt + completion); mb["seq_index"] says which."""
-    return data.pack(sequences(samples), budget)
-
-
-def completion_rows(token_vals: torch.Tensor, mb: dict) -> torch.Tensor:
-    """(1, total) per-position values of a packed micro-batch -> (n_seq, T) rows holding each
-    sequence's completion positions in order (T = its longest completion), 0 elsewhere."""
-    keep = (mb["labels"][0] != data.IGNORE).to(token_vals.device)  # (total,)
-    lengths = (mb["cu_seqlens"][1:] - mb["cu_seqlens"][:-1]).long().to(token_vals.device)
-    seg = torch.repeat_interleave(torch.arange(len(lengths), device=token_vals.device), lengths)
-    seg = seg[keep]  # (n_completion_tokens,) sequence of each completion token
-    counts = torch.bincount(seg, minlength=len(lengths))
-    starts = torch.cumsum(counts, 0) - counts
-    col = torch.arange(seg.numel(), device=seg.device) - starts[seg]
-    out = token_vals.new_zeros(len(lengths), int(counts.max()) if counts.numel() else 0)
-    out[seg, col] = token_vals[0, keep]
-    return out  # (n_seq, T)
-
-
-def rows(vals: list[torch.Tensor], device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad per-sample 1-D tensors to (b, T) (zeros) with a bool mask (b, T)."""
-    T = max(v.numel() for v in vals)
-    out = torch.zeros(len(vals), T)
-    mask = torch.zeros(len(vals), T, dtype=torch.bool)
-    for i, v in enumerate(vals):
-        out[i, : v.numel()], mask[i, : v.numel()] = v, True
-    return out.to(device), mask.to(device)
-
-
-@torch.no_grad()
-def per_completion(per_position, samples: list[Sample], budget: int, device) -> list[torch.Tensor]:
-    """per_position(micro-batch) -> (1, total) values, over packed micro-batches; returns each
-    sample's values at its completion positions, [(L_i,)] float32 on CPU."""
-    out = []
-    for mb in pack_samples(samples, budget):
-        vals = completion_rows(per_position(data.to_device(mb, device)), mb)  # (n_seq, T)
-        out += [r[: len(samples[i].completion_ids)].float().cpu() for i, r in zip(mb["seq_index"], vals)]
-    return out
-
-
-def keep_rows(dest: list, rows: torch.Tensor, ids: list[int], samples: list[Sample]) -> None:
-    """dest[ids[j]] = row j of a micro-batch's (b, T) completion values, cut to that sample's
-    completion, detached, float32 on CPU (the on-policy trainers' log-probs for rollout_metrics)."""
-    for j, i in enumerate(ids):
-        dest[i] = rows[j, : len(samples[i].completion_ids)].detach().float().cpu()
-
-
-def completion_logprobs(model, samples: list[Sample], budget: int, temperature: float, device):
-    """The model's log-probs of each sample's completion tokens, [(L_i,)] float32 on CPU."""
-    model.eval()
-    return per_completion(lambda mb: models.token_logprobs(model, mb, temperature=temperature),
-                          samples, budget, device)
-
-
-def completion_values(critic, samples: list[Sample], budget: int, device):
-    """The critic's value at each completion token's position (the state before the token)."""
-    critic.eval()
-    return per_completion(lambda mb: models.token_values(critic, mb), samples, budget, device)
-
-
-def agg_share(mask: torch.Tensor, loss_agg: str, total_tokens: int, total_rows: int) -> float:
-    """Weight of a micro-batch's aggregated loss so that the sum over micro-batches equals the
-    loss aggregated over the whole minibatch (policy_loss aggregates within one call)."""
-    if loss_agg == "token-mean":
-        return int(mask.sum()) / max(1, total_tokens)
-    if loss_agg == "seq-mean-token-mean":
-        return int((mask.sum(1) > 0).sum()) / max(1, total_rows)
-    return mask.shape[0] / max(1, total_rows)
-
-
-def importance_weights(old: torch.Tensor, sampler: torch.Tensor, cap: float) -> torch.Tensor:
-    """Truncated importance weights min(exp(old - sampler), cap) per token (verl's TIS, TRL's
-    vllm_importance_sampling_cap): the sampler (vLLM, other kernels) and the trainer disagree
-    slightly on log-probs; this re-weights the sampled tokens to the trainer's distribution."""
-    return torch.exp(old - sampler).clamp(max=cap)
 
 
 def rollout(colocated, prompts: list[Prompt], cfg, step: int):
@@ -370,13 +253,13 @@ def evaluate(colocated, heldout: list[Prompt], tokenizer, max_new_tokens: int, s
     """The held-out prompts with the current weights: eval/reward, the mean score (reward
     function or reward model, see make_scorer) of the greedy completions, and where the prompts
     carry an answer, eval/accuracy (greedy, exact match) and eval/sample_accuracy
-    (ar.EVAL_SAMPLES draws per prompt at ar.EVAL_TEMPERATURE, the policy's own distribution:
+    (EVAL_SAMPLES draws per prompt at EVAL_TEMPERATURE, the policy's own distribution:
     what RL changes most). It goes through the same phase switch as a training rollout."""
     with_answers = all(p.record.get("answer") is not None for p in heldout)
     with colocated.generating() as engine:
         groups = engine.generate([p.ids for p in heldout], n=1, temperature=0.0,
                                  max_tokens=max_new_tokens, seed=0)
-        drawn = engine.generate([p.ids for p in heldout], n=ar.EVAL_SAMPLES, temperature=ar.EVAL_TEMPERATURE,
+        drawn = engine.generate([p.ids for p in heldout], n=EVAL_SAMPLES, temperature=EVAL_TEMPERATURE,
                                 max_tokens=max_new_tokens, seed=0) if with_answers else None
     text = lambda s: tokenizer.decode(s.completion_ids, skip_special_tokens=True).strip()  # noqa: E731
     out = {}
@@ -406,12 +289,9 @@ def sample_rows(samples: list[Sample], prompts: list[Prompt], tokenizer, n: int)
     return rows
 
 
-def rollout_metrics(samples: list[Sample], trainer_lp: list[torch.Tensor]) -> dict:
-    """rollout/logprob_diff_max: max |sampler - trainer| log-prob over the sampled tokens,
-    before the update (the proof that the pushed weights are the trained ones)."""
-    diffs = [(torch.tensor(s.logprobs) - lp).abs().max().item() for s, lp in zip(samples, trainer_lp)
-             if lp is not None and len(s.logprobs)]  # None: a sample not trained on (on-policy pass)
+def rollout_stats(samples: list[Sample]) -> dict:
+    """rollout/response_len (mean completion tokens) and rollout/overlong_frac (share that hit
+    max_new_tokens), from the host's token ids."""
     lengths = [len(s.completion_ids) for s in samples]
-    return {"rollout/logprob_diff_max": max(diffs, default=0.0),
-            "rollout/response_len": sum(lengths) / len(lengths),
+    return {"rollout/response_len": sum(lengths) / len(lengths),
             "rollout/overlong_frac": sum(s.finish_reason == "length" for s in samples) / len(samples)}

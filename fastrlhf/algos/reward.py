@@ -23,42 +23,24 @@ start/loss, start/accuracy: the same before the first step (a fresh value head s
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from fastrlhf import checkpoints, config, data, models, optim, runtime
 from fastrlhf.algos.offline import pair_scores, pair_steps, prepare_pairs
+from fastrlhf.task import Task
 
 
 @dataclass
-class RMConfig(config.ModelFields):
+class RMConfig(config.PairFields, config.EpochFields, config.OptimFields, config.RunFields):
     """fastrlhf rm: train a reward model on preference pairs (Bradley-Terry)."""
 
-    model: str = field(default="", metadata={"help": "HF model directory (e.g. the SFT run's final/); empty: built-in tiny model"})
-    data: str = field(default="", metadata={"help": "preferences JSONL / JSON / parquet / datasets directory (prompt + chosen + rejected as strings or messages, TRL's implicit-prompt chosen + rejected, or a ranking of responses); empty: the built-in annotator's pairs"})
-    eval_data: str = field(default="", metadata={"help": "held-out preferences; empty: built-in held-out pairs or a 5% split"})
-    output_dir: str = field(default="runs/rm", metadata={"help": "where metrics.jsonl, checkpoints/ and final/ go"})
-    max_len: int = field(default=1024, metadata={"help": "longest prompt+response in tokens"})
-    tokens_per_micro_batch: int = field(default=8192, metadata={"help": "packed tokens per forward pass"})
-    pairs_per_step: int = field(default=32, metadata={"help": "preference pairs per optimiser step"})
-    epochs: int = field(default=1, metadata={"help": "passes over the pairs"})
-    max_steps: int = field(default=0, metadata={"help": "stop after this many steps (0: run all epochs)"})
-    lr: float = field(default=1e-5, metadata={"help": "peak learning rate"})
-    warmup_steps: int = field(default=10, metadata={"help": "linear warm-up steps"})
-    schedule: str = field(default="cosine", metadata={"help": "cosine | linear | constant after warm-up"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (matrices only)"})
-    grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm"})
-    eval_every: int = field(default=100, metadata={"help": "evaluate every k steps (and at the end)"})
-    save_every: int = field(default=500, metadata={"help": "checkpoint every k steps (0: only final/)"})
-    seed: int = field(default=0, metadata={"help": "seed for data order"})
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
-    head: str = field(default="value", metadata={"help": "value (scalar head at the last token) | logprob (beta * the response's log-likelihood)"})
-    beta: float = field(default=1.0, metadata={"help": "logprob head: the reward is beta * log p(response | prompt)"})
-    task_pairs: int = field(default=4000, metadata={"help": "built-in task: pairs the simulated annotator labels"})
-    task_label_noise: float = field(default=0.1, metadata={"help": "built-in task: annotator's chance to pick the worse one"})
-    task_eval_pairs: int = field(default=400, metadata={"help": "built-in task: held-out pairs"})
+    data: str = config.override(config.RunFields, "data", help="preferences (prompt + chosen + rejected as strings or messages, TRL's implicit-prompt chosen + rejected, or a ranking of responses): JSONL / JSON / parquet / datasets directory; empty: the built-in annotator's pairs")
+    output_dir: str = config.override(config.RunFields, "output_dir", "runs/rm")
+    head: str = config.arg("value", "value (scalar head at the last token) | logprob (beta * the response's log-likelihood)")
+    beta: float = config.arg(1.0, "logprob head: the reward is beta * log p(response | prompt)")
 
 
 def bt_loss(model, pairs, cfg, device):
@@ -79,13 +61,13 @@ def pairwise_accuracy(r_c: torch.Tensor, r_r: torch.Tensor) -> float:
     return ((r_c > r_r).float() + 0.5 * (r_c == r_r).float()).mean().item()
 
 
-def train(cfg: RMConfig) -> dict:
+def train(cfg: RMConfig, task: Task) -> dict:
     if cfg.head not in models.REWARD_HEADS:
         raise ValueError(f"head {cfg.head!r}: expected one of {models.REWARD_HEADS}")
     out, device, prec = runtime.begin(cfg)
 
     # step 1: model with its reward head, tokenizer, pairs
-    model_dir, pairs, eval_pairs = prepare_pairs(cfg, out)
+    model_dir, pairs, eval_pairs = prepare_pairs(cfg, task, out)
     ckpt = checkpoints.resume_checkpoint(cfg, out)
     tokenizer = models.load_tokenizer(model_dir)
     model = models.load_trained(ckpt or model_dir, cfg, device, value=cfg.head == "value")
@@ -127,11 +109,3 @@ def train(cfg: RMConfig) -> dict:
             checkpoints.maybe_checkpoint(out, cfg, step, total, model, tokenizer, opt, sched, counters, summary)
     # step 5: the final model, an HF directory in the compute dtype
     return runtime.finish(out, log, model, tokenizer, summary, step, counters, dtype=prec.dtype)
-
-
-def main(argv=None) -> dict:
-    return train(config.load_config(RMConfig, argv, prog="fastrlhf rm"))
-
-
-if __name__ == "__main__":
-    main()

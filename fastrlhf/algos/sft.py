@@ -17,65 +17,31 @@ from __future__ import annotations
 import functools
 import random
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 
 from fastrlhf import checkpoints, config, data, logs, models, optim, runtime
 from fastrlhf.algos.offline import sample_completions
-from fastrlhf.tasks import arithmetic as ar
+from fastrlhf.task import Task
 
 
 @dataclass
-class SFTConfig(config.ModelFields):
+class SFTConfig(config.EpochFields, config.OptimFields, config.RunFields):
     """fastrlhf sft: supervised fine-tuning on demonstrations."""
 
-    model: str = field(default="", metadata={"help": "HF model directory; empty: the built-in tiny model"})
-    data: str = field(default="", metadata={"help": "SFT JSONL / JSON / parquet / datasets directory (prompt + response or completion, messages, or text); empty: the built-in task's demonstrations"})
-    eval_data: str = field(default="", metadata={"help": "held-out SFT data for eval/loss; empty: split 5% off"})
-    output_dir: str = field(default="runs/sft", metadata={"help": "where metrics.jsonl, samples.jsonl, checkpoints/ and final/ go"})
-    max_len: int = field(default=1024, metadata={"help": "longest prompt + response in tokens (longer: truncated, counted)"})
-    tokens_per_micro_batch: int = field(default=8192, metadata={"help": "packed tokens per forward pass"})
-    tokens_per_step: int = field(default=8192, metadata={"help": "response tokens per optimiser step (gradient accumulation)"})
-    epochs: int = field(default=2, metadata={"help": "passes over the data"})
-    max_steps: int = field(default=0, metadata={"help": "stop after this many steps (0: run all epochs)"})
-    lr: float = field(default=2e-5, metadata={"help": "peak learning rate"})
-    warmup_steps: int = field(default=10, metadata={"help": "linear warm-up steps"})
-    schedule: str = field(default="cosine", metadata={"help": "cosine | linear | constant after warm-up"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (matrices only)"})
-    grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm"})
-    eval_every: int = field(default=100, metadata={"help": "evaluate every k steps (and at the end)"})
-    save_every: int = field(default=500, metadata={"help": "checkpoint every k steps (0: only final/)"})
-    log_samples: int = field(default=4, metadata={"help": "at each evaluation, greedy completions of this many held-out prompts into samples.jsonl (0: none)"})
-    seed: int = field(default=0, metadata={"help": "seed for data order and initialisation"})
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
-    disable_dropout: bool = field(default=False, metadata={"help": "set every dropout of the model to 0 (SFT keeps the model's own, as TRL)"})
-    task_model_size: str = field(default="small", metadata={"help": "built-in model when --model is empty: tiny | small"})
-    task_examples: int = field(default=4000, metadata={"help": "built-in task: demonstrations to generate"})
-    task_error_rate: float = field(default=0.15, metadata={"help": "built-in task: share of wrong demonstrations"})
-    task_eval_prompts: int = field(default=200, metadata={"help": "built-in task: held-out prompts for eval/accuracy"})
-
-
-def prepare(cfg: SFTConfig, out: Path):
-    """Model directory, demonstration records (train, eval), and held-out prompts (built-in)."""
-    task = ar.ArithmeticTask(seed=cfg.seed)
-    # the data first: a data error stops the run before anything (the built-in base model) is written
-    if cfg.data:
-        records = data.load_sft(cfg.data)
-    else:
-        records = ar.sft_examples(task, cfg.task_examples, error_rate=cfg.task_error_rate, seed=cfg.seed)
-    if cfg.eval_data:
-        eval_records = data.load_sft(cfg.eval_data)
-    elif cfg.data:  # held out by prompt: duplicated records cannot land on both sides
-        records, eval_records = data.split_heldout(records)
-    else:  # the built-in demonstrations (distinct operand pairs): the first 5%
-        n_eval = max(1, len(records) // 20)
-        records, eval_records = records[n_eval:], records[:n_eval]
-    heldout = ar.heldout_prompts(task, cfg.task_eval_prompts) if not cfg.data else None
-    model_dir = cfg.model or str(ar.save_base_model(out / "base", seed=cfg.seed,
-                                                    **ar.MODEL_SIZES[cfg.task_model_size]))
-    return model_dir, records, eval_records, heldout
+    data: str = config.override(config.RunFields, "data", help="SFT data (prompt + response or completion, messages, or text): JSONL / JSON / parquet / datasets directory; empty: the built-in task's demonstrations")
+    eval_data: str = config.override(config.RunFields, "eval_data", help="held-out SFT data for eval/loss; empty: split 5% off")
+    output_dir: str = config.override(config.RunFields, "output_dir", "runs/sft")
+    epochs: int = config.override(config.EpochFields, "epochs", 2)
+    lr: float = config.override(config.OptimFields, "lr", 2e-5)
+    disable_dropout: bool = config.override(config.RunFields, "disable_dropout", False, help="set every dropout of the model to 0 (SFT keeps the model's own, as TRL)")
+    tokens_per_step: int = config.arg(8192, "response tokens per optimiser step (gradient accumulation)")
+    log_samples: int = config.arg(4, "at each evaluation, greedy completions of this many held-out prompts into samples.jsonl (0: none)")
+    task_model_size: str = config.arg("small", "built-in model when --model is empty: tiny | small | medium")
+    task_examples: int = config.arg(4000, "built-in task: demonstrations to generate")
+    task_error_rate: float = config.arg(0.15, "built-in task: share of wrong demonstrations")
+    task_eval_prompts: int = config.arg(200, "built-in task: held-out prompts for eval/accuracy")
 
 
 def tokenize(tokenizer, records, max_len) -> list[tuple[list[int], list[int]]]:
@@ -127,11 +93,13 @@ def eval_loss(model, seqs, cfg: SFTConfig, device) -> float:
     return total / max(1, count)
 
 
-def train(cfg: SFTConfig) -> dict:
+def train(cfg: SFTConfig, task: Task) -> dict:
     out, device, prec = runtime.begin(cfg)
 
-    # step 1: model, tokenizer, data
-    model_dir, records, eval_records, heldout = prepare(cfg, out)
+    # step 1: data (first: a data error stops the run before the task's base model is written),
+    # model, tokenizer
+    records, eval_records = task.demonstrations()
+    model_dir = cfg.model or str(task.base_model(out / "base"))
     ckpt = checkpoints.resume_checkpoint(cfg, out)
     tokenizer = models.load_tokenizer(model_dir)
     model = models.load_trained(ckpt or model_dir, cfg, device)
@@ -176,8 +144,7 @@ def train(cfg: SFTConfig) -> dict:
             # step 4: evaluate (held-out loss, the task's accuracy, a few completions), checkpoint
             if step % cfg.eval_every == 0 or step == total:
                 metrics["eval/loss"] = eval_loss(model, eval_seqs, cfg, device)
-                if heldout:
-                    metrics["eval/accuracy"] = ar.accuracy(model, tokenizer, heldout)
+                metrics.update({f"eval/{k}": v for k, v in task.evaluate(model, tokenizer).items()})
                 summary.update({k: metrics[k] for k in metrics if k.startswith("eval/")})
                 samples_log.write(step, sample_completions(model, tokenizer, eval_records, cfg))
             log.log(step, metrics)
@@ -186,10 +153,3 @@ def train(cfg: SFTConfig) -> dict:
     samples_log.close()
     return runtime.finish(out, log, model, tokenizer, summary, step, counters, dtype=prec.dtype)
 
-
-def main(argv=None) -> dict:
-    return train(config.load_config(SFTConfig, argv, prog="fastrlhf sft"))
-
-
-if __name__ == "__main__":
-    main()

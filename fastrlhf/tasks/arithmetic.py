@@ -29,6 +29,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from fastrlhf.task import EVAL_SAMPLES, EVAL_TEMPERATURE
+
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 CHARS = list("0123456789+=")
 VOCAB = [PAD, BOS, EOS, UNK] + CHARS
@@ -258,8 +260,6 @@ def answers(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 5, te
     return out
 
 
-EVAL_SAMPLES = 4  # draws per held-out prompt when accuracy is measured by sampling
-EVAL_TEMPERATURE = 1.0  # ... at the policy's own distribution
 
 
 def accuracy(model, tokenizer, heldout: list[dict], *, max_new_tokens: int = 5, temperature: float = 0.0,
@@ -278,3 +278,56 @@ def sampled_accuracy(model, tokenizer, heldout: list[dict], max_new_tokens: int 
     EVAL_TEMPERATURE."""
     return accuracy(model, tokenizer, heldout, max_new_tokens=max_new_tokens, temperature=EVAL_TEMPERATURE,
                     samples=EVAL_SAMPLES)
+
+
+# ----------------------------------------------------------------------------------------
+# the task behind the trainers' interface (fastrlhf.task.Task)
+# ----------------------------------------------------------------------------------------
+
+
+class Arithmetic:
+    """The built-in task as a trainer sees it, sized by the run's config (its task_* fields and
+    seed): the tiny model (task_model_size), the imperfect demonstrations, the annotator's pairs,
+    the prompt splits, exact match as the reward and the accuracy evaluator."""
+
+    reward_fn = "fastrlhf.tasks.arithmetic:exact_match"
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.problems = ArithmeticTask(seed=cfg.seed)
+
+    def base_model(self, out_dir: str | os.PathLike) -> Path:
+        size = MODEL_SIZES[self.cfg.task_model_size] if hasattr(self.cfg, "task_model_size") else {}
+        return save_base_model(out_dir, seed=self.cfg.seed, **size)
+
+    def tokenizer(self):
+        return build_tokenizer()
+
+    def demonstrations(self) -> tuple[list[dict], list[dict]]:
+        """The demonstrations (distinct operand pairs): the first 5% held out."""
+        records = sft_examples(self.problems, self.cfg.task_examples, error_rate=self.cfg.task_error_rate,
+                               seed=self.cfg.seed)
+        n_eval = max(1, len(records) // 20)
+        return records[n_eval:], records[:n_eval]
+
+    def preference_pairs(self) -> tuple[list[dict], list[dict]]:
+        kw = dict(label_noise=self.cfg.task_label_noise)
+        return (preference_pairs(self.problems, self.cfg.task_pairs, seed=self.cfg.seed + 1, **kw),
+                preference_pairs(self.problems, self.cfg.task_eval_pairs, seed=self.cfg.seed + 2, split="test", **kw))
+
+    def prompts(self) -> tuple[list[dict], list[dict]]:
+        return train_prompts(self.problems, self.cfg.task_prompts), self.heldout
+
+    @functools.cached_property
+    def heldout(self) -> list[dict]:
+        return heldout_prompts(self.problems, self.cfg.task_eval_prompts)
+
+    def evaluate(self, model, tokenizer, *, sampled: bool = False) -> dict:
+        """Greedy exact match on the held-out prompts (accuracy) and, sampled=True, over
+        EVAL_SAMPLES draws per prompt at EVAL_TEMPERATURE (sample_accuracy); {} without prompts."""
+        if not self.heldout:
+            return {}
+        out = {"accuracy": accuracy(model, tokenizer, self.heldout)}
+        if sampled:
+            out["sample_accuracy"] = sampled_accuracy(model, tokenizer, self.heldout)
+        return out

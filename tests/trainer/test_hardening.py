@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from fastrlhf import checkpoints, cli, data, label, models, optim
-from fastrlhf.algos import sft
 from fastrlhf.tasks import arithmetic as ar
 
 TINY = ["--task_examples", "120", "--task_model_size", "tiny", "--tokens_per_step", "64", "--warmup_steps", "1",
@@ -57,7 +56,7 @@ def test_every_trainer_validates_its_fields(tmp_path, capsys):
 
 def _checkpointed_run(tmp_path, name="a", steps=4):
     out = tmp_path / name
-    sft.main(TINY + ["--output_dir", str(out), "--max_steps", str(steps), "--save_every", "2", "--eval_every", "100"])
+    cli.train("sft", TINY + ["--output_dir", str(out), "--max_steps", str(steps), "--save_every", "2", "--eval_every", "100"])
     return out
 
 
@@ -101,7 +100,7 @@ def test_a_damaged_checkpoint_is_set_aside_and_the_previous_one_resumed(damage, 
     victim = out / "checkpoints" / "step-4" / ("model.safetensors" if damage == "weights" else "trainer_state.pt")
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
     assert checkpoints.damaged(out / "checkpoints" / "step-4") and checkpoints.damaged(out / "checkpoints" / "step-2") is None
-    sft.main(TINY + ["--output_dir", str(out), "--max_steps", "6", "--save_every", "2", "--eval_every", "100"])
+    cli.train("sft", TINY + ["--output_dir", str(out), "--max_steps", "6", "--save_every", "2", "--eval_every", "100"])
     assert "step-4 is damaged" in capsys.readouterr().err
     assert (out / "checkpoints" / "step-4.damaged").exists()
     resumed, ref = _rows(out), _rows(full)
@@ -114,7 +113,7 @@ def test_a_torn_last_metrics_row_does_not_block_resume(tmp_path):
     shutil.rmtree(out / "checkpoints" / "step-4", ignore_errors=True)
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"step": 5, "loss/sft": 0.')  # a crash mid-write
-    sft.main(TINY + ["--output_dir", str(out), "--max_steps", "4", "--save_every", "2", "--eval_every", "100"])
+    cli.train("sft", TINY + ["--output_dir", str(out), "--max_steps", "4", "--save_every", "2", "--eval_every", "100"])
     assert [r["step"] for r in _rows(out)] == [1, 2, 3, 4]
 
 

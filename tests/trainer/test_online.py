@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from fastrlhf import data, models
-from fastrlhf.algos import grpo, online, ppo
+from fastrlhf import models
+from fastrlhf.algos import batch as batch_mod
+from fastrlhf.algos import grpo, online, ppo, update
 from fastrlhf.kernels import policy_loss
 from fastrlhf.memory import StateSwapper, training_state, tensor_bytes
 from fastrlhf.rollout import Colocated, Sample
@@ -22,13 +23,26 @@ def _sample(p, c, lp=None, i=0):
 
 def test_completion_rows_put_each_completion_in_its_row():
     samples = [_sample([1, 5, 6], [7, 8, 2]), _sample([1, 4], [9, 2]), _sample([1, 5, 5, 5], [2])]
-    mb = data.pack(online.sequences(samples), 64)[0]
+    mb = batch_mod.micro_batches(samples, [0, 1, 2], 64, "cpu")[0]
     # value at every position = its position index: rows must pick the positions whose label
     # is a completion token, i.e. prompt_len - 1 ... len - 2 of each sequence
-    vals = torch.arange(mb["input_ids"].shape[1], dtype=torch.float32)[None]
-    r = online.completion_rows(vals, mb)
+    vals = torch.arange(mb.inputs["input_ids"].shape[1], dtype=torch.float32)[None]
+    r = mb.rows(vals)
     # sequences of 6, 4, 5 tokens start at 0, 6, 10; prompts of 3, 2, 4 tokens
     assert r.tolist() == [[2, 3, 4], [7, 8, 0], [13, 0, 0]]
+    assert (mb.T, mb.n_tokens, mb.seq) == (3, 6, [0, 1, 2])
+    # the same rows land in the batch's (B, T) layout: a micro-batch's view is an index of it
+    b = batch_mod.RolloutBatch.build(samples, "cpu")
+    full = b.packed_pass(lambda inputs: vals, 64)
+    assert torch.equal(mb.view(full), r) and b.mask.sum(1).tolist() == [3, 2, 1]
+    assert torch.equal(b.valid(full), full[b.mask])  # the sync-free flat gather is boolean indexing
+
+
+def test_micro_batches_follow_the_order_asked_and_split_by_budget():
+    samples = [_sample([1] * 5, [2] * 4, i=i) for i in range(5)]  # 9 tokens each
+    mbs = batch_mod.micro_batches(samples, [3, 0, 4, 1], 20, "cpu")  # two fit in 20 tokens
+    assert [mb.seq for mb in mbs] == [[3, 0], [4, 1]]
+    assert [mb.index.tolist() for mb in mbs] == [[3, 0], [4, 1]]
 
 
 @pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
@@ -44,18 +58,20 @@ def test_micro_batch_shares_reproduce_the_minibatch_loss(loss_agg):
     kw = dict(loss_agg=loss_agg, max_len=8, impl="torch")
     whole = policy_loss(lp, old, adv, mask, **kw)[0]
     total = 0.0
+    samples = [_sample([1], [2] * n) for n in lengths]
     for part in ([0, 1], [2, 3, 4], [5]):  # micro-batches of 2, 3, 1 sequences
-        m = mask[part]
-        Tm = max(lengths[i] for i in part)  # each micro-batch is padded to its own longest
-        loss = policy_loss(lp[part, :Tm], old[part, :Tm], adv[part], m[:, :Tm], **kw)[0]
-        total += loss * online.agg_share(m[:, :Tm], loss_agg, sum(lengths), B)
+        mb = batch_mod.micro_batches(samples, part, 64, "cpu")[0]
+        assert mb.seq == part
+        m = mb.view(mask)  # each micro-batch is padded to its own longest
+        loss = policy_loss(mb.view(lp), mb.view(old), adv[part], m, **kw)[0]
+        total += loss * mb.share(loss_agg, sum(lengths), B)
     assert total.item() == pytest.approx(whole.item(), rel=1e-6)
 
 
 def test_importance_weights_are_truncated_ratios():
     old = torch.tensor([-1.0, -1.0, -1.0])
     sampler = torch.tensor([-1.0, -1.5, -3.0])  # ratios 1, e^0.5 = 1.65, e^2 = 7.4
-    w = online.importance_weights(old, sampler, cap=2.0)
+    w = update.importance_weights(old, sampler, cap=2.0)
     assert w.tolist() == pytest.approx([1.0, math.exp(0.5), 2.0])
 
 
@@ -181,22 +197,24 @@ def test_reinforce_pp_returns_by_hand():
     cfg = grpo.GRPOConfig(advantage="reinforce_pp", kl_coef=0.5, gamma=1.0)
     samples = [_sample([1], [5, 2]), _sample([1], [6, 7, 2])]
     samples[0].reward, samples[1].reward = 1.0, 0.0
-    old = [torch.tensor([-1.0, -2.0]), torch.tensor([-1.0, -1.0, -1.0])]
-    ref = [torch.tensor([-1.5, -2.0]), torch.tensor([-1.0, -0.5, -1.0])]
-    adv = grpo.advantages(cfg, samples, old, ref)
+    b = batch_mod.RolloutBatch.build(samples, "cpu")
+    b.old = torch.tensor([[-1.0, -2.0, 0.0], [-1.0, -1.0, -1.0]])
+    b.ref = torch.tensor([[-1.5, -2.0, 0.0], [-1.0, -0.5, -1.0]])
+    adv = grpo.advantages(cfg, b)
     # k1 = old - ref: [0.5, 0] and [0, -0.5, 0]; token rewards -0.5 * k1 (+ score at the end):
     # [-0.25, 1] and [0, 0.25, 0]; returns (gamma 1) [0.75, 1] and [0.25, 0.25, 0]
     ret = torch.tensor([0.75, 1.0, 0.25, 0.25, 0.0])
     expect = (ret - ret.mean()) / ret.std()
-    assert torch.cat(adv).tolist() == pytest.approx(expect.tolist(), abs=1e-6)
+    assert adv[b.mask].tolist() == pytest.approx(expect.tolist(), abs=1e-6)
+    assert adv[0, 2] == 0  # 0 beyond the completion
 
 
 def test_group_advantage_estimators():
     samples = [_sample([1], [2]) for _ in range(4)]
     for s, r in zip(samples, [1.0, 0.0, 0.0, 0.0]):
         s.reward = r
-    lp = [torch.zeros(1)] * 4
-    a = lambda kind: [x.item() for x in grpo.advantages(grpo.GRPOConfig(advantage=kind, group_size=4), samples, lp, None)]  # noqa: E731
+    b = batch_mod.RolloutBatch.build(samples, "cpu")
+    a = lambda kind: grpo.advantages(grpo.GRPOConfig(advantage=kind, group_size=4), b)[:, 0].tolist()  # noqa: E731
     std = math.sqrt(0.25)  # unbiased std of [1, 0, 0, 0]: sqrt(0.75 / 3)
     assert a("grpo") == pytest.approx([0.75 / (std + 1e-6), -0.25 / (std + 1e-6)] + [-0.25 / (std + 1e-6)] * 2, rel=1e-5)
     assert a("dr_grpo") == pytest.approx([0.75, -0.25, -0.25, -0.25])
@@ -242,9 +260,8 @@ def test_hf_engine_logprobs_match_the_trainer(tiny):
     assert [s.prompt_index for s in samples] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     assert all(len(s.completion_ids) == len(s.logprobs) > 0 for s in samples)
     assert all((s.completion_ids[-1] == tok.eos_token_id) == (s.finish_reason == "stop") for s in samples)
-    trainer = online.completion_logprobs(model, samples, 256, 0.7, "cpu")
-    diff = max((torch.tensor(s.logprobs) - t).abs().max().item() for s, t in zip(samples, trainer))
-    assert diff < 1e-4
+    b = batch_mod.RolloutBatch.build(samples, "cpu")
+    assert b.sampler_gap(b.logprobs(model, 256, 0.7)).item() < 1e-4
 
 
 def test_vllm_engine_push_and_logprobs(tiny, tmp_path):
@@ -264,10 +281,9 @@ def test_vllm_engine_push_and_logprobs(tiny, tmp_path):
     with Colocated(engine, trained).generating() as gen:  # wake, push in place, generate, sleep
         after = gen.generate(prompts, n=4, temperature=1.0, max_tokens=6, seed=1)
     samples = [s for g in after for s in g]
-    new_lp = online.completion_logprobs(trained, samples, 256, 1.0, "cpu")
-    old_lp = online.completion_logprobs(model, samples, 256, 1.0, "cpu")
-    diff_new = max((torch.tensor(s.logprobs) - t).abs().max().item() for s, t in zip(samples, new_lp))
-    diff_old = max((torch.tensor(s.logprobs) - t).abs().max().item() for s, t in zip(samples, old_lp))
+    b = batch_mod.RolloutBatch.build(samples, "cpu")
+    diff_new = b.sampler_gap(b.logprobs(trained, 256, 1.0)).item()
+    diff_old = b.sampler_gap(b.logprobs(model, 256, 1.0)).item()
     assert diff_new < 1e-3 < diff_old
     assert [s.completion_ids for g in before for s in g] != [s.completion_ids for s in samples]
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from fastrlhf import cli, models
-from fastrlhf.algos import grpo, ppo
+from fastrlhf.algos import grpo, ppo, update
+from fastrlhf.algos.batch import RolloutBatch
 from fastrlhf.tasks import arithmetic as ar
 
 # the built-in task's sizes (as examples/*.yaml set them): the defaults are for 0.5-8B models
@@ -37,18 +38,19 @@ def _grpo_args(tiny, out, *extra):
 def test_grpo_reward_rises_and_resume_is_exact(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("FASTRLHF_KERNEL_IMPL", "torch")  # the interpreted kernels: the tests below
     a = tmp_path / "a"
-    grpo.main(_grpo_args(tiny, a, "--steps", "12", "--save_every", "6", "--eval_every", "6"))
+    cli.train("grpo", _grpo_args(tiny, a, "--steps", "12", "--save_every", "6", "--eval_every", "6"))
     rows = _metrics(a)[1:]  # row 0: the evaluation before training
     assert [r["step"] for r in rows] == list(range(1, 13))
     first, last = (sum(r["reward/mean"] for r in rows[i:i + 4]) / 4 for i in (0, 8))
     assert last > first + 0.1, (first, last)
     assert all(r["rollout/logprob_diff_max"] < 1e-4 and r["rollout/engine"] == "hf" for r in rows)
-    assert {"kl", "entropy", "clipfrac", "loss/policy", "time/generate_s", "time/weight_sync_s",
+    assert {"entropy", "clipfrac", "loss/policy", "time/generate_s", "time/weight_sync_s",
             "time/train_s", "tokens_per_s"} <= set(rows[0])
+    assert "kl" not in rows[0]  # no reference, no KL term: not logged as a 0
     # a fresh directory holding only the step-6 checkpoint continues exactly
     b = tmp_path / "b"
     shutil.copytree(a / "checkpoints" / "step-6", b / "checkpoints" / "step-6")
-    grpo.main(_grpo_args(tiny, b, "--steps", "12", "--save_every", "6", "--eval_every", "6"))
+    cli.train("grpo", _grpo_args(tiny, b, "--steps", "12", "--save_every", "6", "--eval_every", "6"))
     resumed = _metrics(b)
     assert [r["step"] for r in resumed] == list(range(7, 13))
     for x, y in zip(rows[6:], resumed):
@@ -59,7 +61,7 @@ def test_grpo_reward_rises_and_resume_is_exact(tiny, tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_grpo_reward_failures_are_counted_and_multi_epoch_ratios_move(tiny, tmp_path):
     out = tmp_path / "f"
-    summary = grpo.main(_grpo_args(tiny, out, "--steps", "2", "--reward_fn", "tests.trainer.rewards_for_tests:flaky",
+    summary = cli.train("grpo", _grpo_args(tiny, out, "--steps", "2", "--reward_fn", "tests.trainer.rewards_for_tests:flaky",
                                    "--ppo_epochs", "2", "--minibatches", "2", "--advantage", "rloo",
                                    "--kl_coef", "0.1", "--eval_every", "100"))
     rows = _metrics(out)[1:]
@@ -75,7 +77,7 @@ def test_grpo_on_policy_with_failed_rewards_reports_the_trained_samples(tiny, tm
     failed samples; the log-prob check covers the others (it used to crash on the skipped ones)."""
     monkeypatch.setenv("FASTRLHF_KERNEL_IMPL", "torch")
     out = tmp_path / "p"
-    grpo.main(_grpo_args(tiny, out, "--steps", "2", "--reward_fn", "tests.trainer.rewards_for_tests:flaky",
+    cli.train("grpo", _grpo_args(tiny, out, "--steps", "2", "--reward_fn", "tests.trainer.rewards_for_tests:flaky",
                          "--eval_every", "100"))
     rows = _metrics(out)[1:]
     assert rows[-1]["reward_failures"] > 0
@@ -86,7 +88,7 @@ def test_grpo_on_policy_with_failed_rewards_reports_the_trained_samples(tiny, tm
 def test_grpo_on_vllm_logprobs_match_after_every_push(tiny, tmp_path):
     pytest.importorskip("vllm")
     out = tmp_path / "v"
-    grpo.main(_grpo_args(tiny, out, "--engine", "vllm", "--enforce_eager", "true", "--steps", "3",
+    cli.train("grpo", _grpo_args(tiny, out, "--engine", "vllm", "--enforce_eager", "true", "--steps", "3",
                          "--eval_every", "3", "--gpu_memory_utilization", "0.05"))
     rows = _metrics(out)
     assert all(r["rollout/engine"] == "vllm" for r in rows)
@@ -107,7 +109,7 @@ def test_ppo_with_reward_model_runs_saves_critic_and_resumes(tiny, tmp_path, mon
                         "--save_every", "2", "--eval_every", "2", "--lr", "1e-3", "--task_prompts", "200",
                         "--task_eval_prompts", "8", "--device", "cpu", *TOY]
     a = tmp_path / "a"
-    ppo.main(args(a))
+    cli.train("ppo", args(a))
     rows = _metrics(a)[1:]
     assert {"loss/value", "value/clipfrac", "kl", "kl_coef", "reward/kl_penalty"} <= set(rows[0])
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # policy == reference before the first update
@@ -115,7 +117,7 @@ def test_ppo_with_reward_model_runs_saves_critic_and_resumes(tiny, tmp_path, mon
     assert models.load_value_model(a / "critic") is not None
     b = tmp_path / "b"
     shutil.copytree(a / "checkpoints" / "step-2", b / "checkpoints" / "step-2")
-    ppo.main(args(b))
+    cli.train("ppo", args(b))
     for x, y in zip(rows[2:], _metrics(b)):
         assert y["reward/mean"] == pytest.approx(x["reward/mean"], abs=1e-6)
         assert y["loss/value"] == pytest.approx(x["loss/value"], abs=1e-5)
@@ -133,12 +135,13 @@ def test_ppo_on_policy_skips_the_old_logprob_pass_with_the_same_updates(tiny, tm
                         "--minibatches", "1", "--eval_every", "100", "--save_every", "0", "--lr", "1e-3",
                         "--task_prompts", "200", "--task_eval_prompts", "8", "--device", "cpu", *TOY]
     passes = []
-    real = ppo.online.completion_logprobs
-    monkeypatch.setattr(ppo.online, "completion_logprobs", lambda m, *a: passes.append(m) or real(m, *a))
-    ppo.main(args(tmp_path / "on"))
+    real = RolloutBatch.logprobs
+    monkeypatch.setattr(RolloutBatch, "logprobs", lambda self, m, *a: passes.append(m) or real(self, m, *a))
+    cli.train("ppo", args(tmp_path / "on"))
     assert len(passes) == 3  # the reference's only, once per step
-    monkeypatch.setattr(ppo.online, "on_policy", lambda cfg: False)
-    ppo.main(args(tmp_path / "recompute"))
+    for module in (ppo, update):
+        monkeypatch.setattr(module, "on_policy", lambda cfg: False)
+    cli.train("ppo", args(tmp_path / "recompute"))
     assert len(passes) == 3 + 6
     on, rec = _metrics(tmp_path / "on")[1:], _metrics(tmp_path / "recompute")[1:]
     assert abs(on[2]["kl"]) > 1e-3  # the policy has moved: the KL term is live
@@ -156,7 +159,7 @@ def test_ppo_critic_warmup_holds_the_policy_and_trains_the_critic(tiny, tmp_path
     from step 3 on the policy learns (step 4's KL is not 0)."""
     monkeypatch.setenv("FASTRLHF_KERNEL_IMPL", "torch")
     out = tmp_path / "w"
-    ppo.main(["--model", tiny, "--reward_fn", REWARD, "--output_dir", str(out), "--engine", "hf",
+    cli.train("ppo", ["--model", tiny, "--reward_fn", REWARD, "--output_dir", str(out), "--engine", "hf",
               "--prompts_per_step", "16", "--max_new_tokens", "4", "--steps", "4", "--critic_warmup", "2",
               "--eval_every", "100", "--save_every", "0", "--lr", "1e-3", "--task_prompts", "200",
               "--task_eval_prompts", "8", "--device", "cpu", *TOY])
@@ -177,7 +180,7 @@ def test_ppo_head_lr_steps_the_output_layer_at_its_own_rate(tiny, tmp_path, monk
     head_lr and of any other weight lr; both are logged."""
     monkeypatch.setenv("FASTRLHF_KERNEL_IMPL", "torch")
     out = tmp_path / "h"
-    ppo.main(["--model", tiny, "--reward_fn", REWARD, "--output_dir", str(out), "--engine", "hf",
+    cli.train("ppo", ["--model", tiny, "--reward_fn", REWARD, "--output_dir", str(out), "--engine", "hf",
               "--prompts_per_step", "16", "--max_new_tokens", "4", "--steps", "1", "--lr", "1e-4",
               "--head_lr", "1e-2", "--ppo_epochs", "1", "--minibatches", "1", "--eval_every", "100",
               "--save_every", "0", "--task_prompts", "200", "--task_eval_prompts", "8", "--device", "cpu", *TOY])
@@ -206,8 +209,8 @@ def test_ppo_token_rewards_from_a_logprob_reward_model(tiny, tmp_path, monkeypat
                             "--engine", "hf", "--prompts_per_step", "16", "--max_new_tokens", "4", "--steps", "2",
                             "--eval_every", "100", "--save_every", "0", "--lr", "1e-3", "--task_prompts", "200",
                             "--task_eval_prompts", "8", "--device", "cpu", *TOY, *x]
-    ppo.main(args(tmp_path / "seq"))
-    ppo.main(args(tmp_path / "tok", "--token_rewards", "true"))
+    cli.train("ppo", args(tmp_path / "seq"))
+    cli.train("ppo", args(tmp_path / "tok", "--token_rewards", "true"))
     seq, tok_rows = _metrics(tmp_path / "seq")[1:], _metrics(tmp_path / "tok")[1:]
     assert tok_rows[0]["reward/mean"] == pytest.approx(seq[0]["reward/mean"], abs=1e-5)
     assert seq[0]["reward/mean"] < -1.0  # 2 * log p of a few tokens under an opinionated model
@@ -216,7 +219,7 @@ def test_ppo_token_rewards_from_a_logprob_reward_model(tiny, tmp_path, monkeypat
     vm = models.load_value_model(tiny)
     models.save_pretrained_atomic(vm, tok, tmp_path / "vrm")
     with pytest.raises(ValueError, match="token_rewards needs a logprob reward model"):
-        ppo.main(args(tmp_path / "v", "--token_rewards", "true", "--reward_model", str(tmp_path / "vrm")))
+        cli.train("ppo", args(tmp_path / "v", "--token_rewards", "true", "--reward_model", str(tmp_path / "vrm")))
 
 
 def test_cli_bad_reward_function_is_one_clear_line(tiny, tmp_path, capsys):

@@ -19,8 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastrlhf import data, models
-from fastrlhf.algos import grpo, online, sft
+from fastrlhf import cli, data, models
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tests import archs  # noqa: E402
@@ -170,7 +169,7 @@ def test_the_fidelity_check_refuses_a_model_whose_logprobs_we_get_wrong(arch_dir
 def test_sft_on_chat_data_and_final_loads_in_transformers(name, arch_dirs, tmp_path):
     train = data_file(tmp_path / "chat.jsonl", CHAT)
     out = tmp_path / "run"
-    summary = sft.main(["--model", str(arch_dirs[name]), "--data", str(train), "--eval_data", str(train),
+    summary = cli.train("sft", ["--model", str(arch_dirs[name]), "--data", str(train), "--eval_data", str(train),
                         "--output_dir", str(out), "--max_steps", "2", "--lr", "1e-3", "--max_len", "128",
                         "--tokens_per_step", "64", "--eval_every", "2", "--device", "cpu"])
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -209,12 +208,12 @@ def test_grpo_on_vllm_after_sft_on_chat_data(name, arch_dirs, tmp_path):
     batched function on conversational prompts."""
     pytest.importorskip("vllm")
     train = data_file(tmp_path / "chat.jsonl", CHAT)
-    sft.main(["--model", str(arch_dirs[name]), "--data", str(train), "--eval_data", str(train),
+    cli.train("sft", ["--model", str(arch_dirs[name]), "--data", str(train), "--eval_data", str(train),
               "--output_dir", str(tmp_path / "sft"), "--max_steps", "2", "--lr", "1e-3", "--max_len", "128",
               "--tokens_per_step", "64", "--device", "cpu", "--log_samples", "0"])
     prompts = data_file(tmp_path / "prompts.jsonl", [{"prompt": r["prompt"]} for r in CHAT if "prompt" in r])
     out = tmp_path / "grpo"
-    grpo.main(["--model", str(tmp_path / "sft" / "final"), "--data", str(prompts), "--eval_data", str(prompts),
+    cli.train("grpo", ["--model", str(tmp_path / "sft" / "final"), "--data", str(prompts), "--eval_data", str(prompts),
                "--reward_fn", "tests.trainer.test_real_models:batched_reward", "--engine", "vllm",
                "--enforce_eager", "true", "--gpu_memory_utilization", "0.03", "--max_len", "96",
                "--max_new_tokens", "16", "--prompts_per_step", "4", "--group_size", "4", "--steps", "1",
@@ -254,7 +253,7 @@ def test_dropout_is_off_in_rl_so_sampler_and_trainer_agree(arch_dirs, tmp_path):
     diff = {}
     for flag in ("true", "false"):
         out = tmp_path / flag
-        grpo.main(common + ["--output_dir", str(out), "--disable_dropout", flag])
+        cli.train("grpo", common + ["--output_dir", str(out), "--disable_dropout", flag])
         diff[flag] = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][1]["rollout/logprob_diff_max"]
     assert diff["true"] < 1e-4 and diff["false"] > 0.05, diff
 
@@ -275,4 +274,3 @@ def test_online_helpers_see_conversational_prompts_through_the_template(arch_dir
     tok = models.load_tokenizer(arch_dirs["qwen2"])
     ids = data.prompt_ids(tok, [{"role": "user", "content": "What is 7+8?"}])
     assert tok.decode(ids) == "<|im_start|>user\nWhat is 7+8?<|im_end|>\n<|im_start|>assistant\n"
-    assert online.BUILTIN_REWARD.endswith("exact_match")

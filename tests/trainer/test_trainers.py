@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fastrlhf import cli, config, models, optim
-from fastrlhf.algos import dpo, reward, sft
+from fastrlhf.algos import dpo, sft
 from fastrlhf.tasks import arithmetic as ar
 
 # the built-in task's sizes (as examples/*.yaml set them): the defaults are for 0.5-8B models
@@ -27,7 +27,7 @@ def _metrics(out):
 @pytest.mark.slow
 def test_sft_first_loss_is_uniform_then_falls_and_resume_is_exact(tmp_path):
     a = tmp_path / "a"
-    sft.main(TINY_SFT + ["--output_dir", str(a), "--max_steps", "6", "--save_every", "3",
+    cli.train("sft", TINY_SFT + ["--output_dir", str(a), "--max_steps", "6", "--save_every", "3",
                          "--eval_every", "3"])
     rows = _metrics(a)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
@@ -42,7 +42,7 @@ def test_sft_first_loss_is_uniform_then_falls_and_resume_is_exact(tmp_path):
     shutil.copytree(a / "checkpoints" / "step-3", b / "checkpoints" / "step-3")
     # a crash while saving step 5 left its temp dir behind: it is not a checkpoint
     shutil.copytree(a / "checkpoints" / "step-3", b / "checkpoints" / "step-5.tmp")
-    sft.main(TINY_SFT + ["--output_dir", str(b), "--max_steps", "6", "--save_every", "3",
+    cli.train("sft", TINY_SFT + ["--output_dir", str(b), "--max_steps", "6", "--save_every", "3",
                          "--eval_every", "3"])
     resumed = _metrics(b)
     assert [r["step"] for r in resumed] == [4, 5, 6]
@@ -67,7 +67,7 @@ def test_sft_epochs_of_different_step_counts_each_train_on_every_example(tmp_pat
     counts = [len(sft.epoch_split(seqs, cfg, e)) for e in range(3)]
     assert len(set(counts)) > 1, counts  # the case under test: epochs of different lengths
     out = tmp_path / "o"
-    sft.main(args + ["--output_dir", str(out)])
+    cli.train("sft", args + ["--output_dir", str(out)])
     logged = _metrics(out)
     assert len(logged) == sum(counts)
     per_epoch = [sum(r["tokens"] for r in logged if r["epoch"] == e) for e in range(3)]
@@ -87,7 +87,7 @@ def test_nonfinite_loss_is_skipped_and_counted(tmp_path, monkeypatch):
 
     monkeypatch.setattr(models, "token_logprobs", sometimes_nan)
     out = tmp_path / "nan"
-    summary = sft.main(TINY_SFT + ["--output_dir", str(out), "--max_steps", "3", "--eval_every", "100",
+    summary = cli.train("sft", TINY_SFT + ["--output_dir", str(out), "--max_steps", "3", "--eval_every", "100",
                                    "--task_eval_prompts", "0"])
     assert summary["skipped_nonfinite"] == 1
     final = models.load_causal_lm(out / "final")
@@ -159,7 +159,7 @@ def tiny_base(tmp_path_factory):
 ])
 def test_dpo_starts_at_the_hand_derived_loss(tmp_path, tiny_base, loss_type, first_loss, precompute):
     out = tmp_path / "dpo"
-    summary = dpo.main(TINY_PAIRS + ["--model", tiny_base, "--output_dir", str(out), "--max_steps", "3",
+    summary = cli.train("dpo", TINY_PAIRS + ["--model", tiny_base, "--output_dir", str(out), "--max_steps", "3",
                                      "--loss_type", loss_type, "--precompute_ref", precompute,
                                      "--eval_every", "3", "--task_eval_prompts", "8", "--lr", "1e-3"])
     rows = _metrics(out)
@@ -179,7 +179,7 @@ def test_reward_model_learns_a_learnable_preference(tmp_path, tiny_base):
         ar.write_jsonl([{"prompt": task.prompt(a, b), "chosen": str(a + b), "rejected": f"{a + b}0"}
                         for a, b in task.split(n, split)], tmp_path / f"{name}.jsonl")
     out = tmp_path / "rm"
-    summary = reward.main(["--model", tiny_base, "--output_dir", str(out), "--data", str(tmp_path / "train.jsonl"),
+    summary = cli.train("rm", ["--model", tiny_base, "--output_dir", str(out), "--data", str(tmp_path / "train.jsonl"),
                            "--eval_data", str(tmp_path / "eval.jsonl"), "--pairs_per_step", "32",
                            "--epochs", "2", "--lr", "3e-3", "--warmup_steps", "1", "--eval_every", "100",
                            "--device", "cpu", *TOY])
@@ -198,9 +198,9 @@ def test_rerun_resumes_from_the_checkpoint_without_duplicate_rows_or_a_lost_summ
     out = tmp_path / "rm"
     args = ["--model", tiny_base, "--output_dir", str(out), "--max_steps", "5", "--save_every", "3",
             "--eval_every", "2"] + TINY_PAIRS
-    first = reward.main(args)
+    first = cli.train("rm", args)
     rows = _metrics(out)
-    second = reward.main(args)
+    second = cli.train("rm", args)
     again = _metrics(out)
     assert [r["step"] for r in again] == [0, 1, 2, 3, 4, 5]
     assert again[:4] == rows[:4]  # kept as written
@@ -236,7 +236,7 @@ def test_logprob_reward_model_scores_by_likelihood_and_learns(tmp_path, tiny_bas
     margins = torch.tensor([beta * (loglik(e["prompt"], e["chosen"]) - loglik(e["prompt"], e["rejected"]))
                             for e in evals], dtype=torch.float64)
     out = tmp_path / "rm"
-    summary = reward.main(["--model", tiny_base, "--output_dir", str(out), "--head", "logprob", "--beta", str(beta),
+    summary = cli.train("rm", ["--model", tiny_base, "--output_dir", str(out), "--head", "logprob", "--beta", str(beta),
                            "--data", str(tmp_path / "train.jsonl"), "--eval_data", str(tmp_path / "eval.jsonl"),
                            "--pairs_per_step", "32", "--epochs", "4", "--lr", "3e-3", "--warmup_steps", "1",
                            "--eval_every", "100", "--device", "cpu", *TOY])
@@ -254,7 +254,7 @@ def test_simpo_trains_without_a_reference(tmp_path, tiny_base, monkeypatch):
     real = models.load_causal_lm
     monkeypatch.setattr(models, "load_causal_lm", lambda *a, **k: loaded.append(a) or real(*a, **k))
     out = tmp_path / "simpo"
-    dpo.main(TINY_PAIRS + ["--task_pairs", "32", "--model", tiny_base, "--output_dir", str(out), "--max_steps", "3",
+    cli.train("dpo", TINY_PAIRS + ["--task_pairs", "32", "--model", tiny_base, "--output_dir", str(out), "--max_steps", "3",
                            "--loss_type", "simpo", "--beta", "2.0", "--gamma", "0.5", "--lr", "1e-3",
                            "--eval_every", "100", "--task_eval_prompts", "0"])
     rows = _metrics(out)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from fastrlhf import checkpoints, cli, data, models, optim
-from fastrlhf.algos import grpo, online, ppo, reward, sft
+from fastrlhf.algos import grpo, online, sft
 from fastrlhf.rollout import Sample
 from fastrlhf.tasks import arithmetic as ar
 
@@ -170,10 +170,9 @@ def test_dpo_and_rm_train_on_conversational_pairs(qwen, tmp_path):
     prefs = _jsonl(tmp_path / "prefs.jsonl", rows)
     common = ["--model", str(qwen), "--data", str(prefs), "--eval_data", str(prefs), "--max_steps", "2",
               "--pairs_per_step", "6", "--max_len", "64", "--device", "cpu", "--eval_every", "2"]
-    from fastrlhf.algos import dpo
 
-    d = dpo.main(common + ["--output_dir", str(tmp_path / "dpo"), "--lr", "1e-3"])
-    r = reward.main(common + ["--output_dir", str(tmp_path / "rm"), "--lr", "1e-3"])
+    d = cli.train("dpo", common + ["--output_dir", str(tmp_path / "dpo"), "--lr", "1e-3"])
+    r = cli.train("rm", common + ["--output_dir", str(tmp_path / "rm"), "--lr", "1e-3"])
     assert 0.0 <= d["eval/reward_accuracy"] <= 1.0 and 0.0 <= r["eval/accuracy"] <= 1.0
     shown = [json.loads(x) for x in (tmp_path / "dpo" / "samples.jsonl").read_text().splitlines()]
     assert shown and shown[0]["prompt"] == rows[0]["prompt"] and "chosen" in shown[0]
@@ -267,7 +266,7 @@ def test_bf16_compute_keeps_float32_master_weights(tmp_path, monkeypatch):
     runs = {}
     for dtype in ("float32", "bfloat16"):
         out = tmp_path / dtype
-        sft.main(["--model", str(base), "--output_dir", str(out), "--task_examples", "64", "--tokens_per_step", "64",
+        cli.train("sft", ["--model", str(base), "--output_dir", str(out), "--task_examples", "64", "--tokens_per_step", "64",
                   "--max_steps", "1", "--lr", "1e-6", "--warmup_steps", "0", "--schedule", "constant",
                   "--eval_every", "1", "--log_samples", "0", "--device", "cpu", "--dtype", dtype, *TOY])
         cfg = json.loads((out / "final" / "config.json").read_text())
@@ -282,7 +281,7 @@ def test_bf16_compute_keeps_float32_master_weights(tmp_path, monkeypatch):
     assert fp32_moved > 0.7
     # the bf16 run's update, measured on its float32 masters (a checkpoint keeps them)
     masters = tmp_path / "bf16-masters"
-    sft.main(["--model", str(base), "--output_dir", str(masters), "--task_examples", "64", "--tokens_per_step", "64",
+    cli.train("sft", ["--model", str(base), "--output_dir", str(masters), "--task_examples", "64", "--tokens_per_step", "64",
               "--max_steps", "2", "--save_every", "1", "--lr", "1e-6", "--warmup_steps", "0", "--schedule", "constant",
               "--eval_every", "5", "--log_samples", "0", "--device", "cpu", "--dtype", "bfloat16", *TOY])
     step1 = models.load_causal_lm(masters / "checkpoints" / "step-1", verify=False)
@@ -379,11 +378,11 @@ def test_ppo_with_a_reward_model_on_user_prompts_evaluates_and_shows_samples(qwe
     conv = lambda role, c: [{"role": role, "content": c}]  # noqa: E731
     prefs = _jsonl(tmp_path / "prefs.jsonl", [{"prompt": conv("user", "Hi"), "chosen": conv("assistant", "Hello"),
                                                 "rejected": conv("assistant", "Go")}] * 8)
-    reward.main(["--model", str(qwen), "--data", str(prefs), "--eval_data", str(prefs), "--max_steps", "1",
+    cli.train("rm", ["--model", str(qwen), "--data", str(prefs), "--eval_data", str(prefs), "--max_steps", "1",
                  "--max_len", "64", "--device", "cpu", "--output_dir", str(tmp_path / "rm")])
     prompts = _jsonl(tmp_path / "prompts.jsonl", [{"prompt": conv("user", f"Say {w}")} for w in "abcdefgh"])
     out = tmp_path / "ppo"
-    ppo.main(["--model", str(qwen), "--reward_model", str(tmp_path / "rm" / "final"), "--data", str(prompts),
+    cli.train("ppo", ["--model", str(qwen), "--reward_model", str(tmp_path / "rm" / "final"), "--data", str(prompts),
               "--eval_data", str(prompts), "--engine", "hf", "--max_len", "64", "--max_new_tokens", "6",
               "--prompts_per_step", "4", "--steps", "2", "--eval_every", "1", "--log_samples_every", "1",
               "--device", "cpu", "--output_dir", str(out)])
@@ -406,7 +405,7 @@ def test_grpo_in_bf16_gives_the_frozen_models_and_the_engine_the_compute_dtype(t
                         and real_engine(*a, **k))
     base = ar.save_base_model(tmp_path / "base", **ar.MODEL_SIZES["tiny"])
     out = tmp_path / "g"
-    grpo.main(["--model", str(base), "--output_dir", str(out), "--engine", "hf", "--dtype", "bfloat16",
+    cli.train("grpo", ["--model", str(base), "--output_dir", str(out), "--engine", "hf", "--dtype", "bfloat16",
                "--kl_coef", "0.1", "--prompts_per_step", "4", "--group_size", "4", "--max_new_tokens", "4",
                "--steps", "1", "--lr", "1e-3", "--task_prompts", "32", "--task_eval_prompts", "4",
                "--device", "cpu", *TOY])
@@ -418,7 +417,7 @@ def test_grpo_in_bf16_gives_the_frozen_models_and_the_engine_the_compute_dtype(t
 
 def test_float16_trains_with_a_loss_scale(tmp_path):
     base = ar.save_base_model(tmp_path / "base", **ar.MODEL_SIZES["tiny"])
-    summary = sft.main(["--model", str(base), "--output_dir", str(tmp_path / "o"), "--task_examples", "64",
+    summary = cli.train("sft", ["--model", str(base), "--output_dir", str(tmp_path / "o"), "--task_examples", "64",
                         "--tokens_per_step", "64", "--max_steps", "3", "--lr", "2e-3", "--eval_every", "3",
                         "--log_samples", "0", "--device", "cpu", "--dtype", "float16", *TOY])
     rows = [json.loads(x) for x in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
