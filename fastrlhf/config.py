@@ -215,6 +215,17 @@ class RolloutFields:
     log_samples: int = arg(4, "samples per samples.jsonl write (0: none)")
     task_prompts: int = arg(4000, "built-in task: training prompts")
     task_eval_prompts: int = arg(200, "built-in task: held-out prompts")
+    # the online trainers' own defaults for fields of the other groups
+    data: str = override(RunFields, "data", help="prompts ({\"prompt\": str | messages, ...}, + answer for rule "
+                                                 "rewards): JSONL / JSON / parquet / datasets directory; empty: the "
+                                                 "built-in task's training prompts")
+    eval_data: str = override(RunFields, "eval_data", help="held-out prompts; empty: built-in held-out prompts or a "
+                                                           "5% split")
+    eval_every: int = override(RunFields, "eval_every", 10, help="evaluate every k steps (and at the start and end)")
+    save_every: int = override(RunFields, "save_every", 50)
+    lr: float = override(OptimFields, "lr", 1e-6)
+    warmup_steps: int = override(OptimFields, "warmup_steps", 0)
+    schedule: str = override(OptimFields, "schedule", "constant")
 
 
 def _range(lo=None, hi=None, *, lo_open=False, hi_open=False):

@@ -20,7 +20,7 @@ Old log-probs: with one epoch and one minibatch the update is exactly on-policy,
 training forward's own detached log-probs are the old ones (no extra pass, as TRL does; on_policy).
 
 Logged every step: rollout/engine, reward/mean, reward/std, rollout/logprob_diff_max,
-rollout/response_len, rollout/overlong_frac, kl (when a reference is used), entropy,
+rollout/response_len, rollout/overlong_frac, kl (the loss's KL term, when kl_coef > 0 outside reinforce_pp), entropy,
 clipfrac, ratio_mean, approx_kl, loss/policy, grad_norm, lr, time/generate_s,
 time/weight_sync_s, time/train_s, tokens_per_s, memory/*; every eval_every steps:
 eval/accuracy (greedy exact match where prompts carry answers), eval/sample_accuracy (the same
@@ -53,14 +53,7 @@ ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp")
 class GRPOConfig(config.RolloutFields, config.OptimFields, config.RunFields):
     """fastrlhf grpo: critic-free online RL (GRPO, Dr.GRPO, DAPO, RLOO, REINFORCE++)."""
 
-    data: str = config.override(config.RunFields, "data", help="prompts ({\"prompt\": str | messages, ...}, + answer for rule rewards): JSONL / JSON / parquet / datasets directory; empty: the built-in task's training prompts")
-    eval_data: str = config.override(config.RunFields, "eval_data", help="held-out prompts; empty: built-in held-out prompts or a 5% split")
     output_dir: str = config.override(config.RunFields, "output_dir", "runs/grpo")
-    eval_every: int = config.override(config.RunFields, "eval_every", 10, help="evaluate every k steps (and at the start and end)")
-    save_every: int = config.override(config.RunFields, "save_every", 50)
-    lr: float = config.override(config.OptimFields, "lr", 1e-6)
-    warmup_steps: int = config.override(config.OptimFields, "warmup_steps", 0)
-    schedule: str = config.override(config.OptimFields, "schedule", "constant")
     advantage: str = config.arg("grpo", "grpo | dr_grpo | rloo | reinforce_pp")
     gamma: float = config.arg(1.0, "discount (reinforce_pp)")
     kl_coef: float = config.arg(0.0, "KL to the frozen reference: in the loss (grpo/dr_grpo/rloo) or the reward (reinforce_pp)")

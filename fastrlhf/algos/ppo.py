@@ -49,14 +49,7 @@ from fastrlhf.task import Task
 class PPOConfig(config.RolloutFields, config.OptimFields, config.RunFields):
     """fastrlhf ppo: PPO with a critic against a reward model, KL penalty to the SFT reference."""
 
-    data: str = config.override(config.RunFields, "data", help="prompts ({\"prompt\": str | messages, ...}): JSONL / JSON / parquet / datasets directory; empty: the built-in task's training prompts")
-    eval_data: str = config.override(config.RunFields, "eval_data", help="held-out prompts; empty: built-in held-out prompts or a 5% split")
     output_dir: str = config.override(config.RunFields, "output_dir", "runs/ppo")
-    eval_every: int = config.override(config.RunFields, "eval_every", 10, help="evaluate every k steps (and at the start and end)")
-    save_every: int = config.override(config.RunFields, "save_every", 50)
-    lr: float = config.override(config.OptimFields, "lr", 1e-6)
-    warmup_steps: int = config.override(config.OptimFields, "warmup_steps", 0)
-    schedule: str = config.override(config.OptimFields, "schedule", "constant")
     prompts_per_step: int = config.override(config.RolloutFields, "prompts_per_step", 64)
     group_size: int = config.override(config.RolloutFields, "group_size", 1)
     ppo_epochs: int = config.override(config.RolloutFields, "ppo_epochs", 2)
