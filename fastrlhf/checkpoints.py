@@ -72,12 +72,17 @@ RESUMABLE = {"output_dir", "device", "engine", "gpu_memory_utilization", "enforc
 
 
 def resume_checkpoint(cfg, out_dir: Path) -> Path | None:
-    """The checkpoint this run continues from, by cfg.resume:
+    """The checkpoint this run continues from (chosen, and set aside or removed, by the main
+    process; every rank gets its answer), by cfg.resume:
       auto   the newest intact checkpoint, if there is one (a damaged one is set aside as
              step-N.damaged and the one before it is used, saying so), provided the run's
              settings are those it was written with: a differing field stops the run, named;
       never  start over: existing checkpoints and logs in output_dir are removed;
       must   as auto, but no intact checkpoint is an error."""
+    return dist.on_main(lambda: _resume_checkpoint(cfg, out_dir))
+
+
+def _resume_checkpoint(cfg, out_dir: Path) -> Path | None:
     if cfg.resume == "never":
         for name in ("checkpoints", "metrics.jsonl", "samples.jsonl", "summary.json"):
             target = out_dir / name
@@ -114,14 +119,16 @@ def save_checkpoint(out_dir: Path, step: int, model, tokenizer, opt, sched, stat
                     keep: int = 2, extra=None) -> Path:
     """HF directory + trainer_state.pt (+ whatever extra(tmp_dir) writes, e.g. a critic),
     written atomically; older checkpoints beyond `keep` removed."""
-    from fastrlhf.models import save_hf_dir
+    from fastrlhf.models import full_state_dict, save_hf_dir
+    from fastrlhf.optim import optimizer_state
 
     final = out_dir / "checkpoints" / f"step-{step}"
+    weights, moments = full_state_dict(model), optimizer_state(model, opt)  # sharded: gathered from every rank
     if not dist.is_main():
         return final
     with atomic_dir(final) as tmp:
-        save_hf_dir(model, tokenizer, tmp)
-        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+        save_hf_dir(model, tokenizer, tmp, state=weights)
+        torch.save({"optimizer": moments, "scheduler": sched.state_dict(),
                     "python_rng": random.getstate(), "torch_rng": torch.get_rng_state(),
                     **state}, tmp / "trainer_state.pt")
         if extra is not None:
@@ -131,11 +138,13 @@ def save_checkpoint(out_dir: Path, step: int, model, tokenizer, opt, sched, stat
     return final
 
 
-def load_trainer_state(ckpt: Path, opt, sched) -> dict:
+def load_trainer_state(ckpt: Path, model, opt, sched) -> dict:
     # map_location: a checkpoint written on a GPU resumes on a CPU machine (and back: the
     # optimiser moves its state to its parameters' device)
     state = torch.load(ckpt / "trainer_state.pt", weights_only=False, map_location="cpu")
-    opt.load_state_dict(state.pop("optimizer"))
+    from fastrlhf.optim import load_optimizer_state
+
+    load_optimizer_state(model, opt, state.pop("optimizer"))
     sched.load_state_dict(state.pop("scheduler"))
     random.setstate(state.pop("python_rng"))
     torch.set_rng_state(state.pop("torch_rng"))

@@ -54,6 +54,8 @@ COMMANDS = {
 }
 # trainer command -> its config class (in its module)
 TRAINERS = {"sft": "SFTConfig", "rm": "RMConfig", "dpo": "DPOConfig", "grpo": "GRPOConfig", "ppo": "PPOConfig"}
+# the trainers that run sharded over the processes torchrun starts (FSDP2)
+SHARDED = ("sft", "rm", "dpo")
 
 
 def train(command: str, argv: list[str] | None = None) -> dict:
@@ -63,11 +65,16 @@ def train(command: str, argv: list[str] | None = None) -> dict:
     The composition root: no trainer chooses its own data."""
     import importlib
 
-    from fastrlhf import config, tasks
+    from fastrlhf import config, dist, tasks
 
+    if dist.launched() and command not in SHARDED:
+        raise ValueError(f"{command} does not run on several processes yet (torchrun: {', '.join(SHARDED)}); "
+                         "run it as one process")
     module = importlib.import_module(COMMANDS[command][0])
     cfg = config.load_config(getattr(module, TRAINERS[command]), argv, prog=f"fastrlhf {command}")
-    return module.train(cfg, tasks.for_config(cfg))
+    summary = module.train(cfg, tasks.for_config(cfg))
+    dist.teardown()  # all ranks together, after the run (a failing rank exits instead: torchrun stops the rest)
+    return summary
 
 
 def _run(command: str, rest: list[str]) -> int:

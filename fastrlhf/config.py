@@ -87,7 +87,10 @@ def _gather_values(args, fields: dict, prog: str) -> dict:
 
 
 def save_config(cfg, out_dir: Path) -> None:
-    write_atomic(out_dir / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
+    from fastrlhf import dist
+
+    if dist.is_main():
+        write_atomic(out_dir / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -102,6 +105,13 @@ def resolve_device(name: str) -> torch.device:
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
           "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}
+
+
+def compute_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The --dtype a run computes in: auto is bfloat16 on CUDA, float32 on CPU."""
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return DTYPES[name]
 
 
 def arg(default, help: str):

@@ -452,6 +452,30 @@ def pack(sequences: list[tuple[list[int], list[int]]], max_tokens: int) -> list[
     return batches
 
 
+def pack_for_rank(sequences: list[tuple[list[int], list[int]]] | None, max_tokens: int, *,
+                  shares: list[list] | None = None) -> list[tuple[dict, float]]:
+    """This rank's share of a global batch, packed, each micro-batch with the weight of its loss:
+    1, and 0 for the repeats that pad the list to the largest count on any rank (under FSDP every
+    rank must run as many forwards and backwards: each one is a collective). The shares are
+    dist.share's round-robin of `sequences`, or `shares` (every rank's list, e.g. whole pairs).
+    One process: pack(sequences), every weight 1."""
+    from fastrlhf import dist
+
+    if dist.world_size() == 1:
+        return [(mb, 1.0) for mb in pack(sequences if shares is None else shares[0], max_tokens)]
+    if shares is None:
+        shares = [dist.share(sequences, r) for r in range(dist.world_size())]
+    packs = [pack(part, max_tokens) if part else [] for part in shares]
+    mine = packs[dist.rank()]
+    filler = mine[0] if mine else pack(next(part for part in shares if part)[:1], max_tokens)[0]
+    return [(mb, 1.0) for mb in mine] + [(filler, 0.0)] * (max(map(len, packs)) - len(mine))
+
+
+def n_targets(sequences: list[tuple[list[int], list[int]]]) -> int:
+    """Loss positions of sequences once packed (pack shifts the labels by one)."""
+    return sum(sum(y != IGNORE for y in labels[1:]) for _, labels in sequences)
+
+
 def to_device(mb: dict, device) -> dict:
     """A micro-batch from pack / pad_batch with its tensors on device (seq_index etc. kept)."""
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in mb.items()}

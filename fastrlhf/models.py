@@ -22,6 +22,7 @@ autocast in the run's compute dtype), frozen ones in the compute dtype (`load_fr
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
@@ -226,20 +227,32 @@ def check_logprob_fidelity(model, path, *, tol: float = 1e-3) -> float:
 
 def load_trained(path: str | Path, cfg, device, *, value: bool = False):
     """A model a trainer trains: float32 master weights, with the run's gradient checkpointing
-    and dropout settings (cfg: config.RunFields); value=True: a scalar-head value model."""
+    and dropout settings (cfg: config.RunFields), sharded with FSDP2 under torchrun (shard);
+    value=True: a scalar-head value model."""
+    from fastrlhf import dist
+    from fastrlhf.config import compute_dtype
+
     load = load_value_model if value else load_causal_lm
     model = load(path, device=device, dtype=torch.float32, gradient_checkpointing=cfg.gradient_checkpointing,
                  no_dropout=cfg.disable_dropout)
     check_finite_model(model, path)  # a NaN checkpoint would skip every step and save NaN
+    if dist.world_size() > 1:  # torchrun: the masters and (once built) AdamW's state sharded over the ranks
+        shard(model, compute_dtype(cfg.dtype, device))
     return model
 
 
 def check_finite_model(model, where) -> None:
     """Every parameter finite: a checkpoint or model holding NaN/inf is refused, named (it would
     skip every step, and be saved as NaN)."""
-    for name, p in model.named_parameters():
-        if not torch.isfinite(p).all():
-            raise ValueError(f"{where}: parameter {name} holds NaN or inf; it cannot be trained or saved")
+    bad = [name for name, p in model.named_parameters()
+           if not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()]  # sharded: this rank's part
+    if is_sharded(model):  # every rank decides alike: a NaN in another rank's shard stops this one too
+        from fastrlhf import dist
+
+        if dist.sum_over_ranks([len(bad)])[0] and not bad:
+            bad = ["(in another rank's shard)"]
+    if bad:
+        raise ValueError(f"{where}: parameter {bad[0]} holds NaN or inf; it cannot be trained or saved")
 
 
 def check_max_len(model, max_len: int) -> None:
@@ -360,6 +373,77 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return t.dtype
 
 
+# ----------------------------------------------------------------------------------------
+# FSDP2: a trained model sharded over the ranks (torchrun)
+# ----------------------------------------------------------------------------------------
+
+
+def decoder_layers(model) -> nn.ModuleList:
+    """The transformer blocks of a causal LM or a sequence-classification model."""
+    backbone = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, model.base_model_prefix)
+    for name in ("layers", "h", "blocks"):
+        layers = getattr(backbone, name, None)
+        if isinstance(layers, nn.ModuleList):
+            return layers
+    raise ValueError(f"{type(model).__name__}: no decoder layers found to shard (looked for layers, h, blocks)")
+
+
+def shard(model, dtype: torch.dtype):
+    """FSDP2 (torch.distributed.fsdp.fully_shard) over the default group's ranks: each decoder
+    layer its own unit, then the root (embeddings, final norm, output layer or value head in one
+    unit, so a tied output layer stays its embedding). The float32 master weights, their
+    gradients and AdamW's state are sharded; on CUDA in bfloat16 / float16 the layers compute in
+    that dtype (MixedPrecisionPolicy, gradients reduced in float32)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    device = next(model.parameters()).device
+    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) \
+        if device.type == "cuda" and dtype != torch.float32 else MixedPrecisionPolicy()
+    for layer in decoder_layers(model):
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    return model
+
+
+def is_sharded(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def _whole_weights(fn):
+    """Under FSDP2 a parameter is whole only inside the forward of the module that owns it: its
+    pre-forward hook all-gathers it and its post-backward hook reduces its gradient (a kernel
+    called on the output layer's weight from outside raises on the sharded DTensor, or on a bare
+    full_tensor() keeps each rank's own gradient: silently wrong). So on a sharded model fn runs
+    as the model's own forward (an instance attribute shadowing the class's for that call)."""
+    @functools.wraps(fn)
+    def run(model, *args, **kwargs):
+        if not is_sharded(model):
+            return fn(model, *args, **kwargs)
+        model.forward = lambda *a, **k: fn(model, *a, **k)
+        try:
+            return model(*args, **kwargs)
+        finally:
+            del model.forward
+    return run
+
+
+def full_state_dict(model) -> dict | None:
+    """The whole model's state dict on the host: the model's own, or on a sharded model gathered
+    from every rank (a collective: call it on all of them) and given to the main process (None
+    elsewhere)."""
+    if not is_sharded(model):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from fastrlhf import dist
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return state if dist.is_main() else None
+
+
+@_whole_weights
 def token_logprobs(model, batch: dict, *, temperature=1.0, return_entropy=False, impl=None):
     """log p(labels[t] | tokens <= t) for every position (0 where labels == -100), float32,
     through linear_logprob on the last hidden state with the architecture's output transform
@@ -388,6 +472,7 @@ def per_sequence(token_values: torch.Tensor, batch: dict, *, average: bool = Fal
     return sums / counts.clamp(min=1)
 
 
+@_whole_weights
 def token_values(model, batch: dict) -> torch.Tensor:
     """Per-position scalar head outputs (B, T) float32 of a value / reward model."""
     return model.score(hidden_states(model, batch)).squeeze(-1).float()
@@ -447,18 +532,20 @@ def sequence_rewards(model, batch: dict) -> torch.Tensor:
     return sequence_end_values(model, batch)
 
 
-def save_hf_dir(model, tokenizer, out_dir: str | Path, dtype: torch.dtype | None = None) -> None:
+def save_hf_dir(model, tokenizer, out_dir: str | Path, dtype: torch.dtype | None = None,
+                state: dict | None = None) -> None:
     """config + safetensors + tokenizer into out_dir (not atomic: see save_pretrained_atomic);
     the weights cast to `dtype` when given (the trained float32 masters saved as bf16, say),
-    tied weights kept tied."""
+    tied weights kept tied. state: the whole state dict of a sharded model (full_state_dict)."""
     import json
 
     old = model.config.dtype
-    state = None
+    if state is not None:
+        state = dict(state)  # save_pretrained edits the dict it is given
     if dtype is not None and any(p.dtype != dtype for p in model.parameters()):
         cast: dict = {}
         state = {k: cast.setdefault(v.data_ptr(), v.to(dtype)) if v.is_floating_point() else v
-                 for k, v in model.state_dict().items()}
+                 for k, v in (model.state_dict() if state is None else state).items()}
     try:
         model.save_pretrained(out_dir, safe_serialization=True, state_dict=state)
     finally:
@@ -471,9 +558,10 @@ def save_hf_dir(model, tokenizer, out_dir: str | Path, dtype: torch.dtype | None
     tokenizer.save_pretrained(out_dir)
 
 
-def save_pretrained_atomic(model, tokenizer, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
+def save_pretrained_atomic(model, tokenizer, out_dir: str | Path, dtype: torch.dtype | None = None,
+                           state: dict | None = None) -> Path:
     """An HF directory written to a sibling temp dir and renamed into place: a crash mid-write
     never leaves a half-written model under out_dir."""
     with atomic_dir(out_dir) as tmp:
-        save_hf_dir(model, tokenizer, tmp, dtype)
+        save_hf_dir(model, tokenizer, tmp, dtype, state)
     return Path(out_dir)

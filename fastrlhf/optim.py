@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from fastrlhf.config import DTYPES
+from fastrlhf.config import compute_dtype
 
 
 class Precision:
@@ -20,9 +20,7 @@ class Precision:
 
     def __init__(self, name: str, device: torch.device):
         self.device = torch.device(device)
-        if name == "auto":
-            name = "bfloat16" if self.device.type == "cuda" else "float32"
-        self.dtype = DTYPES[name]
+        self.dtype = compute_dtype(name, self.device)
         if self.dtype == torch.bfloat16 and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise ValueError("dtype bfloat16: this GPU does not support it; use --dtype float16")
         self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
@@ -91,6 +89,39 @@ def split_by_budget(items: list, budget: int, count) -> list[list]:
     return steps
 
 
+def optimizer_state(model, opt) -> dict:
+    """opt.state_dict(); of a sharded model the whole state gathered from every rank (a
+    collective), keyed by parameter name, on the host."""
+    from fastrlhf.models import is_sharded
+
+    if not is_sharded(model):
+        return opt.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(model, opt, saved: dict) -> None:
+    """Load what optimizer_state saved, whichever way it was keyed: by index (one process) or by
+    parameter name (sharded), into this run's optimiser, sharded or not (a checkpoint resumes on
+    another number of ranks)."""
+    from fastrlhf.models import is_sharded
+
+    by_index = all(isinstance(k, int) for k in saved["state"]) and \
+        all(isinstance(i, int) for g in saved["param_groups"] for i in g["params"])
+    if by_index and not is_sharded(model):
+        opt.load_state_dict(saved)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    if by_index:  # index i is the i-th parameter of the optimiser's groups, in order
+        names = {id(p): n for n, p in model.named_parameters()}
+        order = [names[id(p)] for g in opt.param_groups for p in g["params"]]
+        saved = {"state": {order[i]: v for i, v in saved["state"].items()},
+                 "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in saved["param_groups"]]}
+    set_optimizer_state_dict(model, opt, saved, options=StateDictOptions(full_state_dict=True))
+
+
 class TrainingError(RuntimeError):
     """A run that cannot go on (every step skipped, a model gone non-finite); one line, exit 2."""
 
@@ -101,6 +132,11 @@ def clip_gradients(model, opt, grad_clip: float, scaler=None) -> torch.Tensor:
     if scaler is not None:
         scaler.unscale_(opt)
     return torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+
+
+def _host(norm: torch.Tensor) -> float:
+    """A gradient norm as a float; of a sharded model's gradients (a DTensor) the global one."""
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
 def apply_step(opt, sched, counters: dict, grad_norm: float, *, ok: bool = True, scaler=None,
@@ -131,7 +167,7 @@ def optimizer_step(model, opt, sched, grad_clip: float, counters: dict, ok: bool
     gradients are unscaled first and an overflow (the scale was too high: it is lowered) is
     counted in counters["skipped_overflow"]; update_scaler=False when a second optimiser steps
     on the same scaled loss next (the scale is updated once, after the last)."""
-    grad_norm = float(clip_gradients(model, opt, grad_clip, scaler)) if ok else float("nan")
+    grad_norm = _host(clip_gradients(model, opt, grad_clip, scaler)) if ok else float("nan")
     apply_step(opt, sched, counters, grad_norm, ok=ok, scaler=scaler, update_scaler=update_scaler and ok)
     return grad_norm
 

@@ -31,7 +31,7 @@ def seed_everything(seed: int) -> None:
 def begin(cfg) -> tuple[Path, torch.device, optim.Precision]:
     """The output directory (created), seeded RNGs, the device and the precision of a run (the
     settings were validated when cfg was built: config.validate_config)."""
-    device = resolve_device(cfg.device)
+    device = dist.setup(resolve_device(cfg.device))  # under torchrun: the process group, this rank's GPU
     prec = optim.Precision(cfg.dtype, device)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -47,7 +47,7 @@ def optimisation(cfg, model, out: Path, total: int, ckpt: Path | None, desc: str
     head = list(model.get_output_embeddings().parameters()) if head_lr else []
     opt = optim.make_optimizer(model.parameters(), cfg.lr, cfg.weight_decay, head=head, head_lr=head_lr)
     sched = optim.make_schedule(opt, cfg.warmup_steps, total, cfg.schedule)
-    state = checkpoints.load_trainer_state(ckpt, opt, sched) if ckpt else {"step": 0, "counters": {}}
+    state = checkpoints.load_trainer_state(ckpt, model, opt, sched) if ckpt else {"step": 0, "counters": {}}
     state.setdefault("summary", {})
     return opt, sched, state, logs.MetricsLog(out, total, desc=desc, resume_step=state["step"] if ckpt else None)
 
@@ -61,8 +61,9 @@ def finish(out_dir: Path, log: logs.MetricsLog, model, tokenizer, summary: dict,
         raise optim.TrainingError(f"every one of the {step} optimiser steps was skipped as non-finite: nothing was "
                                   "trained, final/ is not written")
     models.check_finite_model(model, "final model")  # final/ is never written from a non-finite model
-    summary.update({"steps": step, "final": str(out_dir / "final"), **counters})
+    summary.update({"steps": step, "final": str(out_dir / "final"), "world_size": dist.world_size(), **counters})
+    state = models.full_state_dict(model)  # sharded: gathered from every rank
     if dist.is_main():
-        models.save_pretrained_atomic(model, tokenizer, out_dir / "final", dtype=dtype)
+        models.save_pretrained_atomic(model, tokenizer, out_dir / "final", dtype=dtype, state=state)
         write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2))
     return summary

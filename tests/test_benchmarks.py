@@ -68,3 +68,26 @@ def test_console_script_finds_the_benchmarks_from_anywhere(tmp_path):
                           env={**os.environ, "TRITON_INTERPRET": "0"}, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "train_step" in proc.stdout
+
+
+def test_shard_memory_model_by_hand():
+    from benchmarks import bench_shard
+
+    rows = {(r["model"], r["ranks"]): r for r in bench_shard.table()}
+    # 7B on 8 GPUs: 16 bytes x 7.62e9 / 8 = 15.24 GB of state, two bf16 layers of 7.62e9 / 28 in flight
+    # = 4 x 7.62e9 / 28 = 1.089 GB; a colocated vLLM adds the bf16 model, 15.24 GB
+    assert rows["7B", 8]["train_gb"] == pytest.approx(15.24 + 1.0886, abs=1e-3)
+    assert rows["7B", 8]["with_vllm_gb"] == pytest.approx(15.24 + 1.0886 + 15.24, abs=1e-3)
+
+
+@pytest.mark.slow
+def test_shard_benchmark_halves_the_state_on_two_ranks():
+    from benchmarks import bench_shard
+
+    rows = bench_shard.measure(bench_shard.argparse_namespace(model_size="tiny", ranks="1,2"))
+    one = [r for r in rows if r["ranks"] == 1][0]
+    two = [r for r in rows if r["ranks"] == 2]
+    assert len(two) == 2
+    for key in ("params_mb", "grads_mb", "adam_mb"):
+        assert sum(r[key] for r in two) == pytest.approx(one[key], rel=0.02), key  # shards may pad a little
+        assert two[0][key] == pytest.approx(one[key] / 2, rel=0.05), key

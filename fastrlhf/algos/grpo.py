@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastrlhf import checkpoints, config, logs, models, optim, runtime
+from fastrlhf import checkpoints, config, dist, logs, models, optim, runtime
 from fastrlhf.algos import online
 from fastrlhf.algos.batch import RolloutBatch
 from fastrlhf.algos.update import on_policy, update
@@ -97,7 +97,7 @@ def train(cfg: GRPOConfig, task: Task) -> dict:
     # the prompts first: a data error stops the run before the built-in base model is written
     tokenizer = models.load_tokenizer(cfg.model) if cfg.model else task.tokenizer()
     prompts, heldout = online.load_prompt_sets(cfg, task, tokenizer, counters)
-    model_dir = cfg.model or str(task.base_model(out / "base"))
+    model_dir = cfg.model or str(dist.on_main(lambda: task.base_model(out / "base")))
     ckpt = checkpoints.resume_checkpoint(cfg, out)
     model = models.load_trained(ckpt or model_dir, cfg, device)
     models.check_max_len(model, cfg.max_len)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from fastrlhf import data
+from fastrlhf import data, dist
 from fastrlhf.task import Task
 
 
@@ -20,7 +20,7 @@ def prepare_pairs(cfg, task: Task, out: Path):
     """(model dir, train pairs, eval pairs) for the RM and DPO trainers: the task's pairs first (a
     data error stops the run before its base model is written), then the model to start from."""
     pairs, eval_pairs = task.preference_pairs()
-    model_dir = cfg.model or str(task.base_model(out / "base"))
+    model_dir = cfg.model or str(dist.on_main(lambda: task.base_model(out / "base")))
     return model_dir, pairs, eval_pairs
 
 
@@ -31,10 +31,21 @@ def pair_steps(pairs, pairs_per_step: int, seed: int, epoch: int) -> list[list]:
 
 
 def pair_scores(score_fn, pairs, tokens_per_micro_batch: int, device):
-    """score_fn(model batch) -> (n_seq,) for packed batches; returns (chosen, rejected) (P,)."""
-    flat = [s for c, r in pairs for s in (c, r)]
-    scores = torch.cat([score_fn(data.to_device(mb, device)) for mb in data.pack(flat, tokens_per_micro_batch)])
-    return scores[0::2], scores[1::2]
+    """score_fn(model batch) -> (n_seq,) for packed batches; returns (chosen, rejected) (P,) of
+    every pair. Sharded (torchrun): each rank scores its share of the pairs and the scores of all
+    are gathered (dist.gather_shares), so every rank holds the whole batch's."""
+    shares = [[s for c, r in dist.share(pairs, k) for s in (c, r)] for k in range(dist.world_size())]
+    out, padding = [], 0.0
+    for mb, weight in data.pack_for_rank(None, tokens_per_micro_batch, shares=shares):
+        scores = score_fn(data.to_device(mb, device))
+        if weight:
+            out.append(scores)
+        else:  # a repeat that evens out the ranks' forwards: kept in the graph (its backward runs too), worth 0
+            padding = padding + scores.sum() * 0.0
+    mine = torch.cat(out) if out else torch.zeros(0, device=device)
+    if not isinstance(padding, float):
+        mine = mine + padding
+    return dist.gather_shares(mine[0::2], len(pairs)), dist.gather_shares(mine[1::2], len(pairs))
 
 
 def _prompt_and_reference(record: dict):

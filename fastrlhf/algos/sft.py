@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastrlhf import checkpoints, config, data, logs, models, optim, runtime
+from fastrlhf import checkpoints, config, data, dist, logs, models, optim, runtime
 from fastrlhf.algos.offline import sample_completions
 from fastrlhf.task import Task
 
@@ -54,10 +54,6 @@ def tokenize(tokenizer, records, max_len) -> list[tuple[list[int], list[int]]]:
     return seqs
 
 
-def n_targets(batch: dict) -> int:
-    return int((batch["labels"] != data.IGNORE).sum())
-
-
 def epoch_split(seqs, cfg: SFTConfig, epoch: int) -> list[list]:
     """The sequences of each optimiser step of one epoch: a seeded shuffle, split into steps of
     about tokens_per_step response tokens. How many steps that makes differs from epoch to epoch
@@ -68,9 +64,11 @@ def epoch_split(seqs, cfg: SFTConfig, epoch: int) -> list[list]:
                                    lambda s: sum(y != data.IGNORE for y in s[1]))
 
 
-def epoch_steps(seqs, cfg: SFTConfig, epoch: int) -> list[list[dict]]:
-    """The optimiser steps of one epoch, each packed into micro-batches."""
-    return [data.pack(step, cfg.tokens_per_micro_batch) for step in epoch_split(seqs, cfg, epoch)]
+def epoch_steps(seqs, cfg: SFTConfig, epoch: int) -> list[tuple[list[tuple[dict, float]], int]]:
+    """The optimiser steps of one epoch: each this rank's packed micro-batches with the weight of
+    each one's loss (data.pack_for_rank), and the step's response tokens on all ranks."""
+    return [(data.pack_for_rank(step, cfg.tokens_per_micro_batch), data.n_targets(step))
+            for step in epoch_split(seqs, cfg, epoch)]
 
 
 def locate(step: int, steps_in) -> tuple[int, int]:
@@ -84,13 +82,12 @@ def locate(step: int, steps_in) -> tuple[int, int]:
 
 @torch.no_grad()
 def eval_loss(model, seqs, cfg: SFTConfig, device) -> float:
+    """Held-out NLL per response token (sharded: each rank its share, summed over the ranks)."""
     model.eval()
-    total, count = 0.0, 0
-    for mb in data.pack(seqs, cfg.tokens_per_micro_batch):
-        mb = data.to_device(mb, device)
-        total -= models.token_logprobs(model, mb).sum().item()
-        count += n_targets(mb)
-    return total / max(1, count)
+    total = 0.0
+    for mb, weight in data.pack_for_rank(seqs, cfg.tokens_per_micro_batch):
+        total -= models.token_logprobs(model, data.to_device(mb, device)).sum().item() * weight
+    return dist.sum_over_ranks([total])[0] / max(1, data.n_targets(seqs))
 
 
 def train(cfg: SFTConfig, task: Task) -> dict:
@@ -99,7 +96,7 @@ def train(cfg: SFTConfig, task: Task) -> dict:
     # step 1: data (first: a data error stops the run before the task's base model is written),
     # model, tokenizer
     records, eval_records = task.demonstrations()
-    model_dir = cfg.model or str(task.base_model(out / "base"))
+    model_dir = cfg.model or str(dist.on_main(lambda: task.base_model(out / "base")))
     ckpt = checkpoints.resume_checkpoint(cfg, out)
     tokenizer = models.load_tokenizer(model_dir)
     model = models.load_trained(ckpt or model_dir, cfg, device)
@@ -115,28 +112,30 @@ def train(cfg: SFTConfig, task: Task) -> dict:
 
     # step 3: the loop (forward passes under autocast in the compute dtype; float32 master weights)
     step, counters, summary, epochs = state["step"], state["counters"], state["summary"], {}
+    ranks = dist.world_size()
     with prec.autocast():
         while step < total:
             epoch, index = locate(step, steps_in)
             if epoch not in epochs:
                 epochs.clear()
                 epochs[epoch] = epoch_steps(seqs, cfg, epoch)
-            micro_batches = epochs[epoch][index]
+            micro_batches, n_tok = epochs[epoch][index]
             model.train()
             t0 = time.time()
-            n_tok = sum(n_targets(mb) for mb in micro_batches)
-            loss_sum, ok = 0.0, True
-            for mb in micro_batches:
+            loss_sum, bad = 0.0, 0
+            for mb, weight in micro_batches:
                 mb = data.to_device(mb, device)
-                # step 3a: token-mean NLL over the whole step's response tokens
+                # step 3a: token-mean NLL over the whole step's response tokens (on every rank: FSDP
+                # averages the ranks' gradients, so each rank's part is scaled by the rank count)
                 loss = -models.token_logprobs(model, mb).sum() / n_tok
-                if not optim.finite_or_skip(loss, counters):
-                    ok = False
-                    break
-                prec.backward(loss)
-                loss_sum += loss.item()
-            # step 3b: update (skipped, and counted, on a non-finite loss or gradient)
-            grad_norm = optim.optimizer_step(model, opt, sched, cfg.grad_clip, counters, ok, prec.scaler)
+                bad += not torch.isfinite(loss)
+                prec.backward(loss if weight * ranks == 1 else loss * (weight * ranks))
+                loss_sum += loss.item() * weight
+            loss_sum, bad = dist.sum_over_ranks([loss_sum, bad])
+            # step 3b: update (skipped, and counted, on a non-finite loss or gradient on any rank)
+            if bad:
+                optim.count_nonfinite_loss(counters)
+            grad_norm = optim.optimizer_step(model, opt, sched, cfg.grad_clip, counters, not bad, prec.scaler)
             step += 1
             metrics = {"loss/sft": loss_sum, "lr": sched.get_last_lr()[0], "grad_norm": grad_norm,
                        "tokens": n_tok, "tokens_per_s": n_tok / max(time.time() - t0, 1e-9),

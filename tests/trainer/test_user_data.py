@@ -343,7 +343,7 @@ def test_a_checkpoint_written_on_a_gpu_resumes_on_a_cpu(tmp_path, monkeypatch):
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="CUDA"):
             torch.load(ckpt / "trainer_state.pt", weights_only=False)
-    state = checkpoints.load_trainer_state(ckpt, opt, sched)
+    state = checkpoints.load_trainer_state(ckpt, model, opt, sched)
     assert state["step"] == 1
 
 

@@ -1,0 +1,152 @@
+"""Several processes: `torchrun --nproc_per_node 2 -m fastrlhf sft ...` (gloo on the CPU) trains
+the same global batch as one process, sharded with FSDP2: the same loss and gradient-norm
+trajectory, held-out loss and final weights; the main process alone writes; a checkpoint
+written by two ranks resumes in one process (and the reverse) exactly; trainers that do not
+run sharded yet say so."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastrlhf import models
+
+SFT = ["sft", "--task_model_size", "tiny", "--task_examples", "96", "--tokens_per_step", "96", "--epochs", "1",
+       "--max_len", "64", "--tokens_per_micro_batch", "48", "--eval_every", "3", "--task_eval_prompts", "8",
+       "--log_samples", "1", "--lr", "1e-3", "--warmup_steps", "1", "--device", "cpu"]
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(args: list[str], nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FASTRLHF_KERNEL_IMPL": "torch", "PYTHONWARNINGS": "ignore"}
+    env.pop("TRITON_INTERPRET", None)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+              "127.0.0.1", "--master_port", str(_port()), "-m", "fastrlhf"] if nproc > 1 else [sys.executable, "-m", "fastrlhf"]
+    return subprocess.run(launch + args, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def _rows(out):
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def one_and_two(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    done = {}
+    for n in (1, 2):
+        out = root / f"n{n}"
+        proc = _run(SFT + ["--output_dir", str(out), "--save_every", "2"], nproc=n)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        done[n] = out
+    return done
+
+
+@pytest.mark.slow
+def test_sft_on_two_ranks_trains_the_one_process_batch(one_and_two):
+    one, two = (_rows(one_and_two[n]) for n in (1, 2))
+    assert [r["step"] for r in one] == [r["step"] for r in two] and len(one) >= 4
+    for a, b in zip(one, two):
+        for key in ("loss/sft", "grad_norm", "tokens"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4), (a["step"], key)
+        if "eval/loss" in a:
+            assert b["eval/loss"] == pytest.approx(a["eval/loss"], rel=1e-4)
+            assert b["eval/accuracy"] == a["eval/accuracy"]
+    w1 = models.load_causal_lm(one_and_two[1] / "final").state_dict()
+    w2 = models.load_causal_lm(one_and_two[2] / "final").state_dict()
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-3, atol=1e-5, msg=k)
+    summary = json.loads((one_and_two[2] / "summary.json").read_text())
+    assert summary["steps"] == one[-1]["step"] and summary["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_checkpoints_resume_across_rank_counts(one_and_two, tmp_path):
+    """The two-rank run's step-2 checkpoint (weights and AdamW moments gathered to the main
+    process) continues in one process as the one-process run did, and the reverse."""
+    import shutil
+
+    for written, resumed_on in ((2, 1), (1, 2)):
+        out = tmp_path / f"from{written}on{resumed_on}"
+        shutil.copytree(one_and_two[written] / "checkpoints" / "step-2", out / "checkpoints" / "step-2")
+        shutil.copy(one_and_two[written] / "config.json", out / "config.json")
+        proc = _run(SFT + ["--output_dir", str(out), "--save_every", "2"], nproc=resumed_on)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        ref = {r["step"]: r for r in _rows(one_and_two[resumed_on])}
+        rows = _rows(out)
+        assert rows[0]["step"] == 3
+        for r in rows:
+            assert r["loss/sft"] == pytest.approx(ref[r["step"]]["loss/sft"], rel=1e-4), (written, r["step"])
+
+
+PAIRS = ["--task_pairs", "45", "--task_eval_pairs", "13", "--pairs_per_step", "15",
+         "--epochs", "1", "--max_len", "64", "--tokens_per_micro_batch", "64", "--eval_every", "2", "--lr", "1e-3",
+         "--warmup_steps", "1", "--save_every", "0", "--device", "cpu"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args", [["rm", "--head", "value"], ["rm", "--head", "logprob"],
+                                  ["dpo", "--task_eval_prompts", "4", "--log_samples", "1"],
+                                  ["dpo", "--precompute_ref", "false", "--loss_type", "ipo", "--task_eval_prompts", "0"]],
+                         ids=["rm-value", "rm-logprob", "dpo", "dpo-ipo-live-ref"])
+def test_pair_trainers_on_two_ranks_train_the_one_process_batch(args, tmp_path):
+    """15 pairs a step over 2 ranks (8 and 7, packed into different numbers of micro-batches):
+    each rank scores its share, the scores are gathered, and the loss, the pairwise metrics and
+    the gradient norm are the one-process run's."""
+    rows = {}
+    for n in (1, 2):
+        proc = _run(args + PAIRS + ["--output_dir", str(tmp_path / f"n{n}")], nproc=n)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        rows[n] = _rows(tmp_path / f"n{n}")
+    assert [r["step"] for r in rows[1]] == [r["step"] for r in rows[2]] and len(rows[1]) >= 3
+    for a, b in zip(rows[1], rows[2]):
+        for key, value in a.items():
+            if isinstance(value, float) and not key.endswith("_per_s"):
+                assert b[key] == pytest.approx(value, rel=1e-4, abs=1e-6), (a["step"], key)
+
+
+FAILING_RANK = """
+import os, sys
+from fastrlhf import cli, models
+real, calls = models.token_logprobs, []
+def failing(model, batch, **kw):
+    calls.append(1)
+    if os.environ["RANK"] == "1" and len(calls) == 3:
+        raise RuntimeError("rank 1 broke on purpose")
+    return real(model, batch, **kw)
+models.token_logprobs = failing
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_failing_rank_ends_the_run_with_its_error(tmp_path):
+    """Rank 1 raises in its third forward while rank 0 waits in a collective for it: the run ends
+    (no hang) with rank 1's error, and nothing is written as final."""
+    script = tmp_path / "failing_rank.py"
+    script.write_text(FAILING_RANK)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FASTRLHF_KERNEL_IMPL": "torch", "PYTHONWARNINGS": "ignore",
+           "PYTHONPATH": os.pathsep.join(sys.path)}
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                           "127.0.0.1", "--master_port", str(_port()), str(script), *SFT,
+                           "--output_dir", str(tmp_path / "out")], capture_output=True, text=True, timeout=180, env=env)
+    assert proc.returncode != 0
+    assert "rank 1 broke on purpose" in proc.stderr
+    assert not (tmp_path / "out" / "final").exists()
+
+
+@pytest.mark.slow
+def test_a_trainer_not_sharded_yet_says_so():
+    proc = _run(["grpo", "--device", "cpu"], nproc=2, timeout=120)
+    assert proc.returncode != 0
+    assert "grpo does not run on several processes yet" in proc.stderr
