@@ -30,7 +30,12 @@ def is_main() -> bool:
 
 def launched() -> bool:
     """Whether this process is one of several started by torchrun."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return launched_size() > 1
+
+
+def launched_size() -> int:
+    """How many processes torchrun started (1 without it), known before setup."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def setup(device: torch.device) -> torch.device:
@@ -72,13 +77,31 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def max_over_ranks(n: int) -> int:
+    """The largest of a host integer over the ranks (so every rank runs as many collectives)."""
+    if world_size() == 1:
+        return n
+    return int(max_over_ranks_tensor(torch.tensor([float(n)], device=_device()))[0])
+
+
+def max_over_ranks_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The elementwise largest over the ranks, in place, on the tensor's device (no host sync)."""
+    if world_size() > 1:
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return t
+
+
+def _device() -> torch.device:
+    """Where a tensor for a collective lives: the rank's GPU under NCCL, else the host."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" \
+        else torch.device("cpu")
+
+
 def sum_over_ranks(values: list[float]) -> list[float]:
     """Host numbers summed over the ranks (one collective; world size 1: the numbers)."""
     if world_size() == 1:
         return list(values)
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" \
-        else torch.device("cpu")
-    return all_reduce_sum(torch.tensor(values, dtype=torch.float64, device=device)).tolist()
+    return all_reduce_sum(torch.tensor(values, dtype=torch.float64, device=_device())).tolist()
 
 
 def on_main(fn):

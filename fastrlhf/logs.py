@@ -61,8 +61,12 @@ class DeviceMetrics:
         self._put("set", key, t, lambda old, new: new)
 
     def fetch(self, *now: torch.Tensor) -> list[float]:
-        """Read back `now` (returned, as floats) and every pending statistic (into values)."""
+        """Read back `now` (returned, as floats) and every pending statistic (into values).
+        Sharded (torchrun): the statistics are first combined over the ranks on the device (sums
+        summed, maxima the largest, a set value averaged); `now` is taken as it is."""
         keys = list(self._pending)
+        if dist.world_size() > 1 and keys:
+            self._reduce(keys)
         ts = [t.detach().float().reshape(()) for t in now] + [self._pending[k][1] for k in keys]
         if not ts:
             return []
@@ -73,6 +77,20 @@ class DeviceMetrics:
             self.values[k] = v if old is None or how == "set" else old + v if how == "sum" else max(old, v)
         self._pending.clear()
         return host[: len(now)]
+
+    def _reduce(self, keys: list[str]) -> None:
+        for how in ("sum", "max", "set"):
+            mine = [k for k in keys if self._pending[k][0] == how]
+            if not mine:
+                continue
+            t = torch.stack([self._pending[k][1] for k in mine])
+            if how == "max":
+                dist.max_over_ranks_tensor(t)
+            else:
+                dist.all_reduce_sum(t)
+                t = t / dist.world_size() if how == "set" else t
+            for k, v in zip(mine, t):
+                self._pending[k] = (how, v)
 
 
 class MetricsLog:

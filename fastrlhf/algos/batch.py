@@ -20,12 +20,13 @@ Shapes: B samples, T longest completion, b samples of a micro-batch, T_mb its lo
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass
 
 import torch
 
-from fastrlhf import data, models
+from fastrlhf import data, dist, models
 from fastrlhf.rollout import Sample
 
 
@@ -50,6 +51,7 @@ class MicroBatch:
     _pos: torch.Tensor  # (n_tokens,) position of each completion token in the packed row
     _row: torch.Tensor  # (n_tokens,) its row within the micro-batch
     _col: torch.Tensor  # (n_tokens,) its index within that row's completion
+    weight: float = 1.0  # 0: a repeat that evens out the ranks' forwards (torchrun), worth nothing
 
     def rows(self, token_vals: torch.Tensor) -> torch.Tensor:
         """(1, total) per-position values -> (b, T_mb): each sequence's completion positions in
@@ -74,7 +76,19 @@ class MicroBatch:
 
 
 def micro_batches(samples: list[Sample], idx: list[int], budget: int, device) -> list[MicroBatch]:
-    """The samples idx packed into micro-batches of at most `budget` tokens, in that order."""
+    """The samples idx packed into micro-batches of at most `budget` tokens, in that order.
+    Sharded (torchrun): followed by zero-weight repeats up to the largest count on any rank,
+    so that every rank runs as many forwards and backwards (FSDP's collectives)."""
+    out = _pack(samples, idx, budget, device)
+    if dist.world_size() > 1:
+        n = dist.max_over_ranks(len(out))
+        if len(out) < n:
+            filler = out[0] if out else _pack(samples, [0], budget, device)[0]
+            out += [dataclasses.replace(filler, weight=0.0)] * (n - len(out))
+    return out
+
+
+def _pack(samples: list[Sample], idx: list[int], budget: int, device) -> list[MicroBatch]:
     out = []
     for mb in data.pack(sequences([samples[i] for i in idx]), budget):
         seq = [idx[j] for j in mb["seq_index"]]
@@ -139,6 +153,17 @@ class RolloutBatch:
         """x (B, T) at the completion positions, flattened row-major: x[mask], sync-free. (n,)"""
         return x.flatten()[self.tokens]
 
+    def whitening(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and unbiased std of x (B, T) over the completion tokens (0-d tensors, on the
+        device); sharded, over every rank's (one collective, on the device)."""
+        valid = self.valid(x)
+        if dist.world_size() == 1:
+            return valid.mean(), valid.std()
+        n, s1, s2 = dist.all_reduce_sum(torch.stack([torch.tensor(float(valid.numel()), device=x.device),
+                                                      valid.sum(), (valid * valid).sum()]))
+        mean = s1 / n
+        return mean, ((s2 - n * mean * mean).clamp(min=0) / (n - 1)).sqrt()
+
     def micro_batches(self, idx: list[int], budget: int) -> list[MicroBatch]:
         return micro_batches(self.samples, idx, budget, self.device)
 
@@ -148,7 +173,9 @@ class RolloutBatch:
         micro-batches; returns them at the completion positions, (B, T) float32 on the device."""
         out = torch.zeros(self.mask.shape, device=self.device)
         for mb in self.micro_batches(list(range(len(self.samples))), budget):
-            out[mb.index, : mb.T] = mb.rows(per_position(mb.inputs)).float()
+            vals = mb.rows(per_position(mb.inputs)).float()
+            if mb.weight:
+                out[mb.index, : mb.T] = vals
         return out
 
     def logprobs(self, model, budget: int, temperature: float) -> torch.Tensor:

@@ -29,8 +29,6 @@ over 4 samples per prompt at temperature 1), eval/reward.
 
 from __future__ import annotations
 
-import math
-import statistics
 import time
 from dataclasses import dataclass
 
@@ -62,6 +60,10 @@ class GRPOConfig(config.RolloutFields, config.OptimFields, config.RunFields):
 
 
 def check(cfg: GRPOConfig) -> None:
+    if dist.launched() and cfg.engine == "hf":
+        raise ValueError("grpo on several processes generates with a vLLM engine per rank: engine=vllm (or auto)")
+    if cfg.prompts_per_step < dist.launched_size():
+        raise ValueError(f"prompts_per_step={cfg.prompts_per_step}: fewer prompts than the {dist.launched_size()} ranks")
     if cfg.advantage not in ADVANTAGES:
         raise ValueError(f"advantage {cfg.advantage!r}: expected one of {list(ADVANTAGES)}")
     if cfg.group_size < 2 and cfg.advantage != "reinforce_pp":
@@ -82,8 +84,8 @@ def advantages(cfg: GRPOConfig, batch: RolloutBatch) -> torch.Tensor:
         rewards -= cfg.kl_coef * kl_penalty(batch.old, batch.ref, kind="k1") * batch.mask
     rewards[torch.arange(len(batch.samples), device=batch.device), batch.last] += batch.scores
     returns, _ = gae(rewards, torch.zeros_like(rewards), batch.mask, gamma=cfg.gamma, lam=1.0)
-    valid = batch.valid(returns)
-    return torch.where(batch.mask, (returns - valid.mean()) / (valid.std() + 1e-8), 0.0)
+    mean, std = batch.whitening(returns)
+    return torch.where(batch.mask, (returns - mean) / (std + 1e-8), 0.0)
 
 
 def train(cfg: GRPOConfig, task: Task) -> dict:
@@ -121,8 +123,10 @@ def train(cfg: GRPOConfig, task: Task) -> dict:
         while step < cfg.steps:
             t_step = time.perf_counter()
             # step 3: generate with the current weights (training state off the device meanwhile)
-            group_prompts = online.step_prompts(prompts, cfg, step)
-            groups, phase = online.rollout(colocated, group_prompts, cfg, step)
+            step_p = online.step_prompts(prompts, cfg, step)
+            mine = dist.share(list(range(len(step_p))))  # sharded: this rank's prompts, whole groups
+            group_prompts = [step_p[i] for i in mine]
+            groups, phase = online.rollout(colocated, group_prompts, cfg, step, indices=mine)
             samples = [s for g in groups for s in g]  # (B,) in group order
 
             # step 4: rewards (failed samples: counted, imputed, not trained on)
@@ -153,13 +157,13 @@ def train(cfg: GRPOConfig, task: Task) -> dict:
             step += 1
 
             # step 7: log, evaluate, checkpoint
-            n_tokens = sum(batch.lengths)
+            reward_mean, reward_std = online.global_stats(raw)
+            rollout = online.rollout_stats(samples)
             metrics.update({
-                "rollout/engine": colocated.name, "reward/mean": statistics.fmean(raw),
-                "reward/std": statistics.stdev(raw) if len(raw) > 1 else math.nan,
+                "rollout/engine": colocated.name, "reward/mean": reward_mean, "reward/std": reward_std,
                 "rollout/logprob_diff_max": stats.values.get("rollout/logprob_diff_max", 0.0),
-                **online.rollout_stats(samples), **phase, "time/train_s": train_s,
-                "tokens_per_s": n_tokens / (time.perf_counter() - t_step),
+                **rollout, **phase, "time/train_s": train_s,
+                "tokens_per_s": rollout["rollout/tokens"] / (time.perf_counter() - t_step),
                 **optim.lr_metrics(opt), "memory/train_state_mb": swapper.state_mb(), **counters})
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 metrics.update(online.evaluate(colocated, heldout, tokenizer, cfg.max_new_tokens, scorer))

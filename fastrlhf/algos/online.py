@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from fastrlhf import data, models
+from fastrlhf import data, dist, models
 from fastrlhf.algos.batch import sequences
 from fastrlhf.rollout import Sample
 from fastrlhf.task import EVAL_SAMPLES, EVAL_TEMPERATURE
@@ -223,14 +223,23 @@ def step_prompts(prompts: list, cfg, step: int) -> list:
     return [prompts[i] for i in order[index * cfg.prompts_per_step:(index + 1) * cfg.prompts_per_step]]
 
 
-def rollout(colocated, prompts: list[Prompt], cfg, step: int):
+def global_stats(values: list[float]) -> tuple[float, float]:
+    """Mean and unbiased standard deviation of values over every rank's (one process: its own)."""
+    n, s1, s2 = dist.sum_over_ranks([len(values), sum(values), sum(v * v for v in values)])
+    mean = s1 / max(1, n)
+    return mean, math.sqrt(max(0.0, s2 - n * mean * mean) / (n - 1)) if n > 1 else math.nan
+
+
+def rollout(colocated, prompts: list[Prompt], cfg, step: int, indices: list[int] | None = None):
     """Step 3 of both trainers, through the phase switch (rollout.Colocated: the training state
     off the device, the policy's weights into the engine, the engine asleep and the state back
-    afterwards): G samples for each prompt. Returns (groups [[Sample] * G] * P, timing and
-    memory metrics)."""
+    afterwards): G samples for each prompt. indices: the prompts' places in the step's global
+    batch (a rank's share: sampled as one process would). Returns (groups [[Sample] * G] * P,
+    timing and memory metrics)."""
     with colocated.generating() as engine:
         groups = engine.generate([p.ids for p in prompts], n=cfg.group_size, temperature=cfg.temperature,
-                                 top_p=cfg.top_p, max_tokens=cfg.max_new_tokens, seed=cfg.seed * 1_000_003 + step)
+                                 top_p=cfg.top_p, max_tokens=cfg.max_new_tokens, seed=cfg.seed * 1_000_003 + step,
+                                 indices=indices)
     return groups, dict(colocated.metrics)
 
 
@@ -256,22 +265,31 @@ def evaluate(colocated, heldout: list[Prompt], tokenizer, max_new_tokens: int, s
     (EVAL_SAMPLES draws per prompt at EVAL_TEMPERATURE, the policy's own distribution:
     what RL changes most). It goes through the same phase switch as a training rollout."""
     with_answers = all(p.record.get("answer") is not None for p in heldout)
+    mine = dist.share(list(range(len(heldout))))  # sharded: each rank its share, the counts summed
+    prompts = [heldout[i] for i in mine]
     with colocated.generating() as engine:
-        groups = engine.generate([p.ids for p in heldout], n=1, temperature=0.0,
-                                 max_tokens=max_new_tokens, seed=0)
-        drawn = engine.generate([p.ids for p in heldout], n=EVAL_SAMPLES, temperature=EVAL_TEMPERATURE,
-                                max_tokens=max_new_tokens, seed=0) if with_answers else None
+        groups = engine.generate([p.ids for p in prompts], n=1, temperature=0.0,
+                                 max_tokens=max_new_tokens, seed=0, indices=mine)
+        drawn = engine.generate([p.ids for p in prompts], n=EVAL_SAMPLES, temperature=EVAL_TEMPERATURE,
+                                max_tokens=max_new_tokens, seed=0, indices=mine) if with_answers else None
     text = lambda s: tokenizer.decode(s.completion_ids, skip_special_tokens=True).strip()  # noqa: E731
-    out = {}
+    counts = [0, 0, 0, 0, 0.0, 0]  # greedy hits, prompts, sampled hits, draws, reward sum, scored
     if with_answers:
-        out["eval/accuracy"] = sum(text(g[0]) == p.record["answer"] for g, p in zip(groups, heldout)) / len(heldout)
-        hits = [text(s) == p.record["answer"] for g, p in zip(drawn, heldout) for s in g]
-        out["eval/sample_accuracy"] = sum(hits) / len(hits)
+        hits = [text(s) == p.record["answer"] for g, p in zip(drawn, prompts) for s in g]
+        counts[:4] = [sum(text(g[0]) == p.record["answer"] for g, p in zip(groups, prompts)), len(prompts),
+                      sum(hits), len(hits)]
     if scorer is not None:
         samples = [g[0] for g in groups]
-        scorer(samples, heldout, {})
+        scorer(samples, prompts, {})
         scored = [s.reward for s in samples if "failed" not in s.info]
-        out["eval/reward"] = sum(scored) / max(1, len(scored))
+        counts[4:] = [sum(scored), len(scored)]
+    greedy, n, sampled, draws, reward, n_scored = dist.sum_over_ranks(counts)
+    out = {}
+    if with_answers:
+        out["eval/accuracy"] = greedy / n
+        out["eval/sample_accuracy"] = sampled / draws
+    if scorer is not None:
+        out["eval/reward"] = reward / max(1, n_scored)
     return out
 
 
@@ -291,7 +309,7 @@ def sample_rows(samples: list[Sample], prompts: list[Prompt], tokenizer, n: int)
 
 def rollout_stats(samples: list[Sample]) -> dict:
     """rollout/response_len (mean completion tokens) and rollout/overlong_frac (share that hit
-    max_new_tokens), from the host's token ids."""
-    lengths = [len(s.completion_ids) for s in samples]
-    return {"rollout/response_len": sum(lengths) / len(lengths),
-            "rollout/overlong_frac": sum(s.finish_reason == "length" for s in samples) / len(samples)}
+    max_new_tokens), from the host's token ids, over every rank's samples; rollout/tokens (all)."""
+    n, tokens, overlong = dist.sum_over_ranks([len(samples), sum(len(s.completion_ids) for s in samples),
+                                               sum(s.finish_reason == "length" for s in samples)])
+    return {"rollout/response_len": tokens / n, "rollout/overlong_frac": overlong / n, "rollout/tokens": int(tokens)}

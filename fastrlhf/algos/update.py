@@ -29,7 +29,7 @@ import random
 
 import torch
 
-from fastrlhf import models, optim
+from fastrlhf import dist, models, optim
 from fastrlhf.algos.batch import RolloutBatch
 from fastrlhf.kernels import policy_loss, value_loss
 from fastrlhf.logs import DeviceMetrics
@@ -55,68 +55,76 @@ def update(cfg, batch: RolloutBatch, policy, opt, sched, prec, counters: dict, m
     value loss is added and its optimiser steps too. seed: the minibatch shuffle's. Returns the
     metrics averaged over the optimiser steps; rollout/logprob_diff_max (on-policy) and whatever
     else the caller put in `metrics` are in metrics.values after it."""
-    budget, exact = cfg.tokens_per_micro_batch, on_policy(cfg)
+    budget, exact, ranks = cfg.tokens_per_micro_batch, on_policy(cfg), dist.world_size()
     n_updates, means = 0, {"loss/policy"}
+    slices = []  # (epoch, minibatch) -> this rank's rows; the losses normalise by the global totals
     for epoch in range(cfg.ppo_epochs):
         order = list(batch.train)
         random.Random(seed + epoch).shuffle(order)
-        for k in range(cfg.minibatches):
-            idx = order[k::cfg.minibatches]
-            if not idx:
-                continue
-            total_tokens, total_rows = sum(batch.lengths[i] for i in idx), len(idx)
-            finite = []
-            for mb in batch.micro_batches(idx, budget):
-                mask, sampler = mb.view(batch.mask), mb.view(batch.sampler)
-                with torch.set_grad_enabled(train_policy):  # critic warm-up: the policy's loss is only logged
-                    lp, ent = models.token_logprobs(policy, mb.inputs, temperature=cfg.temperature, return_entropy=True)
-                    lp, ent = mb.rows(lp), mb.rows(ent)  # (b, T_mb)
-                    if exact and mb.T:
-                        metrics.maximum("rollout/logprob_diff_max", torch.where(mask, (sampler - lp.detach()).abs(), 0.0).max())
-                    old = lp.detach() if exact else mb.view(batch.old)
-                    is_w = importance_weights(old, sampler, cfg.is_cap) if cfg.is_cap > 0 else None
-                    loss, m = policy_loss(lp, old, mb.view(batch.advantages), mask, clip_low=cfg.clip_low,
-                                          clip_high=cfg.clip_high, dual_clip=cfg.dual_clip or None,
-                                          ref_logprobs=mb.view(batch.ref) if kl_coef else None, kl_coef=kl_coef,
-                                          kl_kind=kl_kind, entropy=ent,
-                                          entropy_coef=cfg.entropy_coef, is_weights=is_w, loss_agg=cfg.loss_agg,
-                                          max_len=cfg.max_new_tokens)
-                share = mb.share(cfg.loss_agg, total_tokens, total_rows)
-                finite.append(torch.isfinite(loss))
-                metrics.add("loss/policy", loss.detach() * share)
-                for key, v in m.items():
-                    if key != "kl" or kl_coef:  # kl: only with a KL term in the loss
-                        metrics.add(key, v * share)
-                        means.add(key)
-                total = loss * share if train_policy else None
-                if critic is not None:
-                    v = mb.rows(models.token_values(critic, mb.inputs))
-                    v_loss, vm = value_loss(v, mb.view(batch.values), mb.view(batch.returns), mask, clip=cfg.value_clip)
-                    v_share = mb.share("token-mean", total_tokens, total_rows)
-                    finite.append(torch.isfinite(v_loss))
-                    metrics.add("loss/value", v_loss.detach() * v_share)
-                    metrics.add("value/clipfrac", vm["clipfrac"] * v_share)
-                    metrics.add("value/mean", vm["vpred_mean"] * v_share)
-                    means.update(("loss/value", "value/clipfrac", "value/mean"))
-                    total = v_loss * v_share if total is None else total + v_loss * v_share  # disjoint parameters
-                if total is not None:
-                    prec.backward(total)
-            # one optimiser step per model, on one read-back: the losses' finite flag and the norms
-            norms = [optim.clip_gradients(policy, opt, cfg.grad_clip, prec.scaler) if train_policy else None,
-                     optim.clip_gradients(critic, critic_opt, cfg.grad_clip, prec.scaler) if critic is not None else None]
-            zero = torch.zeros((), device=batch.device)
-            ok, policy_norm, critic_norm = metrics.fetch(torch.stack(finite).all(),
-                                                         *(zero if n is None else n for n in norms))
-            ok = bool(ok)
-            if not ok:
-                optim.count_nonfinite_loss(counters)
-            if train_policy:  # (one float16 loss scale for both: updated once, after the last step)
-                optim.apply_step(opt, sched, counters, policy_norm, ok=ok, scaler=prec.scaler,
-                                 update_scaler=critic is None)
-                metrics.values["grad_norm"] = metrics.values.get("grad_norm", 0.0) + (policy_norm if ok else math.nan)
-                means.add("grad_norm")
+        slices += [order[k::cfg.minibatches] for k in range(cfg.minibatches)]
+    totals = dist.sum_over_ranks([x for idx in slices for x in (sum(batch.lengths[i] for i in idx), len(idx))])
+    for j, idx in enumerate(slices):
+        total_tokens, total_rows = int(totals[2 * j]), int(totals[2 * j + 1])
+        if not total_rows:  # (on every rank: nothing to train on in this minibatch)
+            continue
+        finite = []
+        for mb in batch.micro_batches(idx, budget):
+            mask, sampler = mb.view(batch.mask), mb.view(batch.sampler)
+            with torch.set_grad_enabled(train_policy):  # critic warm-up: the policy's loss is only logged
+                lp, ent = models.token_logprobs(policy, mb.inputs, temperature=cfg.temperature, return_entropy=True)
+                lp, ent = mb.rows(lp), mb.rows(ent)  # (b, T_mb)
+                if exact and mb.T:
+                    metrics.maximum("rollout/logprob_diff_max", torch.where(mask, (sampler - lp.detach()).abs(), 0.0).max())
+                old = lp.detach() if exact else mb.view(batch.old)
+                is_w = importance_weights(old, sampler, cfg.is_cap) if cfg.is_cap > 0 else None
+                loss, m = policy_loss(lp, old, mb.view(batch.advantages), mask, clip_low=cfg.clip_low,
+                                      clip_high=cfg.clip_high, dual_clip=cfg.dual_clip or None,
+                                      ref_logprobs=mb.view(batch.ref) if kl_coef else None, kl_coef=kl_coef,
+                                      kl_kind=kl_kind, entropy=ent,
+                                      entropy_coef=cfg.entropy_coef, is_weights=is_w, loss_agg=cfg.loss_agg,
+                                      max_len=cfg.max_new_tokens)
+            share = mb.share(cfg.loss_agg, total_tokens, total_rows) * mb.weight  # of the global minibatch
+            finite.append(torch.isfinite(loss))
+            metrics.add("loss/policy", loss.detach() * share)
+            for key, v in m.items():
+                if key != "kl" or kl_coef:  # kl: only with a KL term in the loss
+                    metrics.add(key, v * share)
+                    means.add(key)
+            total = loss * (share * ranks) if train_policy else None  # (FSDP averages the ranks' gradients)
             if critic is not None:
-                optim.apply_step(critic_opt, critic_sched, {}, critic_norm, ok=ok, scaler=prec.scaler)
-            n_updates += 1
+                v = mb.rows(models.token_values(critic, mb.inputs))
+                v_loss, vm = value_loss(v, mb.view(batch.values), mb.view(batch.returns), mask, clip=cfg.value_clip)
+                v_share = mb.share("token-mean", total_tokens, total_rows) * mb.weight
+                finite.append(torch.isfinite(v_loss))
+                metrics.add("loss/value", v_loss.detach() * v_share)
+                metrics.add("value/clipfrac", vm["clipfrac"] * v_share)
+                metrics.add("value/mean", vm["vpred_mean"] * v_share)
+                means.update(("loss/value", "value/clipfrac", "value/mean"))
+                v_total = v_loss * (v_share * ranks)
+                total = v_total if total is None else total + v_total  # disjoint parameters: one backward
+            if total is not None:
+                prec.backward(total)
+        # one optimiser step per model, on one read-back: the losses' finite flag and the norms
+        norms = [optim.clip_gradients(policy, opt, cfg.grad_clip, prec.scaler) if train_policy else None,
+                 optim.clip_gradients(critic, critic_opt, cfg.grad_clip, prec.scaler) if critic is not None else None]
+        zero = torch.zeros((), device=batch.device)
+        bad = dist.all_reduce_sum((~torch.stack(finite)).sum().float())  # a non-finite loss on any rank
+        ok, policy_norm, critic_norm = metrics.fetch(bad == 0, *(zero if n is None else _whole(n) for n in norms))
+        ok = bool(ok)
+        if not ok:
+            optim.count_nonfinite_loss(counters)
+        if train_policy:  # (one float16 loss scale for both: updated once, after the last step)
+            optim.apply_step(opt, sched, counters, policy_norm, ok=ok, scaler=prec.scaler,
+                             update_scaler=critic is None)
+            metrics.values["grad_norm"] = metrics.values.get("grad_norm", 0.0) + (policy_norm if ok else math.nan)
+            means.add("grad_norm")
+        if critic is not None:
+            optim.apply_step(critic_opt, critic_sched, {}, critic_norm, ok=ok, scaler=prec.scaler)
+        n_updates += 1
     metrics.fetch()  # whatever is still pending (no update at all: every sample filtered out)
     return {k: metrics.values[k] / max(1, n_updates) for k in sorted(means) if k in metrics.values}
+
+
+def _whole(norm: torch.Tensor) -> torch.Tensor:
+    """A gradient norm of a sharded model's gradients (a DTensor) as the global one."""
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm

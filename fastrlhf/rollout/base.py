@@ -1,7 +1,9 @@
 """What every rollout engine is: the Engine protocol, the Sample it returns, its error.
 
-    engine.generate(prompt_ids, n=G, temperature=1.0, max_tokens=L, seed=s, top_p=1.0)
-        -> [[Sample] * G] * P, each with the sampler's own log-probs after temperature
+    engine.generate(prompt_ids, n=G, temperature=1.0, max_tokens=L, seed=s, top_p=1.0, indices=None)
+        -> [[Sample] * G] * P, each with the sampler's own log-probs after temperature; prompt i
+        sampled with a seed from (s, indices[i] or i): a rank's share of a global batch (torchrun)
+        samples what one process sampling the whole batch would
     engine.update_weights(named_tensors)   the policy's current weights, pushed in place
     engine.sleep() / engine.wake_up()      hand accelerator memory to training and back
     engine.name                            "vllm" | "hf" (logged as rollout/engine)
@@ -40,7 +42,7 @@ class Engine(Protocol):
     name: str
 
     def generate(self, prompt_ids: list[list[int]], *, n: int, temperature: float, max_tokens: int,
-                 seed: int, top_p: float = 1.0) -> list[list[Sample]]: ...
+                 seed: int, top_p: float = 1.0, indices: list[int] | None = None) -> list[list[Sample]]: ...
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None: ...
 

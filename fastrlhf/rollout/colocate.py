@@ -5,7 +5,8 @@ Every generation a trainer does, a training rollout or an evaluation, goes throu
     1. moves the training state off the device (memory.StateSwapper.offload: AdamW moments, the
        parameters if asked; gradients freed; the CUDA cache emptied),
     2. wakes the engine's weights, pushes the policy's current weights into it in place (each
-       parameter once, in the engine's dtype), wakes its KV cache,
+       parameter once, in the engine's dtype; a sharded model's gathered parameter by parameter),
+       wakes its KV cache,
     3. yields the engine for any number of generate() calls,
     4. puts the engine to sleep (its weights and KV cache released on CUDA) and brings the
        training state back,
@@ -42,7 +43,7 @@ class Colocated:
         try:
             t0 = time.perf_counter()
             self.engine.wake_up(["weights"])
-            self.engine.update_weights((n, p.detach()) for n, p in self.model.named_parameters())
+            self.engine.update_weights((n, _whole(p)) for n, p in self.model.named_parameters())
             self.engine.wake_up(["kv_cache"])
             self.metrics["time/weight_sync_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
@@ -52,3 +53,10 @@ class Colocated:
             self.engine.sleep()
             for sw in self.swappers:
                 self._add(sw.onload())
+
+
+def _whole(p):
+    """A parameter's whole value: of a sharded (FSDP2) model gathered from every rank, one
+    parameter at a time as the engine consumes them (never the whole model at once)."""
+    p = p.detach()
+    return p.full_tensor() if hasattr(p, "full_tensor") else p

@@ -29,7 +29,7 @@ class HFEngine:
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], *, n: int, temperature: float, max_tokens: int,
-                 seed: int, top_p: float = 1.0) -> list[list[Sample]]:
+                 seed: int, top_p: float = 1.0, indices: list[int] | None = None) -> list[list[Sample]]:
         model, tok = self.policy, self.tokenizer
         was_training = model.training
         model.eval()

@@ -46,6 +46,11 @@ class VLLMEngine:
             # the CPU backend sizes its KV cache as utilization * RAM minus this process's RSS,
             # which here includes the trainer (model, optimizer, data): state it explicitly
             memory = dict(kv_cache_memory_bytes=_cpu_kv_cache_bytes(gpu_memory_utilization))
+        from fastrlhf import dist
+
+        if dist.world_size() > 1:  # torchrun: an engine per rank, in this process, on its device (TRL's colocate)
+            os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
+            memory.update(distributed_executor_backend="external_launcher", tensor_parallel_size=1)
         try:
             self.llm = LLM(str(model_dir), dtype=_DTYPES.get(dtype, "auto"), seed=seed,
                            max_model_len=max_model_len, enable_sleep_mode=self.on_cuda,
@@ -91,7 +96,7 @@ class VLLMEngine:
         self.stale_prefixes = True  # cached prefixes were computed with the old weights: reset before generating
 
     def generate(self, prompt_ids: list[list[int]], *, n: int, temperature: float, max_tokens: int,
-                 seed: int, top_p: float = 1.0) -> list[list[Sample]]:
+                 seed: int, top_p: float = 1.0, indices: list[int] | None = None) -> list[list[Sample]]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -99,7 +104,8 @@ class VLLMEngine:
             self.llm.reset_prefix_cache()
             self.stale_prefixes = False
         params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
-                                 logprobs=0, seed=seed * 100003 + i) for i in range(len(prompt_ids))]
+                                 logprobs=0, seed=seed * 100003 + i)
+                  for i in (indices if indices is not None else range(len(prompt_ids)))]
         try:  # in process, so the trainer's autocast would reach vLLM's own forward: off here
             with torch.autocast(device_type="cuda" if self.on_cuda else "cpu", enabled=False):
                 outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params,

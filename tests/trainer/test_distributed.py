@@ -145,8 +145,40 @@ def test_a_failing_rank_ends_the_run_with_its_error(tmp_path):
     assert not (tmp_path / "out" / "final").exists()
 
 
+GRPO = ["grpo", "--task_prompts", "64", "--task_eval_prompts", "7", "--prompts_per_step", "5", "--group_size", "4",
+        "--max_new_tokens", "4", "--max_len", "32", "--steps", "3", "--eval_every", "3", "--engine", "vllm",
+        "--enforce_eager", "true", "--gpu_memory_utilization", "0.05", "--tokens_per_micro_batch", "48",
+        "--lr", "1e-3", "--device", "cpu", "--save_every", "0", "--reward_fn", "tests.trainer.rewards_for_tests:sevens"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("advantage", ["grpo", "reinforce_pp"])
+def test_grpo_on_two_ranks_with_an_engine_each_trains_the_one_process_batch(advantage, tmp_path):
+    """5 prompts x 4 samples a step over 2 ranks (3 and 2 prompts, whole groups), each rank with
+    its own in-process vLLM engine fed the gathered weights after every step and sampling its
+    prompts with their global seeds: the samples, rewards, losses, gradient norms and held-out
+    scores are the one-process run's (REINFORCE++ whitens over both ranks' tokens), and the
+    engines' log-probs match the trainer's after every push."""
+    pytest.importorskip("vllm")
+    rows = {}
+    for n in (1, 2):
+        proc = _run(GRPO + ["--advantage", advantage, "--output_dir", str(tmp_path / f"n{n}")], nproc=n, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        rows[n] = _rows(tmp_path / f"n{n}")
+    assert len(rows[1]) == len(rows[2]) == 4
+    assert any(r.get("grad_norm", 0) > 0 for r in rows[1])  # the reward moves the policy
+    for a, b in zip(rows[1], rows[2]):
+        for key, value in a.items():
+            if isinstance(value, float) and key.split("/")[0] in ("reward", "loss", "grad_norm", "entropy", "eval",
+                                                                 "clipfrac", "ratio_mean", "rollout"):
+                assert b[key] == pytest.approx(value, rel=1e-4, abs=1e-6), (a["step"], key)
+        assert b.get("rollout/logprob_diff_max", 0.0) <= 1e-3
+
+
 @pytest.mark.slow
 def test_a_trainer_not_sharded_yet_says_so():
-    proc = _run(["grpo", "--device", "cpu"], nproc=2, timeout=120)
+    proc = _run(["ppo", "--device", "cpu"], nproc=2, timeout=120)
     assert proc.returncode != 0
-    assert "grpo does not run on several processes yet" in proc.stderr
+    assert "ppo does not run on several processes yet" in proc.stderr
+    proc = _run(["grpo", "--device", "cpu", "--engine", "hf"], nproc=2, timeout=120)
+    assert proc.returncode != 0 and "engine=vllm" in proc.stderr

@@ -112,7 +112,7 @@ class _ScriptedEngine:
     def sleep(self):
         pass
 
-    def generate(self, prompt_ids, *, n, temperature, max_tokens, seed, top_p=1.0):
+    def generate(self, prompt_ids, *, n, temperature, max_tokens, seed, top_p=1.0, indices=None):
         self.calls.append((n, temperature))
         texts = ["12"] if temperature == 0 else ["12", "12", "13", ""]
         ids = lambda t: self.tok(t, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]  # noqa: E731
@@ -155,7 +155,7 @@ class _Recorder:
     def sleep(self):
         self.calls.append("sleep")
 
-    def generate(self, prompt_ids, *, n, temperature, max_tokens, seed, top_p=1.0):
+    def generate(self, prompt_ids, *, n, temperature, max_tokens, seed, top_p=1.0, indices=None):
         self.calls.append("generate")
         return [[Sample(i, p, [2], [0.0], "stop") for _ in range(n)] for i, p in enumerate(prompt_ids)]
 
