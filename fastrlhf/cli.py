@@ -55,7 +55,7 @@ COMMANDS = {
 # trainer command -> its config class (in its module)
 TRAINERS = {"sft": "SFTConfig", "rm": "RMConfig", "dpo": "DPOConfig", "grpo": "GRPOConfig", "ppo": "PPOConfig"}
 # the trainers that run sharded over the processes torchrun starts (FSDP2)
-SHARDED = ("sft", "rm", "dpo", "grpo")
+SHARDED = ("sft", "rm", "dpo", "grpo", "ppo")
 
 
 def train(command: str, argv: list[str] | None = None) -> dict:

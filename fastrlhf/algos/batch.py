@@ -159,10 +159,26 @@ class RolloutBatch:
         valid = self.valid(x)
         if dist.world_size() == 1:
             return valid.mean(), valid.std()
-        n, s1, s2 = dist.all_reduce_sum(torch.stack([torch.tensor(float(valid.numel()), device=x.device),
+        mean, var = self._moments(valid)
+        return mean, var.sqrt()
+
+    def variance(self, x: torch.Tensor) -> torch.Tensor:
+        """Unbiased variance of x (B, T) over the completion tokens (every rank's, sharded)."""
+        valid = self.valid(x)
+        return valid.var() if dist.world_size() == 1 else self._moments(valid)[1]
+
+    def _moments(self, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n, s1, s2 = dist.all_reduce_sum(torch.stack([torch.tensor(float(valid.numel()), device=valid.device),
                                                       valid.sum(), (valid * valid).sum()]))
         mean = s1 / n
-        return mean, ((s2 - n * mean * mean).clamp(min=0) / (n - 1)).sqrt()
+        return mean, (s2 - n * mean * mean).clamp(min=0) / (n - 1)
+
+    def sample_mean(self, x: torch.Tensor) -> torch.Tensor:
+        """The mean of a per-sample x (B,) over every rank's samples (0-d, on the device)."""
+        if dist.world_size() == 1:
+            return x.mean()
+        n = dist.all_reduce_sum(torch.tensor(float(x.numel()), device=x.device))
+        return dist.all_reduce_sum(x.sum()) / n
 
     def micro_batches(self, idx: list[int], budget: int) -> list[MicroBatch]:
         return micro_batches(self.samples, idx, budget, self.device)

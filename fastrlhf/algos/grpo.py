@@ -60,10 +60,7 @@ class GRPOConfig(config.RolloutFields, config.OptimFields, config.RunFields):
 
 
 def check(cfg: GRPOConfig) -> None:
-    if dist.launched() and cfg.engine == "hf":
-        raise ValueError("grpo on several processes generates with a vLLM engine per rank: engine=vllm (or auto)")
-    if cfg.prompts_per_step < dist.launched_size():
-        raise ValueError(f"prompts_per_step={cfg.prompts_per_step}: fewer prompts than the {dist.launched_size()} ranks")
+    online.check_processes(cfg)
     if cfg.advantage not in ADVANTAGES:
         raise ValueError(f"advantage {cfg.advantage!r}: expected one of {list(ADVANTAGES)}")
     if cfg.group_size < 2 and cfg.advantage != "reinforce_pp":

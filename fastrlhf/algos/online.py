@@ -214,6 +214,16 @@ def impute_failed(groups: list[list[Sample]]) -> None:
                 s.reward = mean
 
 
+def check_processes(cfg) -> None:
+    """On several processes (torchrun) each rank generates its share of the prompts on its own
+    vLLM engine: the HF engine (a sharded model's generate needs every rank in every forward)
+    and fewer prompts than ranks are refused before anything runs."""
+    if dist.launched() and cfg.engine == "hf":
+        raise ValueError("on several processes each rank generates with its own vLLM engine: engine=vllm (or auto)")
+    if cfg.prompts_per_step < dist.launched_size():
+        raise ValueError(f"prompts_per_step={cfg.prompts_per_step}: fewer prompts than the {dist.launched_size()} ranks")
+
+
 def step_prompts(prompts: list, cfg, step: int) -> list:
     """The P prompts of a step: a seeded shuffle per pass over the prompts (resumable)."""
     per_epoch = max(1, len(prompts) // cfg.prompts_per_step)

@@ -28,7 +28,6 @@ is the score before it).
 
 from __future__ import annotations
 
-import statistics
 import time
 from dataclasses import dataclass
 
@@ -88,15 +87,15 @@ def advantages_and_returns(cfg: PPOConfig, batch: RolloutBatch, beta: float, sta
     else:
         rewards[torch.arange(len(batch.samples), device=batch.device), batch.last] += batch.scores
     adv, returns = gae(rewards, batch.values, mask, gamma=cfg.gamma, lam=cfg.lam)
-    valid = batch.valid(adv)
-    stats.set("value/explained_var",
-              1 - batch.valid(returns - batch.values).var() / (batch.valid(returns).var() + 1e-8))
-    stats.set("kl", kl.sum(1).mean())
-    batch.advantages = (adv - valid.mean()) / (valid.std() + 1e-8) * mask
+    mean, std = batch.whitening(adv)  # over every rank's tokens
+    stats.set("value/explained_var", 1 - batch.variance(returns - batch.values) / (batch.variance(returns) + 1e-8))
+    stats.set("kl", batch.sample_mean(kl.sum(1)))  # the summed per-token KL of a sample, batch mean
+    batch.advantages = (adv - mean) / (std + 1e-8) * mask
     batch.returns = returns
 
 
 def train(cfg: PPOConfig, task: Task) -> dict:
+    online.check_processes(cfg)
     reward_fn = online.resolve_reward(cfg, task)  # before anything is loaded: a missing reward is an error
     out, device, prec = runtime.begin(cfg)
     counters: dict = {}
@@ -129,7 +128,7 @@ def train(cfg: PPOConfig, task: Task) -> dict:
     critic_sched = optim.make_schedule(critic_opt, cfg.warmup_steps, cfg.steps, cfg.schedule)
     if critic_ckpt is not None:
         st = torch.load(critic_ckpt / "critic_state.pt", weights_only=False, map_location="cpu")
-        critic_opt.load_state_dict(st["optimizer"])
+        optim.load_optimizer_state(critic, critic_opt, st["optimizer"])
         critic_sched.load_state_dict(st["scheduler"])
     step, counters = state["step"], {**counters, **state["counters"]}
     beta = state.get("kl_coef", cfg.kl_coef)
@@ -144,8 +143,10 @@ def train(cfg: PPOConfig, task: Task) -> dict:
         while step < cfg.steps:
             t_step = time.perf_counter()
             # step 3: generate with the current weights (training state off the device meanwhile)
-            step_p = online.step_prompts(prompts, cfg, step)
-            groups, phase = online.rollout(colocated, step_p, cfg, step)
+            all_p = online.step_prompts(prompts, cfg, step)
+            mine = dist.share(list(range(len(all_p))))  # sharded: this rank's prompts
+            step_p = [all_p[i] for i in mine]
+            groups, phase = online.rollout(colocated, step_p, cfg, step, indices=mine)
             samples = [s for g in groups for s in g if s.completion_ids]
 
             # step 4: scores (the reward model's, per sequence or per token; or the function's)
@@ -186,16 +187,17 @@ def train(cfg: PPOConfig, task: Task) -> dict:
 
             # step 7: adapt beta, log, evaluate, checkpoint
             kl_per_sample = stats.values["kl"]
+            rollout = online.rollout_stats(samples)
             metrics.update({
-                "rollout/engine": colocated.name, "reward/mean": statistics.fmean(s.reward for s in samples),
+                "rollout/engine": colocated.name, "reward/mean": online.global_stats([s.reward for s in samples])[0],
                 "reward/kl_penalty": beta * kl_per_sample, "kl": kl_per_sample, "kl_coef": beta,
                 "value/explained_var": stats.values["value/explained_var"],
                 "rollout/logprob_diff_max": stats.values.get("rollout/logprob_diff_max", 0.0),
-                **online.rollout_stats(samples), **phase, "time/train_s": train_s,
-                "tokens_per_s": sum(batch.lengths) / (time.perf_counter() - t_step),
+                **rollout, **phase, "time/train_s": train_s,
+                "tokens_per_s": rollout["rollout/tokens"] / (time.perf_counter() - t_step),
                 **optim.lr_metrics(opt), "memory/train_state_mb": sum(sw.state_mb() for sw in swappers),
                 **counters})
-            beta = adapt_kl(beta, kl_per_sample, cfg, len(samples))
+            beta = adapt_kl(beta, kl_per_sample, cfg, dist.sum_over_ranks([len(samples)])[0])
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 metrics.update(online.evaluate(colocated, heldout, tokenizer, cfg.max_new_tokens, scorer))
                 summary.update({k: v for k, v in metrics.items() if k.startswith("eval/")})
@@ -203,18 +205,27 @@ def train(cfg: PPOConfig, task: Task) -> dict:
                 samples_log.write(step, logged)
             log.log(step, metrics)
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+                critic_state = gather_critic(critic, critic_opt)  # (on every rank: sharded, a collective)
                 checkpoints.save_checkpoint(out, step, model, tokenizer, opt, sched,
-                                        {"step": step, "counters": counters, "summary": summary, "kl_coef": beta},
-                                        extra=lambda tmp: save_critic(tmp / "critic", critic, tokenizer,
-                                                                      critic_opt, critic_sched))
+                                            {"step": step, "counters": counters, "summary": summary, "kl_coef": beta},
+                                            extra=lambda tmp: save_critic(tmp / "critic", critic, tokenizer,
+                                                                          critic_sched, critic_state))
     # step 8: the final policy (final/, in the compute dtype) and critic (critic/), HF directories
     samples_log.close()
-    with files.atomic_dir(out / "critic") as tmp:
-        save_critic(tmp, critic, tokenizer, critic_opt, critic_sched)
+    critic_state = gather_critic(critic, critic_opt)
+    if dist.is_main():
+        with files.atomic_dir(out / "critic") as tmp:
+            save_critic(tmp, critic, tokenizer, critic_sched, critic_state)
     return runtime.finish(out, log, model, tokenizer, summary, step, counters, dtype=prec.dtype)
 
 
-def save_critic(path, critic, tokenizer, opt, sched) -> None:
-    """The critic as an HF sequence-classification directory + its optimiser state."""
-    models.save_hf_dir(critic, tokenizer, path)
-    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, path / "critic_state.pt")
+def gather_critic(critic, opt) -> tuple:
+    """The critic's weights and optimiser state, whole (sharded: gathered, on every rank)."""
+    return models.full_state_dict(critic), optim.optimizer_state(critic, opt)
+
+
+def save_critic(path, critic, tokenizer, sched, state: tuple) -> None:
+    """The critic as an HF sequence-classification directory + its optimiser state (gather_critic's)."""
+    weights, moments = state
+    models.save_hf_dir(critic, tokenizer, path, state=weights)
+    torch.save({"optimizer": moments, "scheduler": sched.state_dict()}, path / "critic_state.pt")

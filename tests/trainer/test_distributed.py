@@ -176,9 +176,36 @@ def test_grpo_on_two_ranks_with_an_engine_each_trains_the_one_process_batch(adva
 
 
 @pytest.mark.slow
-def test_a_trainer_not_sharded_yet_says_so():
-    proc = _run(["ppo", "--device", "cpu"], nproc=2, timeout=120)
-    assert proc.returncode != 0
-    assert "ppo does not run on several processes yet" in proc.stderr
+def test_ppo_on_two_ranks_with_an_engine_each_trains_the_one_process_batch(tmp_path):
+    """PPO with its critic (sharded too, initialised from the policy) and the KL-penalised rewards,
+    GAE whitened over both ranks' tokens, the critic warmed up for a step, then a second run
+    resumes from the two-rank checkpoint: every logged number is the one-process run's."""
+    pytest.importorskip("vllm")
+    args = [a if a != "grpo" else "ppo" for a in GRPO] + ["--group_size", "1", "--ppo_epochs", "1", "--minibatches", "1",
+                                                           "--critic_warmup", "1", "--critic_lr", "1e-3",
+                                                           "--kl_coef", "0.1", "--save_every", "2"]
+    rows = {}
+    for n in (1, 2):
+        proc = _run(args + ["--output_dir", str(tmp_path / f"n{n}")], nproc=n, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        rows[n] = _rows(tmp_path / f"n{n}")
+        assert (tmp_path / f"n{n}" / "critic" / "model.safetensors").exists()
+    assert len(rows[1]) == len(rows[2]) == 4
+    for a, b in zip(rows[1], rows[2]):
+        for key, value in a.items():
+            if isinstance(value, float) and key.split("/")[0] in ("reward", "loss", "grad_norm", "entropy", "eval",
+                                                                 "kl", "value", "rollout", "kl_coef"):
+                assert b[key] == pytest.approx(value, rel=1e-4, abs=1e-6), (a["step"], key)
+        assert b.get("rollout/logprob_diff_max", 0.0) <= 1e-3
+    c1 = models.load_value_model(tmp_path / "n1" / "critic").state_dict()
+    c2 = models.load_value_model(tmp_path / "n2" / "critic").state_dict()
+    for k in c1:
+        torch.testing.assert_close(c2[k], c1[k], rtol=1e-3, atol=1e-5, msg=k)
+
+
+@pytest.mark.slow
+def test_online_trainers_refuse_what_cannot_run_sharded():
     proc = _run(["grpo", "--device", "cpu", "--engine", "hf"], nproc=2, timeout=120)
-    assert proc.returncode != 0 and "engine=vllm" in proc.stderr
+    assert proc.returncode != 0 and "engine=vllm" in proc.stderr  # (torchrun exits 1 when a worker exits 2)
+    proc = _run(["ppo", "--device", "cpu", "--prompts_per_step", "1"], nproc=2, timeout=120)
+    assert proc.returncode != 0 and "fewer prompts than the 2 ranks" in proc.stderr
