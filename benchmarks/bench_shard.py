@@ -134,7 +134,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     if args.child:
         child(args)
-        return
+        sys.stdout.flush()
+        os._exit(0)  # past the closing barrier: skip the process group's destructors (fastrlhf/__main__.py: why)
     if not args.table:
         measure(args)
     table()

@@ -25,7 +25,8 @@ from typing import Callable
 
 import torch
 
-RESULTS = Path(__file__).parent / "results"
+# FASTRLHF_RESULTS_DIR: somewhere else (the GPU suite's output folder)
+RESULTS = Path(os.environ.get("FASTRLHF_RESULTS_DIR") or Path(__file__).parent / "results")
 FIELDS = ["op", "provider", "mode", "size", "median_ms", "p20_ms", "p80_ms", "peak_mem_mb",
           "device", "commit", "peak_mem_tuned_mb"]
 

@@ -56,12 +56,12 @@ def setup(device: torch.device) -> torch.device:
 
 
 def teardown() -> None:
-    """Leave the process group setup made, all ranks together (one rank destroying it while
-    another still works aborts that one). One process: nothing (the group an in-process vLLM
-    makes for itself is vLLM's, and the next engine of the process needs it)."""
+    """The end of a run on several processes: every rank waits for the others (whatever they
+    still write is written). The group is not destroyed: destroying it, like the process exit's
+    own destructors, aborts a gloo rank now and then; `python -m fastrlhf` leaves without them
+    (os._exit). One process: nothing (the group an in-process vLLM makes for itself is vLLM's)."""
     if launched() and torch.distributed.is_initialized():
         torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
 
 
 def share(items: list, of_rank: int | None = None) -> list:

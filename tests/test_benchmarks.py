@@ -91,3 +91,28 @@ def test_shard_benchmark_halves_the_state_on_two_ranks():
     for key in ("params_mb", "grads_mb", "adam_mb"):
         assert sum(r[key] for r in two) == pytest.approx(one[key], rel=0.02), key  # shards may pad a little
         assert two[0][key] == pytest.approx(one[key] / 2, rel=0.05), key
+
+
+@pytest.mark.slow
+def test_gpu_suite_dry_run_writes_its_summary_within_the_file_limits(tmp_path):
+    """The GPU session's one command, run as CI can: every part (but the sm_90 compile, tested on
+    its own) on the CPU with tiny shapes; each part's status in summary.md, at most 8 files."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "gpu"
+    proc = subprocess.run(["bash", str(root / "benchmarks" / "gpu_suite.sh"), "--dry-run", "--out", str(out),
+                           "--parts", "install,tests,logprob,losses,train,grpo"],
+                          capture_output=True, text=True, timeout=600, env={**__import__("os").environ,
+                                                                             "PYTHON": __import__("sys").executable})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    summary = (out / "summary.md").read_text()
+    for part in ("install", "tests", "logprob", "losses", "train", "grpo"):
+        assert f"| {part} | ok |" in summary, part
+    assert "torch 2" in summary and "triton" in summary  # the environment
+    files = [p for p in out.iterdir()]
+    assert all(p.is_file() for p in files) and len(files) <= 8
+    assert any(p.name.endswith("linear_logprob.png") for p in files)  # the headline plot is kept first
+    rows = _rows(next(out.glob("*.csv")))
+    assert {r["op"] for r in rows} >= {"linear_logprob", "policy_loss"}
