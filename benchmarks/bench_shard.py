@@ -39,10 +39,7 @@ def child(args) -> None:
     from fastrlhf.tasks import arithmetic as ar
 
     dist.setup(torch.device("cpu"))
-    out = args.work
-    if dist.is_main():
-        ar.save_base_model(out, **ar.MODEL_SIZES[args.model_size])
-    torch.distributed.barrier() if dist.world_size() > 1 else None
+    out = dist.on_main(lambda: ar.save_base_model(args.work, **ar.MODEL_SIZES[args.model_size]))
     cfg = SFTConfig(device="cpu", disable_dropout=True)
     model = models.load_trained(out, cfg, torch.device("cpu"))
     opt = optim.make_optimizer(model.parameters(), 1e-4, 0.0)
@@ -54,7 +51,7 @@ def child(args) -> None:
     opt.step()
     local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731
     nbytes = lambda ts: sum(local(t).numel() * local(t).element_size() for t in ts)  # noqa: E731
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())
     row = {"rank": dist.rank(), "params_mb": nbytes(params) / 2**20,
            "grads_mb": nbytes(p.grad for p in params if p.grad is not None) / 2**20,
            "adam_mb": nbytes(v for st in opt.state.values() for k, v in st.items() if k in ("exp_avg", "exp_avg_sq")) / 2**20,

@@ -127,10 +127,9 @@ def run_part(part: Part, dry: bool, env: dict, log, left_s: float) -> dict:
     try:
         proc = subprocess.run(command, capture_output=True, text=True, timeout=limit, cwd=ROOT, env=env)
         status, text = ("ok" if proc.returncode == 0 else f"failed (exit {proc.returncode})"), proc.stdout + proc.stderr
-    except subprocess.TimeoutExpired as e:
+    except subprocess.TimeoutExpired as e:  # (what it printed comes as bytes here, even with text=True)
         status = f"timed out after {limit} s"
-        text = (e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace") \
-            if isinstance(e.stdout, bytes) or e.stdout is None else (e.stdout or "") + (e.stderr or "")
+        text = "".join(x.decode(errors="replace") if isinstance(x, bytes) else x or "" for x in (e.stdout, e.stderr))
     seconds = time.time() - t0
     log.write(text)
     log.flush()

@@ -54,8 +54,6 @@ COMMANDS = {
 }
 # trainer command -> its config class (in its module)
 TRAINERS = {"sft": "SFTConfig", "rm": "RMConfig", "dpo": "DPOConfig", "grpo": "GRPOConfig", "ppo": "PPOConfig"}
-# the trainers that run sharded over the processes torchrun starts (FSDP2)
-SHARDED = ("sft", "rm", "dpo", "grpo", "ppo")
 
 
 def train(command: str, argv: list[str] | None = None) -> dict:
@@ -67,9 +65,6 @@ def train(command: str, argv: list[str] | None = None) -> dict:
 
     from fastrlhf import config, dist, tasks
 
-    if dist.launched() and command not in SHARDED:
-        raise ValueError(f"{command} does not run on several processes yet (torchrun: {', '.join(SHARDED)}); "
-                         "run it as one process")
     module = importlib.import_module(COMMANDS[command][0])
     cfg = config.load_config(getattr(module, TRAINERS[command]), argv, prog=f"fastrlhf {command}")
     summary = module.train(cfg, tasks.for_config(cfg))

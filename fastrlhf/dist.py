@@ -64,6 +64,12 @@ def teardown() -> None:
         torch.distributed.barrier()
 
 
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """A tensor's whole value: a sharded one (an FSDP2 DTensor: a parameter, a gradient norm)
+    gathered from every rank (a collective: all ranks call it), any other as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def share(items: list, of_rank: int | None = None) -> list:
     """This rank's part of a global batch (round-robin: ranks differ by at most one item)."""
     r = rank() if of_rank is None else of_rank

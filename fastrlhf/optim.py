@@ -9,6 +9,7 @@ import math
 
 import torch
 
+from fastrlhf import dist
 from fastrlhf.config import compute_dtype
 
 
@@ -134,11 +135,6 @@ def clip_gradients(model, opt, grad_clip: float, scaler=None) -> torch.Tensor:
     return torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
 
 
-def _host(norm: torch.Tensor) -> float:
-    """A gradient norm as a float; of a sharded model's gradients (a DTensor) the global one."""
-    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-
-
 def apply_step(opt, sched, counters: dict, grad_norm: float, *, ok: bool = True, scaler=None,
                update_scaler: bool = True) -> None:
     """The second half of an optimiser step, once the gradient norm is on the host: step unless
@@ -167,7 +163,7 @@ def optimizer_step(model, opt, sched, grad_clip: float, counters: dict, ok: bool
     gradients are unscaled first and an overflow (the scale was too high: it is lowered) is
     counted in counters["skipped_overflow"]; update_scaler=False when a second optimiser steps
     on the same scaled loss next (the scale is updated once, after the last)."""
-    grad_norm = _host(clip_gradients(model, opt, grad_clip, scaler)) if ok else float("nan")
+    grad_norm = float(dist.whole(clip_gradients(model, opt, grad_clip, scaler))) if ok else float("nan")
     apply_step(opt, sched, counters, grad_norm, ok=ok, scaler=scaler, update_scaler=update_scaler and ok)
     return grad_norm
 

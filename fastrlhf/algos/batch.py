@@ -116,6 +116,7 @@ class RolloutBatch:
     PPO's returns), then the update reads minibatch views of it."""
 
     samples: list[Sample]  # host: token ids (packing), texts (samples.jsonl)
+    lengths: list[int]  # host: each sample's completion tokens, L_i
     train: list[int]  # the rows the update trains on
     mask: torch.Tensor  # (B, T) bool: completion positions
     tokens: torch.Tensor  # (n,) long: flat indices of mask's True positions, row-major
@@ -136,14 +137,10 @@ class RolloutBatch:
         mask = torch.arange(T)[None] < torch.tensor(lengths, dtype=torch.long)[:, None]  # (B, T) host
         sampler = torch.tensor([list(s.logprobs) + [0.0] * (T - len(s.logprobs)) for s in samples],
                                dtype=torch.float32).reshape(len(samples), T)
-        return cls(samples=samples, train=list(range(len(samples))) if train is None else train,
+        return cls(samples=samples, lengths=lengths, train=list(range(len(samples))) if train is None else train,
                    mask=mask.to(device), tokens=mask.flatten().nonzero().squeeze(1).to(device),
                    last=(torch.tensor(lengths, dtype=torch.long) - 1).to(device), sampler=sampler.to(device),
                    scores=torch.tensor([s.reward for s in samples], dtype=torch.float32).to(device))
-
-    @property
-    def lengths(self) -> list[int]:
-        return [len(s.completion_ids) for s in self.samples]
 
     @property
     def device(self) -> torch.device:

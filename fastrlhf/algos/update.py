@@ -109,7 +109,7 @@ def update(cfg, batch: RolloutBatch, policy, opt, sched, prec, counters: dict, m
                  optim.clip_gradients(critic, critic_opt, cfg.grad_clip, prec.scaler) if critic is not None else None]
         zero = torch.zeros((), device=batch.device)
         bad = dist.all_reduce_sum((~torch.stack(finite)).sum().float())  # a non-finite loss on any rank
-        ok, policy_norm, critic_norm = metrics.fetch(bad == 0, *(zero if n is None else _whole(n) for n in norms))
+        ok, policy_norm, critic_norm = metrics.fetch(bad == 0, *(zero if n is None else dist.whole(n) for n in norms))
         ok = bool(ok)
         if not ok:
             optim.count_nonfinite_loss(counters)
@@ -123,8 +123,3 @@ def update(cfg, batch: RolloutBatch, policy, opt, sched, prec, counters: dict, m
         n_updates += 1
     metrics.fetch()  # whatever is still pending (no update at all: every sample filtered out)
     return {k: metrics.values[k] / max(1, n_updates) for k in sorted(means) if k in metrics.values}
-
-
-def _whole(norm: torch.Tensor) -> torch.Tensor:
-    """A gradient norm of a sharded model's gradients (a DTensor) as the global one."""
-    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import time
 
+from fastrlhf import dist
 from fastrlhf.rollout.base import Engine
 
 
@@ -43,7 +44,8 @@ class Colocated:
         try:
             t0 = time.perf_counter()
             self.engine.wake_up(["weights"])
-            self.engine.update_weights((n, _whole(p)) for n, p in self.model.named_parameters())
+            # a sharded model's parameters gathered one at a time as the engine takes them (never all at once)
+            self.engine.update_weights((n, dist.whole(p.detach())) for n, p in self.model.named_parameters())
             self.engine.wake_up(["kv_cache"])
             self.metrics["time/weight_sync_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
@@ -53,10 +55,3 @@ class Colocated:
             self.engine.sleep()
             for sw in self.swappers:
                 self._add(sw.onload())
-
-
-def _whole(p):
-    """A parameter's whole value: of a sharded (FSDP2) model gathered from every rank, one
-    parameter at a time as the engine consumes them (never the whole model at once)."""
-    p = p.detach()
-    return p.full_tensor() if hasattr(p, "full_tensor") else p
