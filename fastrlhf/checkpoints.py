@@ -1,5 +1,5 @@
 """Checkpoints: `<output_dir>/checkpoints/step-<N>/` holds an HF model directory (config,
-safetensors, tokenizer) and `trainer_state.pt` (optimizer, scheduler, data position, RNG states,
+safetensors, tokenizer; with LoRA the PEFT adapter alone) and `trainer_state.pt` (optimizer, scheduler, data position, RNG states,
 the summary so far), written beside their place and renamed (a crash never leaves a half-written
 one); the damage check that sets a cut-short one aside; resuming, which refuses a run whose
 settings changed. Only the main process writes (fastrlhf.dist)."""
@@ -119,7 +119,7 @@ def save_checkpoint(out_dir: Path, step: int, model, tokenizer, opt, sched, stat
                     keep: int = 2, extra=None) -> Path:
     """HF directory + trainer_state.pt (+ whatever extra(tmp_dir) writes, e.g. a critic),
     written atomically; older checkpoints beyond `keep` removed."""
-    from fastrlhf.models import full_state_dict, save_hf_dir
+    from fastrlhf.models import full_state_dict, save_trained
     from fastrlhf.optim import optimizer_state
 
     final = out_dir / "checkpoints" / f"step-{step}"
@@ -127,7 +127,7 @@ def save_checkpoint(out_dir: Path, step: int, model, tokenizer, opt, sched, stat
     if not dist.is_main():
         return final
     with atomic_dir(final) as tmp:
-        save_hf_dir(model, tokenizer, tmp, state=weights)
+        save_trained(model, tokenizer, tmp, state=weights)
         torch.save({"optimizer": moments, "scheduler": sched.state_dict(),
                     "python_rng": random.getstate(), "torch_rng": torch.get_rng_state(),
                     **state}, tmp / "trainer_state.pt")

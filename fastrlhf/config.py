@@ -175,6 +175,22 @@ class OptimFields:
 
 
 @dataclasses.dataclass
+class LoraFields:
+    """LoRA adapters (PEFT) instead of full fine-tuning: the decoder's linear layers get low-rank
+    adapters and only they train (with the output layer if asked); the base stays frozen."""
+
+    lora_r: int = arg(0, "LoRA rank (0: full fine-tuning); the reference is then the same model with its adapters "
+                         "off, final/ the merged model and final/adapter/ the PEFT adapter")
+    lora_alpha: float = arg(16.0, "LoRA alpha: the update is alpha / lora_r * B A")
+    lora_dropout: float = arg(0.0, "dropout on the adapters' input (0 for RL: sampler, reference and trainer then "
+                                   "compute the same distribution)")
+    lora_target_modules: str = arg("all-linear", "comma-separated module names to adapt (e.g. q_proj,v_proj), or "
+                                                 "all-linear: every linear layer of the decoder")
+    lora_train_head: bool = arg(False, "also train the output layer fully (a tied one with its input embedding); "
+                                       "a value model's scalar head always trains")
+
+
+@dataclasses.dataclass
 class EpochFields:
     """Offline training: passes over a fixed dataset."""
 
@@ -274,7 +290,9 @@ RULES = {
     "label_smoothing": _range(0, 0.5, hi_open=True), "gpu_memory_utilization": _range(0, 1, lo_open=True),
     "task_error_rate": UNIT, "task_label_noise": UNIT, "task_examples": _range(1), "task_pairs": _range(1),
     "task_eval_pairs": _range(1), "task_prompts": _range(1), "task_eval_prompts": NON_NEGATIVE,
-    "seed": NON_NEGATIVE,
+    "seed": NON_NEGATIVE, "lora_r": NON_NEGATIVE, "lora_alpha": POSITIVE, "lora_dropout": _range(0, 1, hi_open=True),
+    "lora_target_modules": lambda v: None if v.strip() and all(t.strip() for t in v.split(",")) else
+    "all-linear or comma-separated module names",
     "schedule": _choices("cosine", "linear", "constant"), "engine": _choices("auto", "vllm", "hf"),
     "kl_kind": _choices("k1", "k2", "k3"), "task_model_size": _choices("tiny", "small", "medium"),
     "loss_agg": _choices("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"),
@@ -293,6 +311,11 @@ def validate_config(cfg) -> None:
         problem = rule(value)
         if problem:
             raise ValueError(f"{f.name}={value!r}: expected {problem}")
-    if hasattr(cfg, "max_new_tokens") and not cfg.max_new_tokens < cfg.max_len:  # the one rule across fields
+    if getattr(cfg, "lora_r", 0) == 0 and getattr(cfg, "lora_train_head", False):
+        raise ValueError("lora_train_head: trains the output layer beside LoRA adapters; set lora_r > 0 (with "
+                         "lora_r=0 every layer trains anyway)")
+    if getattr(cfg, "lora_r", 0) and getattr(cfg, "head_lr", 0) and not cfg.lora_train_head:
+        raise ValueError(f"head_lr={cfg.head_lr}: with LoRA the output layer is frozen unless lora_train_head is set")
+    if hasattr(cfg, "max_new_tokens") and not cfg.max_new_tokens < cfg.max_len:
         raise ValueError(f"max_new_tokens={cfg.max_new_tokens}: expected 0 < max_new_tokens < max_len={cfg.max_len} "
                          "(max_len counts the prompt and the completion)")

@@ -18,6 +18,10 @@ load, and every float32 load checks our packed, fused log-probs against transfor
 eager forward (`check_logprob_fidelity`) before anything trains on them.
 Precision. Trained models are loaded in float32 (the master weights; forward passes run under
 autocast in the run's compute dtype), frozen ones in the compute dtype (`load_frozen`).
+LoRA (--lora_r > 0, fastrlhf.lora): the frozen base in the compute dtype, the adapters (and a
+fully trained output layer or value head) float32; the reference is the same model with its
+adapters off; final/ is the merged model with the adapter in final/adapter/, checkpoints the
+adapter alone.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fastrlhf import lora
 from fastrlhf.kernels import linear_logprob
 from fastrlhf.files import atomic_dir
 
@@ -144,11 +149,19 @@ def check_model_dir(path: str | Path) -> Path:
 
 
 def load_tokenizer(path: str | Path):
-    """The model directory's tokenizer; one without a pad token (Llama 3, Mistral) pads with its
-    EOS token, as TRL does (padding is masked out everywhere it is used)."""
+    """The model directory's tokenizer (a PEFT adapter directory's own, else its base's); one
+    without a pad token (Llama 3, Mistral) pads with its EOS token, as TRL does (padding is
+    masked out everywhere it is used)."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(check_model_dir(path))
+    if lora.is_adapter_dir(path):
+        if (Path(path) / "tokenizer_config.json").exists():
+            return _pad_with_eos(AutoTokenizer.from_pretrained(path), path)
+        path = lora.adapter_base(path)
+    return _pad_with_eos(AutoTokenizer.from_pretrained(check_model_dir(path)), path)
+
+
+def _pad_with_eos(tok, path):
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise ValueError(f"{path}: the tokenizer has neither a pad nor an eos token")
@@ -225,17 +238,26 @@ def check_logprob_fidelity(model, path, *, tol: float = 1e-3) -> float:
     return worst
 
 
-def load_trained(path: str | Path, cfg, device, *, value: bool = False):
-    """A model a trainer trains: float32 master weights, with the run's gradient checkpointing
-    and dropout settings (cfg: config.RunFields), sharded with FSDP2 under torchrun (shard);
-    value=True: a scalar-head value model."""
+def load_trained(path: str | Path, cfg, device, *, ckpt: Path | None = None, value: bool = False):
+    """A model a trainer trains, from the directory `path` or, resuming, from the checkpoint
+    directory `ckpt` (which replaces it: full weights, or with LoRA the adapters on path's
+    base): float32 master weights, with the run's gradient checkpointing and dropout settings
+    (cfg: config.RunFields); with --lora_r the frozen base in the compute dtype and PEFT's
+    adapters trained (fastrlhf.lora); sharded with FSDP2 under torchrun (shard); value=True: a
+    scalar-head value model."""
     from fastrlhf import dist
     from fastrlhf.config import compute_dtype
 
     load = load_value_model if value else load_causal_lm
-    model = load(path, device=device, dtype=torch.float32, gradient_checkpointing=cfg.gradient_checkpointing,
+    adapted = lora.enabled(cfg)
+    dtype = compute_dtype(cfg.dtype, device) if adapted else torch.float32
+    where = path if adapted or ckpt is None else ckpt
+    model = load(where, device=device, dtype=dtype, gradient_checkpointing=cfg.gradient_checkpointing,
                  no_dropout=cfg.disable_dropout)
-    check_finite_model(model, path)  # a NaN checkpoint would skip every step and save NaN
+    if adapted:
+        model = lora.apply(model, cfg, value=value, ckpt=ckpt)
+        where = ckpt or path
+    check_finite_model(model, where)  # a NaN checkpoint would skip every step and save NaN
     if dist.world_size() > 1:  # torchrun: the masters and (once built) AdamW's state sharded over the ranks
         shard(model, compute_dtype(cfg.dtype, device))
     return model
@@ -356,8 +378,9 @@ def output_transform(config) -> tuple[float, float | None]:
 
 
 def output_head(model) -> OutputHead:
-    """The output layer of an HF causal LM as linear_logprob takes it."""
-    lm = model.get_output_embeddings()
+    """The output layer of an HF causal LM as linear_logprob takes it (of an adapted model: the
+    trained copy, or the base's own while its adapters are off)."""
+    lm = lora.active(model.get_output_embeddings())
     if not isinstance(lm, nn.Linear):
         raise ValueError(f"{type(model).__name__}: the output layer is a {type(lm).__name__}, not a "
                          "Linear layer; fastrlhf's fused log-probs need a Linear lm_head")
@@ -416,9 +439,13 @@ def _whole_weights(fn):
     pre-forward hook all-gathers it and its post-backward hook reduces its gradient (a kernel
     called on the output layer's weight from outside raises on the sharded DTensor, or on a bare
     full_tensor() keeps each rank's own gradient: silently wrong). So on a sharded model fn runs
-    as the model's own forward (an instance attribute shadowing the class's for that call)."""
+    as the model's own forward (an instance attribute shadowing the class's for that call).
+    A LoRA reference (lora.AdaptersOff) runs as its model with the adapters off."""
     @functools.wraps(fn)
     def run(model, *args, **kwargs):
+        if isinstance(model, lora.AdaptersOff):
+            with model.off() as base:
+                return run(base, *args, **kwargs)
         if not is_sharded(model):
             return fn(model, *args, **kwargs)
         model.forward = lambda *a, **k: fn(model, *a, **k)
@@ -512,6 +539,43 @@ def load_frozen(path: str | Path, *, device, dtype) -> nn.Module:
     return load_causal_lm(path, device=device, dtype=dtype, verify=False).eval().requires_grad_(False)
 
 
+def reference(policy, path: str | Path, *, device, dtype):
+    """The frozen reference of a trained policy: with LoRA the policy itself with its adapters
+    off (no second copy of the base), else the model at path, loaded frozen (load_frozen)."""
+    if lora.is_adapted(policy):
+        return lora.AdaptersOff(policy)
+    return load_frozen(path, device=device, dtype=dtype)
+
+
+def start_dir(path: str, out_dir: Path) -> str:
+    """The HF directory a run starts from, for --model `path`: path itself, or for a PEFT adapter
+    directory its base with the adapter merged in, written (by the main process) to
+    out_dir/base: what the policy, the reference and the rollout engine load."""
+    from fastrlhf import dist
+
+    if not lora.is_adapter_dir(path):
+        return path
+
+    def merge() -> str:
+        from peft import PeftModel
+
+        base_dir = lora.adapter_base(path)
+        merged = PeftModel.from_pretrained(load_causal_lm(base_dir, verify=False), str(path)).merge_and_unload()
+        return str(save_pretrained_atomic(merged, load_tokenizer(path), out_dir / "base"))
+    return dist.on_main(merge)
+
+
+def engine_weights(model):
+    """(name, tensor) pairs of the policy's current weights for the rollout engine, under the HF
+    checkpoint's names, one parameter at a time (each gathered whole on a sharded model; LoRA:
+    each adapted weight merged, lora.merged_weights)."""
+    if lora.is_adapted(model):
+        return lora.merged_weights(model)
+    from fastrlhf import dist
+
+    return ((n, dist.whole(p.detach())) for n, p in model.named_parameters())
+
+
 def token_rewards(model, batch: dict) -> torch.Tensor:
     """A logprob reward model's per-token rewards beta * log p(labels[t]) (B, T) float32, 0 where
     labels == -100: their sum over a response is its sequence reward."""
@@ -532,17 +596,32 @@ def sequence_rewards(model, batch: dict) -> torch.Tensor:
     return sequence_end_values(model, batch)
 
 
+def save_trained(model, tokenizer, out_dir: Path, state: dict | None = None) -> None:
+    """What a checkpoint holds of a trained model: its HF directory (save_hf_dir), or with LoRA
+    the PEFT adapter alone (+ the tokenizer), which load_trained(..., ckpt=) resumes from."""
+    if lora.is_adapted(model):
+        lora.save_adapter(model, out_dir, tokenizer, state)
+    else:
+        save_hf_dir(model, tokenizer, out_dir, state=state)
+
+
 def save_hf_dir(model, tokenizer, out_dir: str | Path, dtype: torch.dtype | None = None,
                 state: dict | None = None) -> None:
     """config + safetensors + tokenizer into out_dir (not atomic: see save_pretrained_atomic);
     the weights cast to `dtype` when given (the trained float32 masters saved as bf16, say),
-    tied weights kept tied. state: the whole state dict of a sharded model (full_state_dict)."""
+    tied weights kept tied. state: the whole state dict of a sharded model (full_state_dict).
+    An adapted (LoRA) model: the merged model (lora.merged_weights), and the PEFT adapter in
+    out_dir/adapter."""
     import json
 
+    if lora.is_adapted(model):
+        lora.save_adapter(model, Path(out_dir) / "adapter", tokenizer, state)
+        state = dict(lora.merged_weights(model, state))
+        model = model.get_base_model()
     old = model.config.dtype
     if state is not None:
         state = dict(state)  # save_pretrained edits the dict it is given
-    if dtype is not None and any(p.dtype != dtype for p in model.parameters()):
+    if dtype is not None and any(t.dtype != dtype for t in (model.parameters() if state is None else state.values())):
         cast: dict = {}
         state = {k: cast.setdefault(v.data_ptr(), v.to(dtype)) if v.is_floating_point() else v
                  for k, v in (model.state_dict() if state is None else state).items()}
@@ -553,7 +632,8 @@ def save_hf_dir(model, tokenizer, out_dir: str | Path, dtype: torch.dtype | None
     if state is not None:  # ... which is the float32 masters': say what the file holds
         path = Path(out_dir) / "config.json"
         config = json.loads(path.read_text())
-        config["dtype"] = str(dtype).removeprefix("torch.")
+        saved = dtype or next(v.dtype for v in state.values() if v.is_floating_point())
+        config["dtype"] = str(saved).removeprefix("torch.")
         path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     tokenizer.save_pretrained(out_dir)
 

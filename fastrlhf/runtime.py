@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from fastrlhf import checkpoints, dist, logs, models, optim
+from fastrlhf import checkpoints, dist, logs, lora, models, optim
 from fastrlhf.config import resolve_device
 from fastrlhf.files import write_atomic
 
@@ -39,6 +39,14 @@ def begin(cfg) -> tuple[Path, torch.device, optim.Precision]:
     return out, device, prec
 
 
+def start_model(cfg, task, out: Path) -> str:
+    """The HF directory a run starts from: --model (a PEFT adapter directory: its base with the
+    adapter merged in, models.start_dir), else the built-in task's base model, written to out/base."""
+    if cfg.model:
+        return models.start_dir(cfg.model, out)
+    return str(dist.on_main(lambda: task.base_model(out / "base")))
+
+
 def optimisation(cfg, model, out: Path, total: int, ckpt: Path | None, desc: str, *, head_lr: float = 0.0):
     """AdamW + warm-up schedule, the resumed trainer state (step, counters, summary: what the
     run has reported so far, e.g. its start/* scores) from ckpt if any, and the metrics log:
@@ -49,6 +57,10 @@ def optimisation(cfg, model, out: Path, total: int, ckpt: Path | None, desc: str
     sched = optim.make_schedule(opt, cfg.warmup_steps, total, cfg.schedule)
     state = checkpoints.load_trainer_state(ckpt, model, opt, sched) if ckpt else {"step": 0, "counters": {}}
     state.setdefault("summary", {})
+    if lora.is_adapted(model) and dist.is_main():
+        n = lora.counts(model)
+        print(f"{desc}: LoRA r={cfg.lora_r}, {n['params/trainable']:,} of {n['params/total']:,} parameters trained "
+              f"({100 * n['params/trainable'] / n['params/total']:.2f}%)", flush=True)
     return opt, sched, state, logs.MetricsLog(out, total, desc=desc, resume_step=state["step"] if ckpt else None)
 
 
@@ -61,7 +73,8 @@ def finish(out_dir: Path, log: logs.MetricsLog, model, tokenizer, summary: dict,
         raise optim.TrainingError(f"every one of the {step} optimiser steps was skipped as non-finite: nothing was "
                                   "trained, final/ is not written")
     models.check_finite_model(model, "final model")  # final/ is never written from a non-finite model
-    summary.update({"steps": step, "final": str(out_dir / "final"), "world_size": dist.world_size(), **counters})
+    summary.update({"steps": step, "final": str(out_dir / "final"), "world_size": dist.world_size(),
+                    **lora.counts(model), **counters})
     state = models.full_state_dict(model)  # sharded: gathered from every rank
     if dist.is_main():
         models.save_pretrained_atomic(model, tokenizer, out_dir / "final", dtype=dtype, state=state)

@@ -30,7 +30,7 @@ from fastrlhf.task import Task
 
 
 @dataclass
-class DPOConfig(config.PairFields, config.EpochFields, config.OptimFields, config.RunFields):
+class DPOConfig(config.PairFields, config.EpochFields, config.LoraFields, config.OptimFields, config.RunFields):
     """fastrlhf dpo: optimise the policy directly on preference pairs."""
 
     data: str = config.override(config.RunFields, "data", help="preferences (prompt + chosen + rejected as strings or messages, TRL's implicit-prompt chosen + rejected, or a ranking): JSONL / JSON / parquet / datasets directory; empty: the built-in annotator's pairs")
@@ -88,17 +88,17 @@ def train(cfg: DPOConfig, task: Task) -> dict:
     model_dir, pairs, eval_pairs = prepare_pairs(cfg, task, out)
     ckpt = checkpoints.resume_checkpoint(cfg, out)
     tokenizer = models.load_tokenizer(model_dir)
-    policy = models.load_trained(ckpt or model_dir, cfg, device)
+    policy = models.load_trained(model_dir, cfg, device, ckpt=ckpt)
     models.check_max_len(policy, cfg.max_len)
     train_pairs = data.tokenize_pairs(tokenizer, pairs, cfg.max_len, "dpo data")
     eval_tok = data.tokenize_pairs(tokenizer, eval_pairs, cfg.max_len, "dpo eval data")
     need_ref = cfg.loss_type != "simpo"
-    ref = models.load_frozen(model_dir, device=device, dtype=prec.dtype) if need_ref else None
+    ref = models.reference(policy, model_dir, device=device, dtype=prec.dtype) if need_ref else None
     train_ref = eval_ref = None  # [(chosen, rejected)] per pair when precomputed
     if ref is not None and cfg.precompute_ref:
         with prec.autocast():
             train_ref, eval_ref = reference_logps(ref, train_pairs, cfg, device), reference_logps(ref, eval_tok, cfg, device)
-        ref = None  # the reference model is no longer needed: free it
+        ref = None  # the reference model is no longer needed: free it (LoRA: it was the policy, adapters off)
     accuracy = lambda prefix: {f"{prefix}/{k}": v for k, v in task.evaluate(policy, tokenizer, sampled=True).items()}  # noqa: E731
     indexed = list(range(len(train_pairs)))
     steps_per_epoch = len(pair_steps(indexed, cfg.pairs_per_step, cfg.seed, 0))

@@ -48,7 +48,7 @@ ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp")
 
 
 @dataclass
-class GRPOConfig(config.RolloutFields, config.OptimFields, config.RunFields):
+class GRPOConfig(config.RolloutFields, config.LoraFields, config.OptimFields, config.RunFields):
     """fastrlhf grpo: critic-free online RL (GRPO, Dr.GRPO, DAPO, RLOO, REINFORCE++)."""
 
     output_dir: str = config.override(config.RunFields, "output_dir", "runs/grpo")
@@ -96,11 +96,11 @@ def train(cfg: GRPOConfig, task: Task) -> dict:
     # the prompts first: a data error stops the run before the built-in base model is written
     tokenizer = models.load_tokenizer(cfg.model) if cfg.model else task.tokenizer()
     prompts, heldout = online.load_prompt_sets(cfg, task, tokenizer, counters)
-    model_dir = cfg.model or str(dist.on_main(lambda: task.base_model(out / "base")))
+    model_dir = runtime.start_model(cfg, task, out)
     ckpt = checkpoints.resume_checkpoint(cfg, out)
-    model = models.load_trained(ckpt or model_dir, cfg, device)
+    model = models.load_trained(model_dir, cfg, device, ckpt=ckpt)
     models.check_max_len(model, cfg.max_len)
-    ref = models.load_frozen(model_dir, device=device, dtype=prec.dtype) if cfg.kl_coef > 0 else None
+    ref = models.reference(model, model_dir, device=device, dtype=prec.dtype) if cfg.kl_coef > 0 else None
     rm = models.load_reward_model(cfg.reward_model, device=device, dtype=prec.dtype) if cfg.reward_model else None
     scorer = online.make_scorer(reward_fn, rm, tokenizer, cfg.tokens_per_micro_batch, device)
     engine = make_engine(cfg.engine, model_dir=model_dir, policy=model, tokenizer=tokenizer, dtype=prec.dtype,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from fastrlhf import data, dist
+from fastrlhf import data, dist, runtime
 from fastrlhf.task import Task
 
 
@@ -20,7 +20,7 @@ def prepare_pairs(cfg, task: Task, out: Path):
     """(model dir, train pairs, eval pairs) for the RM and DPO trainers: the task's pairs first (a
     data error stops the run before its base model is written), then the model to start from."""
     pairs, eval_pairs = task.preference_pairs()
-    model_dir = cfg.model or str(dist.on_main(lambda: task.base_model(out / "base")))
+    model_dir = runtime.start_model(cfg, task, out)
     return model_dir, pairs, eval_pairs
 
 

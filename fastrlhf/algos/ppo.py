@@ -45,7 +45,7 @@ from fastrlhf.task import Task
 
 
 @dataclass
-class PPOConfig(config.RolloutFields, config.OptimFields, config.RunFields):
+class PPOConfig(config.RolloutFields, config.LoraFields, config.OptimFields, config.RunFields):
     """fastrlhf ppo: PPO with a critic against a reward model, KL penalty to the SFT reference."""
 
     output_dir: str = config.override(config.RunFields, "output_dir", "runs/ppo")
@@ -105,13 +105,13 @@ def train(cfg: PPOConfig, task: Task) -> dict:
     # the prompts first: a data error stops the run before the built-in base model is written
     tokenizer = models.load_tokenizer(cfg.model) if cfg.model else task.tokenizer()
     prompts, heldout = online.load_prompt_sets(cfg, task, tokenizer, counters)
-    model_dir = cfg.model or str(dist.on_main(lambda: task.base_model(out / "base")))
+    model_dir = runtime.start_model(cfg, task, out)
     ckpt = checkpoints.resume_checkpoint(cfg, out)
-    model = models.load_trained(ckpt or model_dir, cfg, device)
+    model = models.load_trained(model_dir, cfg, device, ckpt=ckpt)
     models.check_max_len(model, cfg.max_len)
-    ref = models.load_frozen(model_dir, device=device, dtype=prec.dtype)
+    ref = models.reference(model, model_dir, device=device, dtype=prec.dtype)
     critic_ckpt = ckpt / "critic" if ckpt else None
-    critic = models.load_trained(critic_ckpt or cfg.critic or cfg.reward_model or model_dir, cfg, device, value=True)
+    critic = models.load_trained(cfg.critic or cfg.reward_model or model_dir, cfg, device, ckpt=critic_ckpt, value=True)
     rm = models.load_reward_model(cfg.reward_model, device=device, dtype=prec.dtype) if cfg.reward_model else None
     if cfg.token_rewards and (rm is None or rm.config.reward_head != "logprob"):
         raise ValueError("token_rewards needs a logprob reward model (fastrlhf rm --head logprob); "
@@ -215,7 +215,7 @@ def train(cfg: PPOConfig, task: Task) -> dict:
     critic_state = gather_critic(critic, critic_opt)
     if dist.is_main():
         with files.atomic_dir(out / "critic") as tmp:
-            save_critic(tmp, critic, tokenizer, critic_sched, critic_state)
+            save_critic(tmp, critic, tokenizer, critic_sched, critic_state, final=True)
     return runtime.finish(out, log, model, tokenizer, summary, step, counters, dtype=prec.dtype)
 
 
@@ -224,8 +224,10 @@ def gather_critic(critic, opt) -> tuple:
     return models.full_state_dict(critic), optim.optimizer_state(critic, opt)
 
 
-def save_critic(path, critic, tokenizer, sched, state: tuple) -> None:
-    """The critic as an HF sequence-classification directory + its optimiser state (gather_critic's)."""
+def save_critic(path, critic, tokenizer, sched, state: tuple, *, final: bool = False) -> None:
+    """The critic + its optimiser state (gather_critic's): in a checkpoint what resumes it (an HF
+    sequence-classification directory, with LoRA its adapter); final: the HF directory (merged,
+    + adapter/, with LoRA)."""
     weights, moments = state
-    models.save_hf_dir(critic, tokenizer, path, state=weights)
+    (models.save_hf_dir if final else models.save_trained)(critic, tokenizer, path, state=weights)
     torch.save({"optimizer": moments, "scheduler": sched.state_dict()}, path / "critic_state.pt")

@@ -34,7 +34,7 @@ from fastrlhf.task import Task
 
 
 @dataclass
-class RMConfig(config.PairFields, config.EpochFields, config.OptimFields, config.RunFields):
+class RMConfig(config.PairFields, config.EpochFields, config.LoraFields, config.OptimFields, config.RunFields):
     """fastrlhf rm: train a reward model on preference pairs (Bradley-Terry)."""
 
     data: str = config.override(config.RunFields, "data", help="preferences (prompt + chosen + rejected as strings or messages, TRL's implicit-prompt chosen + rejected, or a ranking of responses): JSONL / JSON / parquet / datasets directory; empty: the built-in annotator's pairs")
@@ -70,7 +70,7 @@ def train(cfg: RMConfig, task: Task) -> dict:
     model_dir, pairs, eval_pairs = prepare_pairs(cfg, task, out)
     ckpt = checkpoints.resume_checkpoint(cfg, out)
     tokenizer = models.load_tokenizer(model_dir)
-    model = models.load_trained(ckpt or model_dir, cfg, device, value=cfg.head == "value")
+    model = models.load_trained(model_dir, cfg, device, ckpt=ckpt, value=cfg.head == "value")
     if cfg.head == "logprob":
         model.config.reward_beta = cfg.beta  # saved with the model: scorers read both
     model.config.reward_head = cfg.head

@@ -27,7 +27,7 @@ from fastrlhf.task import Task
 
 
 @dataclass
-class SFTConfig(config.EpochFields, config.OptimFields, config.RunFields):
+class SFTConfig(config.EpochFields, config.LoraFields, config.OptimFields, config.RunFields):
     """fastrlhf sft: supervised fine-tuning on demonstrations."""
 
     data: str = config.override(config.RunFields, "data", help="SFT data (prompt + response or completion, messages, or text): JSONL / JSON / parquet / datasets directory; empty: the built-in task's demonstrations")
@@ -96,10 +96,10 @@ def train(cfg: SFTConfig, task: Task) -> dict:
     # step 1: data (first: a data error stops the run before the task's base model is written),
     # model, tokenizer
     records, eval_records = task.demonstrations()
-    model_dir = cfg.model or str(dist.on_main(lambda: task.base_model(out / "base")))
+    model_dir = runtime.start_model(cfg, task, out)
     ckpt = checkpoints.resume_checkpoint(cfg, out)
     tokenizer = models.load_tokenizer(model_dir)
-    model = models.load_trained(ckpt or model_dir, cfg, device)
+    model = models.load_trained(model_dir, cfg, device, ckpt=ckpt)
     models.check_max_len(model, cfg.max_len)
     seqs, eval_seqs = tokenize(tokenizer, records, cfg.max_len), tokenize(tokenizer, eval_records, cfg.max_len)
     steps_in = functools.cache(lambda epoch: len(epoch_split(seqs, cfg, epoch)))  # (cheap: no packing)

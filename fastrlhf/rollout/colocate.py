@@ -5,7 +5,8 @@ Every generation a trainer does, a training rollout or an evaluation, goes throu
     1. moves the training state off the device (memory.StateSwapper.offload: AdamW moments, the
        parameters if asked; gradients freed; the CUDA cache emptied),
     2. wakes the engine's weights, pushes the policy's current weights into it in place (each
-       parameter once, in the engine's dtype; a sharded model's gathered parameter by parameter),
+       parameter once, in the engine's dtype; a sharded model's gathered parameter by parameter;
+       LoRA: each adapted weight merged, W + scale * B @ A, the trained modules untouched),
        wakes its KV cache,
     3. yields the engine for any number of generate() calls,
     4. puts the engine to sleep (its weights and KV cache released on CUDA) and brings the
@@ -19,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import time
 
-from fastrlhf import dist
+from fastrlhf import models
 from fastrlhf.rollout.base import Engine
 
 
@@ -45,7 +46,7 @@ class Colocated:
             t0 = time.perf_counter()
             self.engine.wake_up(["weights"])
             # a sharded model's parameters gathered one at a time as the engine takes them (never all at once)
-            self.engine.update_weights((n, dist.whole(p.detach())) for n, p in self.model.named_parameters())
+            self.engine.update_weights(models.engine_weights(self.model))
             self.engine.wake_up(["kv_cache"])
             self.metrics["time/weight_sync_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
