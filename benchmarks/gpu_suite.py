@@ -84,6 +84,11 @@ def parts(py: str) -> list[Part]:
              dry_command=m("benchmarks.bench_step", "--model-size", "tiny", "--steps", "2", "--prompts", "2",
                            "--group", "2", "--max-new-tokens", "2", "--providers", "fastrlhf-hf", "--no-save"),
              needs="transformers"),
+        Part("lora", m("benchmarks.bench_lora", "--device", "cuda", "--hidden", "1536", "--layers", "4", "--vocab",
+                       "151936", "--tokens", "8192", "--rounds", "1"), 60,
+             dry_command=m("benchmarks.bench_lora", "--hidden", "64", "--layers", "1", "--vocab", "512", "--tokens",
+                           "128", "--reps", "1", "--rounds", "1", "--no-save"),
+             needs="peft"),
         Part("compile", [py, "tests/kernels/compile_sm90.py"], 45),
     ]
 

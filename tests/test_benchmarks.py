@@ -103,12 +103,12 @@ def test_gpu_suite_dry_run_writes_its_summary_within_the_file_limits(tmp_path):
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "gpu"
     proc = subprocess.run(["bash", str(root / "benchmarks" / "gpu_suite.sh"), "--dry-run", "--out", str(out),
-                           "--parts", "install,tests,logprob,losses,train,grpo"],
+                           "--parts", "install,tests,logprob,losses,train,grpo,lora"],
                           capture_output=True, text=True, timeout=600, env={**__import__("os").environ,
                                                                              "PYTHON": __import__("sys").executable})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     summary = (out / "summary.md").read_text()
-    for part in ("install", "tests", "logprob", "losses", "train", "grpo"):
+    for part in ("install", "tests", "logprob", "losses", "train", "grpo", "lora"):
         assert f"| {part} | ok |" in summary, part
     assert "torch 2" in summary and "triton" in summary  # the environment
     files = [p for p in out.iterdir()]
