@@ -232,6 +232,10 @@ class RolloutFields:
     clip_low: float = arg(0.2, "ratio clip below: 1 - clip_low")
     clip_high: float = arg(0.2, "ratio clip above: 1 + clip_high (0.28: DAPO's clip-higher)")
     dual_clip: float = arg(0.0, "dual-clip c > 1 for negative advantages (0: off)")
+    surrogate: str = arg("clip", "clip: PPO's clipped surrogate | cispo: the clipped IS weight as a constant times "
+                                 "log p, every token keeps its gradient (MiniMax-M1; clip_low 1: no lower bound)")
+    ratio_level: str = arg("token", "token | sequence: each token's ratio is its sequence's exp(mean log-ratio) "
+                                    "(GSPO; TRL's importance_sampling_level)")
     loss_agg: str = arg("token-mean", "token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm")
     entropy_coef: float = arg(0.0, "entropy bonus")
     is_cap: float = arg(2.0, "truncation of the sampler-vs-trainer importance weights (0: off)")
@@ -283,7 +287,7 @@ RULES = {
     "max_new_tokens": _range(1), "tokens_per_micro_batch": _range(1), "tokens_per_step": _range(1),
     "pairs_per_step": _range(1), "log_samples": NON_NEGATIVE, "log_samples_every": _range(1),
     "critic_warmup": NON_NEGATIVE, "kl_horizon": _range(1), "temperature": POSITIVE,
-    "top_p": _range(0, 1, lo_open=True), "clip_low": _range(0, 1, hi_open=True), "clip_high": NON_NEGATIVE,
+    "top_p": _range(0, 1, lo_open=True), "clip_low": _range(0, 1), "clip_high": NON_NEGATIVE,
     "dual_clip": lambda v: None if v == 0 or (math.isfinite(v) and v > 1) else "0 (off) or a finite number > 1",
     "kl_coef": NON_NEGATIVE, "kl_target": NON_NEGATIVE, "entropy_coef": NON_NEGATIVE, "is_cap": NON_NEGATIVE,
     "gamma": UNIT, "lam": UNIT, "value_clip": POSITIVE, "beta": POSITIVE,
@@ -294,7 +298,8 @@ RULES = {
     "lora_target_modules": lambda v: None if v.strip() and all(t.strip() for t in v.split(",")) else
     "all-linear or comma-separated module names",
     "schedule": _choices("cosine", "linear", "constant"), "engine": _choices("auto", "vllm", "hf"),
-    "kl_kind": _choices("k1", "k2", "k3"), "task_model_size": _choices("tiny", "small", "medium"),
+    "kl_kind": _choices("k1", "k2", "k3"), "surrogate": _choices("clip", "cispo"),
+    "ratio_level": _choices("token", "sequence"), "task_model_size": _choices("tiny", "small", "medium"),
     "loss_agg": _choices("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"),
     "dtype": _choices("auto", *DTYPES), "resume": _choices("auto", "never", "must"),
     "device": lambda v: None if v == "auto" or re.fullmatch(r"cpu|cuda(:\d+)?", v) else "auto, cpu or cuda[:N]",
@@ -311,6 +316,10 @@ def validate_config(cfg) -> None:
         problem = rule(value)
         if problem:
             raise ValueError(f"{f.name}={value!r}: expected {problem}")
+    if getattr(cfg, "surrogate", "cispo") != "cispo" and getattr(cfg, "clip_low", 0) == 1:
+        raise ValueError("clip_low=1.0: expected >= 0 and < 1 (1, no lower bound, is for surrogate=cispo)")
+    if getattr(cfg, "surrogate", "clip") == "cispo" and getattr(cfg, "dual_clip", 0):
+        raise ValueError(f"dual_clip={cfg.dual_clip}: bounds the clipped surrogate; surrogate=cispo has none to bound")
     if getattr(cfg, "lora_r", 0) == 0 and getattr(cfg, "lora_train_head", False):
         raise ValueError("lora_train_head: trains the output layer beside LoRA adapters; set lora_r > 0 (with "
                          "lora_r=0 every layer trains anyway)")

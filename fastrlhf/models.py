@@ -183,14 +183,21 @@ def disable_dropout(model) -> None:
 
 def load_causal_lm(path: str | Path, *, device="cpu", dtype=torch.float32, gradient_checkpointing=False,
                    no_dropout: bool = False, verify: bool = True):
-    """An AutoModelForCausalLM from an HF directory, with the packed attention function. dtype:
-    float32 for a trained model (the master weights), the compute dtype for a frozen one.
-    verify (float32 only): check once that our packed, fused log-probs equal the model's own
-    forward (check_logprob_fidelity)."""
+    """An AutoModelForCausalLM from an HF directory (or a PEFT adapter directory: its base with
+    the adapter merged in), with the packed attention function. dtype: float32 for a trained
+    model (the master weights), the compute dtype for a frozen one. verify (float32 only): check
+    once that our packed, fused log-probs equal the model's own forward (check_logprob_fidelity)."""
     from transformers import AutoModelForCausalLM
 
     _register_attention()
-    model = AutoModelForCausalLM.from_pretrained(check_model_dir(path), dtype=dtype, attn_implementation=ATTN)
+    if lora.is_adapter_dir(path):
+        from peft import PeftModel
+
+        base = AutoModelForCausalLM.from_pretrained(check_model_dir(lora.adapter_base(path)), dtype=dtype,
+                                                    attn_implementation=ATTN)
+        model = PeftModel.from_pretrained(base, str(path)).merge_and_unload()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(check_model_dir(path), dtype=dtype, attn_implementation=ATTN)
     output_transform(model.config)  # refuse an output transform we do not reproduce, by its field
     if no_dropout:
         disable_dropout(model)
@@ -557,11 +564,7 @@ def start_dir(path: str, out_dir: Path) -> str:
         return path
 
     def merge() -> str:
-        from peft import PeftModel
-
-        base_dir = lora.adapter_base(path)
-        merged = PeftModel.from_pretrained(load_causal_lm(base_dir, verify=False), str(path)).merge_and_unload()
-        return str(save_pretrained_atomic(merged, load_tokenizer(path), out_dir / "base"))
+        return str(save_pretrained_atomic(load_causal_lm(path, verify=False), load_tokenizer(path), out_dir / "base"))
     return dist.on_main(merge)
 
 

@@ -1,15 +1,29 @@
 """policy_loss: the PPO / GRPO-family clipped surrogate, fused per token, with its metrics.
 
-Per token, with ratio r = exp(logprobs - old_logprobs) and advantage A:
+Per token, with ratio r = exp(logprobs - old_logprobs) and advantage A, surrogate="clip" (PPO,
+GRPO, DAPO):
     pg   = max(-A * r, -A * clamp(r, 1 - clip_low, 1 + clip_high))   clip-higher when unequal (DAPO)
     pg   = min(pg, -A * dual_clip)  where A < 0                       dual clip (Ye et al. 2020)
+surrogate="cispo" (MiniMax-M1, 2025: the clipped IS weight is a constant, so every token keeps
+its gradient; TRL's cispo with epsilon_high=E is clip_low=1, clip_high=E-1):
+    pg   = -sg(clamp(r, 1 - clip_low, 1 + clip_high)) * A * logprobs
+then, either way,
     pg  *= is_weights                                                 sampler/trainer IS correction
     loss = pg + kl_coef * kl_penalty(logprobs, ref_logprobs, kl_kind) - entropy_coef * entropy
 aggregated by `loss_agg` (see _aggregate.py). d loss / d logprobs per token:
-    -A * r * is_w   where the unclipped branch is active, 0 where clipping or the dual clip bind,
+    clip:  -A * r * is_w   where the unclipped branch is active, 0 where clipping or the dual
+           clip bind;   cispo: -A * clamp(r) * is_w everywhere;
     + kl_coef * dkl/dx; and d loss / d entropy = -entropy_coef. Other inputs get no gradient.
+ratio_level="sequence" (GSPO-token, Zheng et al. 2025): every token's ratio is its sequence's
+    s = exp(mean over the sequence's tokens of (logprobs - old_logprobs)), as a value, with the
+    token's own gradient (d s_t / d logprobs_t = s): computed by handing the kernel
+    old' = sg(logprobs) - log s, so r = s exactly; one masked mean and one float32 (B, T)
+    temporary in torch before the kernel. With advantages constant over each sequence (GRPO)
+    this is GSPO itself (its gradient through the mean is the same, for every loss_agg); TRL's
+    importance_sampling_level="sequence".
 Metrics (detached, token means over the mask, whatever loss_agg is):
-    clipfrac    share of tokens where the clipped branch binds (-A*clamp(r) > -A*r)
+    clipfrac    share of tokens where the clipped branch binds (-A*clamp(r) > -A*r); cispo: where
+                the IS weight is clamped
     approx_kl   mean of (r - 1) - log r: the k3 estimate of KL(old || new)
     ratio_mean  mean of r
     kl          mean of kl_penalty(logprobs, ref_logprobs) (0 without a reference)
@@ -36,6 +50,8 @@ from .kl_penalty import _kl_token, kl_kind_id, kl_penalty_ref
 # partial sums per (sequence, tile): loss, tokens, clipped, ratio, approx_kl, kl, entropy
 _K = 7
 METRICS = ("clipfrac", "ratio_mean", "approx_kl", "kl", "entropy")
+SURROGATES = ("clip", "cispo")
+RATIO_LEVELS = ("token", "sequence")
 
 # ----------------------------------------------------------------------------------------
 # kernels
@@ -45,15 +61,22 @@ METRICS = ("clipfrac", "ratio_mean", "approx_kl", "kl", "entropy")
 @triton.jit
 def _policy_token(lp, old, adv, ref, ent, isw, clip_low, clip_high, dual_clip, kl_coef,
                   entropy_coef, HAS_DUAL: tl.constexpr, HAS_REF: tl.constexpr,
-                  HAS_ENT: tl.constexpr, HAS_ISW: tl.constexpr, KL_KIND: tl.constexpr):
+                  HAS_ENT: tl.constexpr, HAS_ISW: tl.constexpr, KL_KIND: tl.constexpr,
+                  CISPO: tl.constexpr):
     """Per-token loss, d loss / d logprobs, clipped flag, ratio, approx_kl, kl (fp32 tiles)."""
     log_ratio = lp - old
     ratio = tl.exp(log_ratio)
-    pg1 = -adv * ratio
-    pg2 = -adv * tl.minimum(tl.maximum(ratio, 1.0 - clip_low), 1.0 + clip_high)
-    clipped = pg2 > pg1
-    pg = tl.where(clipped, pg2, pg1)  # max(pg1, pg2), but a NaN stays NaN (tl.maximum drops it)
-    dpg = tl.where(clipped, 0.0, pg1)  # d(-A r)/dlp = -A r
+    clamped = tl.minimum(tl.maximum(ratio, 1.0 - clip_low), 1.0 + clip_high)
+    if CISPO:  # the clamped weight is a constant: d(-A w lp)/dlp = -A w
+        clipped = clamped != ratio
+        dpg = -adv * clamped
+        pg = dpg * lp
+    else:
+        pg1 = -adv * ratio
+        pg2 = -adv * clamped
+        clipped = pg2 > pg1
+        pg = tl.where(clipped, pg2, pg1)  # max(pg1, pg2), but a NaN stays NaN (tl.maximum drops it)
+        dpg = tl.where(clipped, 0.0, pg1)  # d(-A r)/dlp = -A r
     if HAS_DUAL:
         pg3 = -adv * dual_clip
         dual = (adv < 0) & (pg3 < pg)
@@ -110,7 +133,7 @@ def _policy_loss_fwd_kernel(
     clip_low, clip_high, dual_clip, kl_coef, entropy_coef,
     # flags and tiles
     HAS_DUAL: tl.constexpr, HAS_REF: tl.constexpr, HAS_ENT: tl.constexpr, HAS_ISW: tl.constexpr,
-    KL_KIND: tl.constexpr, BLOCK_T: tl.constexpr,
+    KL_KIND: tl.constexpr, CISPO: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1)
@@ -122,7 +145,7 @@ def _policy_loss_fwd_kernel(
         HAS_REF, HAS_ENT, HAS_ISW)
     loss, _, clipped, ratio, approx_kl, kl = _policy_token(
         lp, old, adv, ref, ent, isw, clip_low, clip_high, dual_clip, kl_coef, entropy_coef,
-        HAS_DUAL, HAS_REF, HAS_ENT, HAS_ISW, KL_KIND)
+        HAS_DUAL, HAS_REF, HAS_ENT, HAS_ISW, KL_KIND, CISPO)
     # masked positions contribute exactly 0 (tl.where: NaN/inf there cannot leak in)
     out = PARTIALS + (b * tl.num_programs(1) + tile)
     tl.store(out + 0 * s_part_k, tl.sum(tl.where(keep, loss, 0.0), axis=0))
@@ -150,7 +173,7 @@ def _policy_loss_bwd_kernel(
     clip_low, clip_high, dual_clip, kl_coef, entropy_coef,
     # flags and tiles
     HAS_DUAL: tl.constexpr, HAS_REF: tl.constexpr, HAS_ENT: tl.constexpr, HAS_ISW: tl.constexpr,
-    KL_KIND: tl.constexpr, WANT_DENT: tl.constexpr, BLOCK_T: tl.constexpr,
+    KL_KIND: tl.constexpr, CISPO: tl.constexpr, WANT_DENT: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     t = (tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
@@ -161,7 +184,7 @@ def _policy_loss_bwd_kernel(
         HAS_REF, False, HAS_ISW)
     _, dloss, _, _, _, _ = _policy_token(
         lp, old, adv, ref, ent, isw, clip_low, clip_high, dual_clip, kl_coef, entropy_coef,
-        HAS_DUAL, HAS_REF, False, HAS_ISW, KL_KIND)
+        HAS_DUAL, HAS_REF, False, HAS_ISW, KL_KIND, CISPO)
     coef = tl.load(COEF + b)  # upstream gradient * this sequence's aggregation weight
     tl.store(DLP + b * T + t, tl.where(keep, coef * dloss, 0.0).to(DLP.dtype.element_ty), mask=t_ok)
     if WANT_DENT:
@@ -241,7 +264,8 @@ def _metrics(sums: torch.Tensor) -> dict:
 
 def policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip_high=0.2,
                 dual_clip=None, ref_logprobs=None, kl_coef=0.0, kl_kind="k3", entropy=None,
-                entropy_coef=0.0, is_weights=None, loss_agg="token-mean", max_len=None, impl=None):
+                entropy_coef=0.0, is_weights=None, loss_agg="token-mean", max_len=None,
+                surrogate="clip", ratio_level="token", impl=None):
     """Clipped policy-gradient loss of the PPO / GRPO family (module docstring: the math).
 
     Args:
@@ -259,6 +283,9 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip_
             exp(old_logprobs - sampler_logprobs)); treated as constants.
         loss_agg: "token-mean" | "seq-mean-token-mean" | "seq-mean-token-sum" |
             "seq-mean-token-sum-norm"; max_len: the Dr.GRPO normaliser (default T).
+        surrogate: "clip" (PPO's clipped surrogate) | "cispo" (the clipped IS weight as a
+            constant times logprobs; clip_low may be 1: no lower bound; no dual_clip).
+        ratio_level: "token" | "sequence" (GSPO-token: each sequence's exp(mean log-ratio)).
 
     Returns:
         (loss, metrics): loss a float32 scalar; metrics a dict of detached float32 scalars
@@ -284,20 +311,29 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip_
                  entropy_coef=entropy_coef)
     if dual_clip is not None and not dual_clip > 1.0:
         raise ValueError(f"dual_clip must be > 1 (or None), got {dual_clip}")
-    if not (0.0 <= clip_low < 1.0 and clip_high >= 0.0):
-        raise ValueError(f"need 0 <= clip_low < 1 and clip_high >= 0, got {clip_low}, {clip_high}")
+    if surrogate not in SURROGATES:
+        raise ValueError(f"unknown surrogate {surrogate!r}; expected one of {SURROGATES}")
+    if ratio_level not in RATIO_LEVELS:
+        raise ValueError(f"unknown ratio_level {ratio_level!r}; expected one of {RATIO_LEVELS}")
+    low_ok = clip_low <= 1.0 if surrogate == "cispo" else clip_low < 1.0
+    if not (0.0 <= clip_low and low_ok and clip_high >= 0.0):
+        raise ValueError(f"need 0 <= clip_low < 1 (<= 1 for cispo) and clip_high >= 0, got {clip_low}, {clip_high}")
+    if surrogate == "cispo" and dual_clip is not None:
+        raise ValueError("dual_clip bounds the clipped surrogate; cispo has none to bound (use dual_clip=None)")
+    if ratio_level == "sequence":
+        old_logprobs = sequence_old_logprobs(logprobs, old_logprobs, mask)
 
     if resolve_impl(impl, logprobs) == "torch":
         return policy_loss_ref(logprobs, old_logprobs, advantages, mask, clip_low=clip_low,
                                clip_high=clip_high, dual_clip=dual_clip, ref_logprobs=ref_logprobs,
                                kl_coef=kl_coef, kl_kind=kl_kind, entropy=entropy,
                                entropy_coef=entropy_coef, is_weights=is_weights,
-                               loss_agg=loss_agg, max_len=max_len)
+                               loss_agg=loss_agg, max_len=max_len, surrogate=surrogate)
     opts = {
         "scalars": (float(clip_low), float(clip_high), float(dual_clip or 0.0), float(kl_coef),
                     float(entropy_coef)),
         "flags": dict(HAS_DUAL=dual_clip is not None, HAS_REF=ref_logprobs is not None,
-                      HAS_ISW=is_weights is not None, KL_KIND=kind_id),
+                      HAS_ISW=is_weights is not None, KL_KIND=kind_id, CISPO=surrogate == "cispo"),
         "loss_agg": loss_agg, "max_len": max_len,
     }
     loss, sums = PolicyLossFunction.apply(logprobs, entropy, old_logprobs.detach(),
@@ -307,11 +343,25 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip_
     return loss, _metrics(sums.detach())
 
 
+def sequence_old_logprobs(logprobs, old_logprobs, mask) -> torch.Tensor:
+    """old' = sg(logprobs) - log s per token, s = exp(masked mean of logprobs - old over each
+    sequence): with it the per-token ratio exp(logprobs - old') is s in value and has the
+    token's own gradient (GSPO-token). float32 (float64 from float64) (B, T); 0 where masked."""
+    keep = mask != 0
+    dt = torch.promote_types(logprobs.dtype, torch.float32)  # float32, or float64 for the reference
+    lp = torch.where(keep, logprobs.detach().to(dt), 0.0)
+    log_ratio = torch.where(keep, lp - old_logprobs.detach().to(dt), 0.0)
+    log_s = log_ratio.sum(dim=1) / keep.sum(dim=1).clamp(min=1)  # (B,)
+    return torch.where(keep, lp - log_s[:, None], 0.0)
+
+
 def policy_loss_ref(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip_high=0.2,
                     dual_clip=None, ref_logprobs=None, kl_coef=0.0, kl_kind="k3", entropy=None,
-                    entropy_coef=0.0, is_weights=None, loss_agg="token-mean", max_len=None):
+                    entropy_coef=0.0, is_weights=None, loss_agg="token-mean", max_len=None,
+                    surrogate="clip"):
     """Pure torch, autograd-differentiated (the CPU path; in float64, the test reference).
-    advantages must already be (B, T) here (a stride-0 expand of (B,) is fine)."""
+    advantages must already be (B, T) here (a stride-0 expand of (B,) is fine); a sequence-level
+    ratio arrives as old_logprobs from sequence_old_logprobs."""
     B, T = logprobs.shape
     keep = mask != 0
     dt = torch.promote_types(logprobs.dtype, torch.float32)
@@ -321,9 +371,14 @@ def policy_loss_ref(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, c
     lp, old, adv = f(logprobs), f(old_logprobs).detach(), f(advantages).detach()
     log_ratio = lp - old
     ratio = torch.exp(log_ratio)
+    clamped = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
     pg1 = -adv * ratio
-    pg2 = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    pg2 = -adv * clamped
     pg = torch.maximum(pg1, pg2)
+    clipped = pg2 > pg1
+    if surrogate == "cispo":
+        pg = -adv * clamped.detach() * lp
+        clipped = clamped != ratio
     if dual_clip is not None:
         pg = torch.where(adv < 0, torch.minimum(pg, -adv * dual_clip), pg)
     if is_weights is not None:
@@ -344,7 +399,7 @@ def policy_loss_ref(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, c
     n = counts.sum().clamp(min=1.0)
     with torch.no_grad():
         masked_mean = lambda x: torch.where(keep, x, zero).sum() / n  # noqa: E731
-        metrics = {"clipfrac": masked_mean((pg2 > pg1).to(lp.dtype)), "ratio_mean": masked_mean(ratio),
+        metrics = {"clipfrac": masked_mean(clipped.to(lp.dtype)), "ratio_mean": masked_mean(ratio),
                    "approx_kl": masked_mean(ratio - 1.0 - log_ratio), "kl": masked_mean(kl),
                    "entropy": masked_mean(ent)}
     out = torch.float64 if lp.dtype == torch.float64 else torch.float32

@@ -82,7 +82,8 @@ def update(cfg, batch: RolloutBatch, policy, opt, sched, prec, counters: dict, m
                                       ref_logprobs=mb.view(batch.ref) if kl_coef else None, kl_coef=kl_coef,
                                       kl_kind=kl_kind, entropy=ent,
                                       entropy_coef=cfg.entropy_coef, is_weights=is_w, loss_agg=cfg.loss_agg,
-                                      max_len=cfg.max_new_tokens)
+                                      max_len=cfg.max_new_tokens, surrogate=cfg.surrogate,
+                                      ratio_level=cfg.ratio_level)
             share = mb.share(cfg.loss_agg, total_tokens, total_rows) * mb.weight  # of the global minibatch
             finite.append(torch.isfinite(loss))
             metrics.add("loss/policy", loss.detach() * share)

@@ -122,6 +122,95 @@ def test_dr_grpo_max_len_defaults_to_T():
     assert loss.item() == pytest.approx(7 / 6, abs=1e-6)  # (3 + 4) / (2 * T=3)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_cispo_by_hand(impl):
+    # ratio r = [1.5, 0.5, 1.0], A = [1, -1, 2], clip 0.2: the IS weight w = clamp(r) = [1.2, 0.8, 1.0]
+    # is a constant, the loss -A w logp: [-1.2 ln 1.5, 0.8 ln 0.5, 0] -> token-mean -1.041076 / 3;
+    # every token keeps its gradient -A w / 3 = [-0.4, 0.8 / 3, -2 / 3]; clipfrac: w != r on 2 of 3
+    lp = torch.log(torch.tensor([[1.5, 0.5, 1.0]])).requires_grad_()
+    loss, m = policy_loss(lp, torch.zeros(1, 3), torch.tensor([[1.0, -1.0, 2.0]]),
+                          torch.ones(1, 3, dtype=torch.bool), surrogate="cispo", impl=impl)
+    loss.backward()
+    assert loss.item() == pytest.approx((-1.2 * math.log(1.5) + 0.8 * math.log(0.5)) / 3, abs=1e-6)
+    assert m["clipfrac"].item() == pytest.approx(2 / 3, abs=1e-6)
+    torch.testing.assert_close(lp.grad, torch.tensor([[-0.4, 0.8 / 3, -2 / 3]]))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_sequence_level_ratio_by_hand(impl):
+    # GSPO-token. seq0: log-ratios [ln 2, 0] -> s = exp(ln 2 / 2) = sqrt 2, A = 1: clipped at 1.2,
+    # pg = -1.2 on both tokens, no gradient. seq1: [ln 1.1, ln 0.9, (masked)] -> s = sqrt(0.99),
+    # A = -1: pg = s on both, unclipped, each token's gradient -A s. token-mean over 4 tokens.
+    s1 = math.sqrt(0.99)
+    old = torch.zeros(2, 3)
+    lp = torch.log(torch.tensor([[2.0, 1.0, 1.0], [1.1, 0.9, 5.0]])).requires_grad_()
+    mask = torch.tensor([[1, 1, 0], [1, 1, 0]])
+    loss, m = policy_loss(lp, old, torch.tensor([1.0, -1.0]), mask, ratio_level="sequence", impl=impl)
+    loss.backward()
+    assert loss.item() == pytest.approx((-1.2 * 2 + s1 * 2) / 4, abs=1e-6)
+    torch.testing.assert_close(lp.grad, torch.tensor([[0.0, 0.0, 0.0], [s1 / 4, s1 / 4, 0.0]]))
+    assert m["clipfrac"].item() == pytest.approx(0.5, abs=1e-6)
+    assert m["ratio_mean"].item() == pytest.approx((2 * math.sqrt(2) + 2 * s1) / 4, abs=1e-6)
+
+
+def _trl_grpo_loss(lp, old, adv, mask, *, loss_type, level, eps_low, eps_high, beta=0.0, ref=None, max_len=None):
+    """TRL 1.16's GRPOTrainer._compute_loss (trl/trainer/grpo_trainer.py), its formulas copied for
+    the policy part (no vLLM IS ratio, no entropy mask, one accumulation step), in float64:
+    importance_sampling_level "token" | "sequence" (GSPO: coef_1 = exp(masked mean log-ratio) per
+    sequence, its gradient through the mean), loss_type grpo | bnpo | dr_grpo | dapo (dapo's
+    normaliser: the batch's token count, one process) | cispo."""
+    log_ratio = lp - old
+    if level == "token":
+        log_w = log_ratio
+    else:
+        log_w = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+    coef_1 = torch.exp(log_w)
+    if loss_type == "cispo":
+        per_token = -torch.clamp(coef_1, max=eps_high).detach() * adv * lp
+    else:
+        coef_2 = torch.clamp(coef_1, 1 - eps_low, 1 + eps_high)
+        per_token = -torch.min(coef_1 * adv, coef_2 * adv)
+    if beta:
+        per_token = per_token + beta * (torch.exp(ref - lp) - (ref - lp) - 1)
+    if loss_type == "grpo":
+        return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    if loss_type == "dr_grpo":
+        return (per_token * mask).sum() / (per_token.size(0) * max_len)
+    return (per_token * mask).sum() / mask.sum().clamp(min=1.0)  # bnpo, dapo and cispo (one process)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("trl_type,agg,level,ours", [
+    ("grpo", "seq-mean-token-mean", "sequence", {}),        # GSPO as TRL recommends it
+    ("dapo", "token-mean", "sequence", {}),
+    ("dr_grpo", "seq-mean-token-sum-norm", "sequence", {}),
+    ("cispo", "token-mean", "token", dict(surrogate="cispo", clip_low=1.0, clip_high=4.0)),  # epsilon_high 5
+    ("cispo", "token-mean", "sequence", dict(surrogate="cispo", clip_low=1.0, clip_high=4.0)),
+])
+def test_parity_with_trl_loss_formulas(impl, trl_type, agg, level, ours):
+    g = torch.Generator().manual_seed(5)
+    B, T = 4, 9
+    lp0 = torch.randn(B, T, generator=g, dtype=torch.float64) * 0.5 - 2
+    old = lp0 + torch.randn(B, T, generator=g, dtype=torch.float64) * (0.6 if trl_type == "cispo" else 0.15)
+    ref = lp0 + torch.randn(B, T, generator=g, dtype=torch.float64) * 0.2
+    adv = torch.randn(B, generator=g, dtype=torch.float64)  # per sequence, as GRPO's
+    mask = torch.ones(B, T, dtype=torch.float64)
+    mask[0, 6:] = 0
+    mask[2, 2:] = 0
+    eps = (0.2, 0.28) if trl_type != "cispo" else (None, 5.0)
+    a = lp0.clone().requires_grad_()
+    theirs = _trl_grpo_loss(a, old, adv[:, None], mask, loss_type=trl_type, level=level, eps_low=eps[0],
+                            eps_high=eps[1], beta=0.04, ref=ref, max_len=T)
+    theirs.backward()
+    b = lp0.float().clone().requires_grad_()
+    kw = dict(clip_low=0.2, clip_high=0.28) | ours
+    loss, _ = policy_loss(b, old.float(), adv.float(), mask, ref_logprobs=ref.float(), kl_coef=0.04, kl_kind="k3",
+                          loss_agg=agg, max_len=T, ratio_level=level, impl=impl, **kw)
+    loss.backward()
+    assert loss.item() == pytest.approx(theirs.item(), rel=1e-5, abs=1e-6)
+    torch.testing.assert_close(b.grad.double(), a.grad, rtol=1e-4, atol=1e-6)
+
+
 # ---------------------------------------------------------------- policy_loss: vs float64
 
 
@@ -167,6 +256,30 @@ def test_policy_loss_matches_float64(agg, adv_1d, dtype, monkeypatch, poison_emp
     assert torch.all(d_lp[~mask] == 0) and torch.all(d_ent[~mask] == 0)
 
 
+@pytest.mark.parametrize("surrogate,level", [("cispo", "token"), ("clip", "sequence"), ("cispo", "sequence")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_policy_loss_variants_match_float64(surrogate, level, dtype, monkeypatch, poison_empty):
+    pl = importlib.import_module("fastrlhf.kernels.policy_loss")
+    monkeypatch.setattr(pl, "BLOCK_T", 16)  # several tiles per sequence
+    lp, old, ref, adv, mask, ent, isw = _policy_inputs(5, 37, dtype)
+    kw = dict(clip_low=0.2, clip_high=0.28, kl_coef=0.1, entropy_coef=0.01, loss_agg="seq-mean-token-mean",
+              surrogate=surrogate, ratio_level=level)
+    lp1 = lp.clone().requires_grad_()
+    loss, m = policy_loss(lp1, old, adv.to(dtype), mask, ref_logprobs=ref, entropy=ent, is_weights=isw,
+                          impl="triton", **kw)
+    (d_lp,) = torch.autograd.grad(loss, (lp1,))
+    lp64 = lp.double().requires_grad_()
+    loss64, m64 = policy_loss(lp64, old.double(), adv.to(dtype).double(), mask, ref_logprobs=ref.double(),
+                              entropy=ent.double(), is_weights=isw.double(), impl="torch", **kw)
+    (d_lp64,) = torch.autograd.grad(loss64, (lp64,))
+    torch.testing.assert_close(loss.double(), loss64, rtol=1e-5, atol=1e-6)
+    for k in ("clipfrac", "ratio_mean", "approx_kl", "kl", "entropy"):
+        torch.testing.assert_close(m[k].double(), m64[k], rtol=1e-5, atol=1e-6, msg=k)
+    tol = dict(rtol=1e-5, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-4)
+    torch.testing.assert_close(d_lp.double(), d_lp64, **tol)
+    assert torch.all(d_lp[~mask] == 0)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_masked_garbage_does_not_leak(impl):
     lp, old, _, adv, mask, _, _ = _policy_inputs(4, 20, torch.float32)
@@ -191,6 +304,10 @@ def test_masked_garbage_does_not_leak(impl):
     (dict(kl_coef=0.1), r"kl_coef=0.1 needs ref_logprobs"),
     (dict(entropy_coef=0.1), r"entropy_coef=0.1 needs entropy"),
     (dict(dual_clip=0.5), r"dual_clip must be > 1"),
+    (dict(surrogate="sapo"), r"unknown surrogate 'sapo'"),
+    (dict(ratio_level="group"), r"unknown ratio_level 'group'"),
+    (dict(surrogate="cispo", dual_clip=3.0), r"cispo has none to bound"),
+    (dict(clip_low=1.0), r"need 0 <= clip_low < 1 \(<= 1 for cispo\)"),
 ])
 def test_policy_loss_bad_input(bad, match):
     args = dict(logprobs=torch.zeros(2, 3), old_logprobs=torch.zeros(2, 3),

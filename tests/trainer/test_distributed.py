@@ -130,12 +130,15 @@ PAIRS = ["--task_pairs", "45", "--task_eval_pairs", "13", "--pairs_per_step", "1
 @pytest.mark.slow
 @pytest.mark.parametrize("args", [["rm", "--head", "value"], ["rm", "--head", "logprob"],
                                   ["dpo", "--task_eval_prompts", "4", "--log_samples", "1"],
-                                  ["dpo", "--precompute_ref", "false", "--loss_type", "ipo", "--task_eval_prompts", "0"]],
-                         ids=["rm-value", "rm-logprob", "dpo", "dpo-ipo-live-ref"])
+                                  ["dpo", "--precompute_ref", "false", "--loss_type", "ipo", "--task_eval_prompts", "0"],
+                                  ["dpo", "--precompute_ref", "false", "--lora_r", "8", "--task_eval_prompts", "0"],
+                                  ["rm", "--head", "value", "--lora_r", "8"]],
+                         ids=["rm-value", "rm-logprob", "dpo", "dpo-ipo-live-ref", "dpo-lora-adapters-off-ref", "rm-lora"])
 def test_pair_trainers_on_two_ranks_train_the_one_process_batch(args, tmp_path):
     """15 pairs a step over 2 ranks (8 and 7, packed into different numbers of micro-batches):
     each rank scores its share, the scores are gathered, and the loss, the pairwise metrics and
-    the gradient norm are the one-process run's."""
+    the gradient norm are the one-process run's (with LoRA: the reference is the sharded policy
+    with its adapters off, computed every step)."""
     rows = {}
     for n in (1, 2):
         proc = _run(args + PAIRS + ["--output_dir", str(tmp_path / f"n{n}")], nproc=n)

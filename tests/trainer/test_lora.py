@@ -119,6 +119,9 @@ def test_saved_adapter_and_merged_final_reload_to_the_trainers_logprobs(dirs, tm
             models._register_attention()
             loaded.config._attn_implementation = models.ATTN
             assert (models.token_logprobs(loaded, mb) - want).abs().max() <= 1e-5
+    # an adapter directory wherever a model directory goes (a frozen reference, `fastrlhf pairs`): merged on load
+    with torch.no_grad():
+        assert (models.token_logprobs(models.load_causal_lm(tmp_path / "final" / "adapter"), mb) - want).abs().max() <= 1e-5
     # an adapter directory as --model: the run starts from its base with the adapter merged in
     start = models.start_dir(str(tmp_path / "final" / "adapter"), tmp_path / "run")
     assert start == str(tmp_path / "run" / "base")

@@ -100,12 +100,13 @@ def test_the_update_reads_back_once_per_optimiser_step(tiny, read_backs):
     assert stats.values["rollout/logprob_diff_max"] == pytest.approx(0.01, abs=1e-4)
 
 
-def test_the_update_equals_the_minibatch_loss_written_out(tiny, monkeypatch):
+@pytest.mark.parametrize("variant", [{}, {"surrogate": "cispo", "ratio_level": "sequence"}], ids=["clip", "cispo-seq"])
+def test_the_update_equals_the_minibatch_loss_written_out(tiny, monkeypatch, variant):
     """One epoch, one minibatch over several micro-batches: the accumulated gradient is the
     gradient of policy_loss over the whole batch at once (the micro-batch shares sum it back)."""
     from fastrlhf.kernels import policy_loss
 
-    cfg, policy, opt, sched, batch = _grpo_step(tiny, loss_agg="seq-mean-token-mean")
+    cfg, policy, opt, sched, batch = _grpo_step(tiny, loss_agg="seq-mean-token-mean", **variant)
     cfg.ppo_epochs = cfg.minibatches = 1  # on-policy: old = the forward's own
     opt = torch.optim.SGD(policy.parameters(), lr=0.0)  # keeps the weights: compare the gradients
     grads = {}
@@ -116,16 +117,17 @@ def test_the_update_equals_the_minibatch_loss_written_out(tiny, monkeypatch):
         return real_step(opt_, *a, **k)
 
     monkeypatch.setattr(optim, "apply_step", keep_grads)
-    update(cfg, batch, policy, opt, sched, optim.Precision("float32", "cpu"), {}, DeviceMetrics(), seed=0,
-           kl_coef=cfg.kl_coef)
+    metrics = update(cfg, batch, policy, opt, sched, optim.Precision("float32", "cpu"), {}, DeviceMetrics(), seed=0,
+                     kl_coef=cfg.kl_coef)
     policy.zero_grad()
     mb = batch.micro_batches(list(range(16)), 10_000)[0]  # the whole batch in one forward
     lp, ent = models.token_logprobs(policy, mb.inputs, temperature=1.0, return_entropy=True)
     lp, ent = mb.rows(lp), mb.rows(ent)
     loss, _ = policy_loss(lp, lp.detach(), mb.view(batch.advantages), mb.view(batch.mask), ref_logprobs=mb.view(batch.ref),
                           kl_coef=cfg.kl_coef, entropy=ent, is_weights=torch.exp(lp.detach() - mb.view(batch.sampler)).clamp(max=2.0),
-                          loss_agg=cfg.loss_agg)
+                          loss_agg=cfg.loss_agg, **variant)
     loss.backward()
+    assert metrics["loss/policy"] == pytest.approx(loss.item(), rel=1e-4, abs=1e-6)  # cispo's value is -A w log p
     torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
     for n, p in policy.named_parameters():
         torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
