@@ -132,7 +132,7 @@ def serve(mode: str, model_dir: str, adapter: str, new_tokens: int) -> dict:
 def measure_serving(args) -> list[dict]:
     import torch
 
-    from fastrlhf import config, lora, models
+    from fastrlhf import config, models
     from fastrlhf.algos.sft import SFTConfig
     from fastrlhf.tasks import arithmetic as ar
 
