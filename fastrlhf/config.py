@@ -238,7 +238,12 @@ class RolloutFields:
                                     "(GSPO; TRL's importance_sampling_level)")
     loss_agg: str = arg("token-mean", "token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm")
     entropy_coef: float = arg(0.0, "entropy bonus")
-    is_cap: float = arg(2.0, "truncation of the sampler-vs-trainer importance weights (0: off)")
+    is_cap: float = arg(2.0, "upper bound of the sampler-vs-trainer importance weights (0: no weights)")
+    is_floor: float = arg(0.0, "lower bound of the importance weights (0: none)")
+    is_mode: str = arg("truncate", "truncate: clamp the weights to [is_floor, is_cap] (TIS) | mask: drop the tokens "
+                                   "or sequences outside it (MIS)")
+    is_level: str = arg("token", "token: a weight per token | sequence: exp(the summed log-ratio) for every token of "
+                                 "the sequence (TRL's sequence_* modes)")
     head_lr: float = arg(0.0, "learning rate of the policy's output layer (lm_head), as nanochat's unembedding_lr; "
                               "0: lr")
     log_samples_every: int = arg(10, "write log_samples prompts, completions and rewards to samples.jsonl every k steps")
@@ -299,7 +304,8 @@ RULES = {
     "all-linear or comma-separated module names",
     "schedule": _choices("cosine", "linear", "constant"), "engine": _choices("auto", "vllm", "hf"),
     "kl_kind": _choices("k1", "k2", "k3"), "surrogate": _choices("clip", "cispo"),
-    "ratio_level": _choices("token", "sequence"), "task_model_size": _choices("tiny", "small", "medium"),
+    "ratio_level": _choices("token", "sequence"), "is_mode": _choices("truncate", "mask"),
+    "is_level": _choices("token", "sequence"), "is_floor": NON_NEGATIVE, "task_model_size": _choices("tiny", "small", "medium"),
     "loss_agg": _choices("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"),
     "dtype": _choices("auto", *DTYPES), "resume": _choices("auto", "never", "must"),
     "device": lambda v: None if v == "auto" or re.fullmatch(r"cpu|cuda(:\d+)?", v) else "auto, cpu or cuda[:N]",
@@ -316,6 +322,8 @@ def validate_config(cfg) -> None:
         problem = rule(value)
         if problem:
             raise ValueError(f"{f.name}={value!r}: expected {problem}")
+    if getattr(cfg, "is_cap", 0) and getattr(cfg, "is_floor", 0) > cfg.is_cap:
+        raise ValueError(f"is_floor={cfg.is_floor}: expected <= is_cap={cfg.is_cap}")
     if getattr(cfg, "surrogate", "cispo") != "cispo" and getattr(cfg, "clip_low", 0) == 1:
         raise ValueError("clip_low=1.0: expected >= 0 and < 1 (1, no lower bound, is for surrogate=cispo)")
     if getattr(cfg, "surrogate", "clip") == "cispo" and getattr(cfg, "dual_clip", 0):

@@ -5,7 +5,8 @@ critic beside it.
         for each packed micro-batch of the slice (batch.MicroBatch):
             log-probs and entropy of its completion tokens (linear_logprob, no logits)
             old = the forward's own, detached (on-policy: one epoch, one minibatch) | batch.old
-            truncated importance weights min(exp(old - sampler), is_cap) against the engine's
+            importance weights against the engine's log-probs (importance_weights: truncated or
+            masked, per token or per sequence)
             policy_loss(clip_low, clip_high, dual_clip, [kl_coef * KL to batch.ref], entropy bonus,
                         loss_agg) [+ value_loss of the critic's values against batch.returns]
             backward of the loss times the micro-batch's share of the slice (MicroBatch.share)
@@ -19,7 +20,9 @@ whose loss or gradient is not finite is not applied and is counted (optim.apply_
 Metrics (means over the optimiser steps): loss/policy, clipfrac, approx_kl, ratio_mean,
 entropy, kl (with a KL term in the loss), grad_norm (the policy's), and with a critic
 loss/value, value/clipfrac, value/mean; on-policy also rollout/logprob_diff_max (the engine's
-log-probs against the training forward's, the proof that the pushed weights are the trained ones).
+log-probs against the training forward's, the proof that the pushed weights are the trained ones);
+with importance weights rollout/is_ratio_mean, rollout/is_ratio_max (the raw ratios, before
+truncating or masking) and rollout/is_masked_frac (the share of tokens a mask dropped).
 """
 
 from __future__ import annotations
@@ -40,11 +43,28 @@ def on_policy(cfg) -> bool:
     return cfg.ppo_epochs == 1 and cfg.minibatches == 1
 
 
-def importance_weights(old: torch.Tensor, sampler: torch.Tensor, cap: float) -> torch.Tensor:
-    """Truncated importance weights min(exp(old - sampler), cap) per token (verl's TIS, TRL's
-    vllm_importance_sampling_cap): the sampler (vLLM, other kernels) and the trainer disagree
-    slightly on log-probs; this re-weights the sampled tokens to the trainer's distribution."""
-    return torch.exp(old - sampler).clamp(max=cap)
+IS_MODES, IS_LEVELS = ("truncate", "mask"), ("token", "sequence")
+
+
+def importance_weights(old: torch.Tensor, sampler: torch.Tensor, mask: torch.Tensor, *, cap: float,
+                       floor: float = 0.0, mode: str = "truncate", level: str = "token"):
+    """Importance weights of the sampled tokens against the sampler (vLLM, other kernels), which
+    disagrees slightly with the trainer on log-probs; TRL's vllm_importance_sampling_mode
+    (token_truncate | token_mask | sequence_truncate | sequence_mask), verl's rollout correction:
+        level token:     r = exp(old - sampler) per token
+        level sequence:  r = exp(sum over the sequence's tokens of (old - sampler)), its every token
+        mode truncate:   w = clamp(r, floor, cap)          (TIS; floor 0: no lower bound)
+        mode mask:       w = r inside [floor, cap], else 0 (MIS: the token or sequence is dropped)
+    old, sampler, mask (b, T). Returns (w (b, T), 0 where masked; r (b, T) the raw ratios;
+    dropped (b, T) bool: the kept tokens a mask dropped)."""
+    d = torch.where(mask, old - sampler, 0.0)  # (b, T)
+    if level == "sequence":
+        d = d.sum(dim=1, keepdim=True).expand_as(d)
+    r = torch.exp(d)
+    inside = (r >= floor) & (r <= cap)
+    if mode == "mask":
+        return torch.where(inside & mask, r, 0.0), r, mask & ~inside
+    return torch.where(mask, r.clamp(min=floor, max=cap), 0.0), r, torch.zeros_like(mask)
 
 
 def update(cfg, batch: RolloutBatch, policy, opt, sched, prec, counters: dict, metrics: DeviceMetrics, *,
@@ -76,7 +96,17 @@ def update(cfg, batch: RolloutBatch, policy, opt, sched, prec, counters: dict, m
                 if exact and mb.T:
                     metrics.maximum("rollout/logprob_diff_max", torch.where(mask, (sampler - lp.detach()).abs(), 0.0).max())
                 old = lp.detach() if exact else mb.view(batch.old)
-                is_w = importance_weights(old, sampler, cfg.is_cap) if cfg.is_cap > 0 else None
+                is_w = None
+                if cfg.is_cap > 0:
+                    is_w, raw, dropped = importance_weights(old, sampler, mask, cap=cfg.is_cap, floor=cfg.is_floor,
+                                                            mode=cfg.is_mode, level=cfg.is_level)
+                    n_tok = mask.sum().clamp(min=1)
+                    is_share = mb.share("token-mean", total_tokens, total_rows) * mb.weight
+                    metrics.add("rollout/is_ratio_mean", torch.where(mask, raw, 0.0).sum() / n_tok * is_share)
+                    metrics.add("rollout/is_masked_frac", dropped.sum() / n_tok * is_share)
+                    metrics.maximum("rollout/is_ratio_max", torch.where(mask, raw, 0.0).max() if mb.T else
+                                    torch.zeros((), device=batch.device))
+                    means.update(("rollout/is_ratio_mean", "rollout/is_masked_frac"))
                 loss, m = policy_loss(lp, old, mb.view(batch.advantages), mask, clip_low=cfg.clip_low,
                                       clip_high=cfg.clip_high, dual_clip=cfg.dual_clip or None,
                                       ref_logprobs=mb.view(batch.ref) if kl_coef else None, kl_coef=kl_coef,

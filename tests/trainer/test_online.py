@@ -69,10 +69,33 @@ def test_micro_batch_shares_reproduce_the_minibatch_loss(loss_agg):
 
 
 def test_importance_weights_are_truncated_ratios():
-    old = torch.tensor([-1.0, -1.0, -1.0])
-    sampler = torch.tensor([-1.0, -1.5, -3.0])  # ratios 1, e^0.5 = 1.65, e^2 = 7.4
-    w = update.importance_weights(old, sampler, cap=2.0)
-    assert w.tolist() == pytest.approx([1.0, math.exp(0.5), 2.0])
+    old = torch.tensor([[-1.0, -1.0, -1.0]])
+    sampler = torch.tensor([[-1.0, -1.5, -3.0]])  # ratios 1, e^0.5 = 1.65, e^2 = 7.4
+    w, raw, dropped = update.importance_weights(old, sampler, torch.ones(1, 3, dtype=torch.bool), cap=2.0)
+    assert w[0].tolist() == pytest.approx([1.0, math.exp(0.5), 2.0])
+    assert raw[0].tolist() == pytest.approx([1.0, math.exp(0.5), math.exp(2.0)]) and not dropped.any()
+
+
+def test_masked_and_sequence_level_importance_weights_by_hand():
+    """TRL's four vllm_importance_sampling_mode values, derived by hand. Row 0 log-ratios
+    [0, 0.5, (masked: 9)], row 1 [-2, 0.1, 0.2]: token ratios e^0, e^.5 | e^-2, e^.1, e^.2;
+    sequence ratios e^0.5 (row 0) and e^-1.7 (row 1)."""
+    sampler = torch.zeros(2, 3)
+    old = torch.tensor([[0.0, 0.5, 9.0], [-2.0, 0.1, 0.2]])
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    e = math.exp
+    kw = dict(cap=1.5, floor=0.5)
+    w, _, dropped = update.importance_weights(old, sampler, mask, mode="mask", **kw)  # token_mask
+    assert w.flatten().tolist() == pytest.approx([1.0, 0.0, 0.0, 0.0, e(0.1), e(0.2)])
+    assert dropped.tolist() == [[False, True, False], [True, False, False]]
+    w, _, _ = update.importance_weights(old, sampler, mask, mode="truncate", **kw)  # token_truncate
+    assert w[mask].tolist() == pytest.approx([1.0, 1.5, 0.5, e(0.1), e(0.2)])
+    w, raw, dropped = update.importance_weights(old, sampler, mask, mode="mask", level="sequence", **kw)
+    assert raw[:, 0].tolist() == pytest.approx([e(0.5), e(-1.7)])  # the masked 9 does not count
+    assert w[mask].tolist() == pytest.approx([0.0, 0.0, 0.0, 0.0, 0.0])  # e^.5 > 1.5, e^-1.7 < 0.5: both dropped
+    assert dropped.sum() == 5
+    w, _, _ = update.importance_weights(old, sampler, mask, mode="truncate", level="sequence", **kw)
+    assert w[mask].tolist() == pytest.approx([1.5, 1.5, 0.5, 0.5, 0.5])
 
 
 def _bad_reward(prompt, response, answer, **_):

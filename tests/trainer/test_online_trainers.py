@@ -86,7 +86,9 @@ def test_grpo_on_policy_with_failed_rewards_reports_the_trained_samples(tiny, tm
 
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", [["--surrogate", "cispo", "--clip_low", "1.0", "--clip_high", "4.0"],
-                                     ["--ratio_level", "sequence"]], ids=["cispo", "gspo"])
+                                     ["--ratio_level", "sequence"],
+                                     ["--is_mode", "mask", "--is_level", "sequence", "--is_cap", "3.0"]],
+                         ids=["cispo", "gspo", "sequence-mis"])
 def test_grpo_cispo_and_gspo_learn(variant, tiny, tmp_path, monkeypatch):
     """The policy-loss variants through the trainer, 2 epochs over each batch (ratios away from 1):
     the reward rises as with the clipped token-level surrogate; the variant is in config.json."""
@@ -97,6 +99,8 @@ def test_grpo_cispo_and_gspo_learn(variant, tiny, tmp_path, monkeypatch):
     first, last = (sum(r["reward/mean"] for r in rows[i:i + 4]) / 4 for i in (0, 8))
     assert last > first + 0.1, (first, last)
     assert any(r["ratio_mean"] != 1.0 for r in rows)
+    # the sampler is the trainer here (engine hf): every raw IS ratio is 1 to float noise, none dropped
+    assert all(abs(r["rollout/is_ratio_mean"] - 1) < 1e-4 and r["rollout/is_masked_frac"] == 0 for r in rows)
     saved = json.loads((out / "config.json").read_text())
     assert saved[variant[0][2:]] == variant[1]
 
