@@ -1,0 +1,1 @@
+"""fastrlhf's kernels inside other trainers (trl.py: TRL's GRPOTrainer)."""

@@ -1,0 +1,108 @@
+"""TRL's GRPOTrainer with fastrlhf's fused log-probs.
+
+TRL (>= 1.16) computes GRPO's per-token log-probs and entropies through a fused LM head it
+patches onto the model (`trl.trainer.utils.add_fused_lm_head`: the backbone, then a chunked
+projection, never the whole logits). `GRPOTrainer` here is TRL's own trainer whose model is
+patched with this module's `add_fused_lm_head` instead, the same contract (called as
+`model(..., labels=labels, fused_lm_head=True)`, it returns log-probs and entropies zero where
+the label is -100) computed by `fastrlhf.kernels.linear_logprob` in one pass over the
+vocabulary, with the output layer as the architecture computes it (bias, logit scale, final-logit
+softcapping; an output transform we do not reproduce is refused):
+
+    from fastrlhf.integrations.trl import GRPOTrainer      # instead of: from trl import GRPOTrainer
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=GRPOConfig(...), train_dataset=ds)
+
+Everything else is TRL's: generation, rewards, advantages, the loss, logging. A test runs TRL's
+GRPO both ways on the CPU and finds the same loss trajectory. Only the per-token fields GRPO uses
+are offered (log_probs, entropy): asking for another one (log_sum_sq_probs, mean_logits, is_top1)
+is an error naming it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import types
+
+import torch
+
+from fastrlhf.kernels import linear_logprob
+
+OUTPUTS = ("log_probs", "entropy")
+
+
+def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: bool = False,
+                      outputs: tuple[str, ...] = ("log_probs",)) -> None:
+    """TRL's `add_fused_lm_head` contract, on fastrlhf's linear_logprob (module docstring)."""
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    from fastrlhf.models import output_transform
+
+    missing = [o for o in outputs if o not in OUTPUTS]
+    if missing:
+        raise ValueError(f"fastrlhf's fused LM head computes {OUTPUTS}, not {missing}")
+    logit_scale, softcap = output_transform(model.config)  # refuses a transform we do not reproduce
+    original_forward = model.forward
+    want_entropy = "entropy" in outputs
+
+    @functools.wraps(type(model).forward)  # generate() checks its kwargs against this signature
+    def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
+        if not fused_lm_head:
+            extra = {k: v for k, v in (("labels", labels), ("shift_labels", shift_labels),
+                                       ("num_items_in_batch", num_items_in_batch)) if v is not None}
+            return original_forward(*args, **kwargs, **extra)
+        kwargs["use_cache"] = False
+        hidden = self.base_model(*args, **kwargs).last_hidden_state  # (B, T, H)
+        if shift_labels is None:
+            hidden, labels = hidden[:, :-1], labels[:, 1:]
+        else:
+            labels = shift_labels
+        head = self.get_output_embeddings()
+        weight, bias = head.weight, head.bias
+        if hasattr(weight, "full_tensor"):  # FSDP2: the head whole, as TRL does
+            weight = weight.full_tensor()
+            bias = None if bias is None else bias.full_tensor()
+        labels = labels.to(weight.device)
+        ctx = contextlib.nullcontext()
+        kind = hidden.device.type
+        if cast_lm_head_to_fp32:
+            ctx, hidden = torch.autocast(kind, enabled=False), hidden.float()
+            weight, bias = weight.float(), None if bias is None else bias.float()
+        elif torch.is_autocast_enabled(kind):  # the kernel takes one dtype: autocast's
+            dtype = torch.get_autocast_dtype(kind)
+            hidden, weight = hidden.to(dtype), weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+        with ctx:
+            out = linear_logprob(hidden.to(weight.device), weight, labels, bias=bias, temperature=temperature,
+                                 logit_scale=logit_scale, softcap=softcap, return_entropy=want_entropy)
+        log_probs, entropy = out if want_entropy else (out, None)
+        mask = labels != -100
+        loss = -log_probs.sum() / (mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
+        return FusedCausalLMOutput(loss=loss, log_probs=log_probs, entropy=entropy, label_mask=mask)
+
+    model.forward = types.MethodType(forward, model)
+
+
+@functools.cache
+def _trainer_class():
+    import trl.trainer.grpo_trainer as grpo_module
+    from trl import GRPOTrainer as TRLGRPOTrainer
+
+    class GRPOTrainer(TRLGRPOTrainer):
+        """TRL's GRPOTrainer, its fused LM head fastrlhf's (module docstring)."""
+
+        def __init__(self, *args, **kwargs):
+            original = grpo_module.add_fused_lm_head
+            grpo_module.add_fused_lm_head = add_fused_lm_head  # what TRL's __init__ patches the models with
+            try:
+                super().__init__(*args, **kwargs)
+            finally:
+                grpo_module.add_fused_lm_head = original
+
+    return GRPOTrainer
+
+
+def __getattr__(name):  # trl is imported only when the trainer is asked for
+    if name == "GRPOTrainer":
+        return _trainer_class()
+    raise AttributeError(name)

@@ -1,0 +1,94 @@
+"""fastrlhf.integrations.trl: TRL's own GRPOTrainer with our fused log-probs trains exactly as
+TRL's does (its loss, KL, entropy, reward and gradient-norm trajectory, to 1e-5), on the
+built-in model and on a real architecture with an output bias (Phi) and a softcapped one
+(Gemma 2); the fused head returns TRL's fields where TRL's own does."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+pytest.importorskip("datasets")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests import archs  # noqa: E402
+
+
+def _run(trainer_cls, model_dir, out, tok=None):
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig
+
+    prompts = [f"{a}+{b}=" for a, b in zip(range(12), range(30, 42))]
+    ds = Dataset.from_list([{"prompt": p} for p in prompts])
+
+    def reward(prompts, completions, **_):
+        return [c.count("7") / max(1, len(c)) + 0.1 * len(c) for c in completions]
+
+    cfg = GRPOConfig(output_dir=str(out), per_device_train_batch_size=8, num_generations=4, max_completion_length=6,
+                     steps_per_generation=1, gradient_accumulation_steps=1, max_steps=3, learning_rate=1e-2,
+                     beta=0.05, loss_type="dapo", temperature=0.9, use_vllm=False, use_cpu=True, logging_steps=1,
+                     report_to=[], save_strategy="no", seed=0, dataloader_num_workers=0, disable_tqdm=True,
+                     num_iterations=2, bf16=False)  # TRL turns bf16 autocast on by default, on a CPU too
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    trainer = trainer_cls(model=model, reward_funcs=reward, args=cfg, train_dataset=ds,
+                          processing_class=tok or AutoTokenizer.from_pretrained(model_dir))
+    trainer.train()
+    return [h for h in trainer.state.log_history if "loss" in h]
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    from fastrlhf.tasks import arithmetic as ar
+
+    root = tmp_path_factory.mktemp("trl")
+    out = {"toy": ar.save_base_model(root / "toy", **ar.MODEL_SIZES["tiny"])}
+    for name in ("phi", "gemma2"):
+        out[name] = archs.save_arch(name, root / name)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["toy", "phi", "gemma2"])
+def test_trl_grpo_with_fastrlhf_logprobs_trains_as_trl_does(name, model_dirs, tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTRLHF_KERNEL_IMPL", "torch")
+    from trl import GRPOTrainer
+
+    from fastrlhf.integrations import trl as ours
+
+    theirs = _run(GRPOTrainer, model_dirs[name], tmp_path / "trl")
+    mine = _run(ours.GRPOTrainer, model_dirs[name], tmp_path / "ours")
+    assert len(theirs) == len(mine) == 3
+    for a, b in zip(theirs, mine):
+        for key in ("loss", "grad_norm", "kl", "entropy", "reward", "clip_ratio/region_mean"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
+    assert any(r["grad_norm"] > 0 for r in theirs) and any(r["kl"] > 0 for r in theirs[1:])
+
+
+def test_the_fused_head_returns_trls_fields(model_dirs):
+    """Our patched forward against TRL's patched forward on the same model: log-probs and
+    entropies at every label position (0 at -100), the loss; an unknown field is refused."""
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.utils import add_fused_lm_head as trl_head
+
+    from fastrlhf.integrations.trl import add_fused_lm_head
+
+    ids = torch.randint(0, 500, (2, 9), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :4] = -100
+    outs = []
+    for patch in (trl_head, add_fused_lm_head):
+        model = AutoModelForCausalLM.from_pretrained(model_dirs["gemma2"], dtype=torch.float32)
+        patch(model, temperature=0.7, outputs=("log_probs", "entropy"))
+        outs.append(model(input_ids=ids, labels=labels, fused_lm_head=True))
+    a, b = outs
+    torch.testing.assert_close(b.log_probs, a.log_probs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b.entropy, a.entropy, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b.loss, a.loss, rtol=1e-5, atol=1e-6)
+    assert torch.all(b.log_probs[:, :3] == 0)
+    with pytest.raises(ValueError, match="not \\['is_top1'\\]"):
+        add_fused_lm_head(AutoModelForCausalLM.from_pretrained(model_dirs["toy"]), outputs=("log_probs", "is_top1"))
