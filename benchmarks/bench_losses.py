@@ -23,8 +23,11 @@ import torch
 from benchmarks import common
 from fastrlhf import kernels as K
 
-OPS = ["kl_penalty", "policy_loss", "value_loss", "gae", "group_advantages", "preference_loss",
-       "grpo_from_logits"]
+OPS = ["kl_penalty", "policy_loss", "policy_loss_cispo", "policy_loss_gspo", "value_loss", "gae",
+       "group_advantages", "preference_loss", "grpo_from_logits"]
+# the policy-loss variants: CISPO (TRL's epsilon_high 5) and GSPO's sequence-level ratio
+VARIANTS = {"policy_loss_cispo": dict(surrogate="cispo", clip_low=1.0, clip_high=4.0),
+            "policy_loss_gspo": dict(ratio_level="sequence")}
 PROVIDERS = ["fastrlhf", "torch-eager", "torch-compile", "liger"]
 MODES = ["forward", "backward", "full"]
 T = 1024
@@ -41,14 +44,16 @@ def _op_fns(op: str, B: int, dtype, device):
         const = [(rnd(B, T) - 2).to(dtype)]
         return grads, const, lambda x, y: K.kl_penalty(x, y, "k3", impl="triton"), \
             lambda x, y: K.kl_penalty_ref(x.float(), y.float(), "k3")
-    if op == "policy_loss":
+    if op == "policy_loss" or op in VARIANTS:
         grads = [(rnd(B, T) * 0.3 - 2).to(dtype).requires_grad_()]
         old, ref = (grads[0].detach().float() + rnd(B, T) * 0.1).to(dtype), \
             (grads[0].detach().float() + rnd(B, T) * 0.1).to(dtype)
         adv, mask = rnd(B), torch.rand(B, T, generator=g).to(device) > 0.1
-        kw = dict(clip_high=0.28, ref_logprobs=ref, kl_coef=0.04, loss_agg="token-mean")
-        return grads, [old, adv, mask], \
-            lambda lp, o, a, m: K.policy_loss(lp, o, a, m, impl="triton", **kw)[0], \
+        kw = dict(clip_high=0.28, ref_logprobs=ref, kl_coef=0.04, loss_agg="token-mean") | VARIANTS.get(op, {})
+        fused = lambda lp, o, a, m: K.policy_loss(lp, o, a, m, impl="triton", **kw)[0]  # noqa: E731
+        if op in VARIANTS:  # eager: the torch path, the sequence ratio's pre-step included
+            return grads, [old, adv, mask], fused, lambda lp, o, a, m: K.policy_loss(lp, o, a, m, impl="torch", **kw)[0]
+        return grads, [old, adv, mask], fused, \
             lambda lp, o, a, m: K.policy_loss_ref(lp, o, a[:, None].expand(B, T), m, **kw)[0]
     if op == "value_loss":
         grads = [rnd(B, T).to(dtype).requires_grad_()]

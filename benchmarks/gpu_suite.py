@@ -73,7 +73,7 @@ def parts(py: str) -> list[Part]:
                           "--dtype", "bfloat16", "--reps", "10"), 90,
              dry_command=m("benchmarks.bench_logprob", "--sizes", "64,32,512", "--reps", "1",
                            "--providers", "fastrlhf-torch,torch-eager")),
-        Part("losses", m("benchmarks.bench_losses", "--tokens", "1048576", "--dtype", "bfloat16"), 45,
+        Part("losses", m("benchmarks.bench_losses", "--tokens", "1048576", "--dtype", "bfloat16"), 60,
              dry_command=m("benchmarks.bench_losses", "--tokens", "2048", "--reps", "1", "--providers", "torch-eager")),
         Part("train", m("benchmarks.bench_train", "--model-size", "medium", "--vocab", "131072", "--tokens", "8192"), 30,
              dry_command=m("benchmarks.bench_train", "--model-size", "tiny", "--sequences", "4", "--vocab", "512",
