@@ -143,6 +143,32 @@ def test_the_trainable_parameters_are_the_adapters(dirs):
     assert head["params/trainable"] == n["params/trainable"] + c.vocab_size * H
 
 
+def test_in_bf16_the_base_is_bf16_and_what_trains_is_float32(dirs):
+    """--dtype bfloat16 (CPU autocast here, as on a GPU): the frozen base is stored in bf16 (no
+    float32 copy), the adapters and the trained head in float32 (master precision for AdamW), and
+    a step under autocast moves them; the merged weights come out float32 for the engine to cast."""
+    from fastrlhf import optim
+
+    model = models.load_trained(dirs["qwen2-tied"], _cfg("--dtype", "bfloat16", "--lora_train_head", "true"),
+                                torch.device("cpu"))
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    trained = [p for _, p in named]
+    assert frozen == {torch.bfloat16} and {p.dtype for p in trained} == {torch.float32}
+    before = [p.detach().clone() for p in trained]
+    prec = optim.Precision("bfloat16", torch.device("cpu"))
+    opt = optim.make_optimizer(model.parameters(), 1e-2, 0.0)
+    with prec.autocast():
+        loss = -models.token_logprobs(model, _batch(model)).sum()
+    loss.backward()
+    opt.step()
+    moved = {n for (n, p), old in zip(named, before) if not torch.equal(old, p)}
+    # B starts at 0, so A's first gradient is 0: every B and the trained head (= embedding) move
+    assert {n for n, _ in named if "lora_B" in n or "modules_to_save" in n} <= moved
+    merged = dict(lora.merged_weights(model))
+    assert merged["model.layers.0.self_attn.q_proj.weight"].dtype == torch.float32
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--lora_train_head", "true"], "lora_train_head: .* set lora_r > 0"),
     (["--lora_r", "4", "--head_lr", "1e-3"], "head_lr=0.001: with LoRA the output layer is frozen"),
