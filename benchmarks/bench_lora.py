@@ -102,6 +102,14 @@ def child(mode: str, path: str, args) -> dict:
             "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None}
 
 
+def _child_json(cmd: list[str], what: str) -> dict:
+    """Run one measuring child process; its last stdout line, JSON."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    if proc.returncode:
+        raise RuntimeError(f"bench_lora {what}: {proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def serve(mode: str, model_dir: str, adapter: str, new_tokens: int) -> dict:
     """One engine (child process): tokens/s of sampling with merged weights or with the adapter."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -151,10 +159,7 @@ def measure_serving(args) -> list[dict]:
             for mode, d in (("merged", f"{tmp}/merged"), ("adapter", base)):
                 cmd = [sys.executable, "-m", "benchmarks.bench_lora", "--serve", mode, "--work", d,
                        "--adapter", f"{tmp}/merged/adapter", f"--new-tokens={args.new_tokens}"]
-                proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-                if proc.returncode:
-                    raise RuntimeError(f"bench_lora --serve {mode}: {proc.stderr[-3000:]}")
-                rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+                rows.append(_child_json(cmd, f"--serve {mode}"))
     print(f"\nvLLM sampling a LoRA policy, built-in small model, r=16, 256 prompts x {args.new_tokens} tokens, "
           f"{common.device_name('cpu')}")
     for mode in ("merged", "adapter"):
@@ -172,10 +177,7 @@ def measure(args) -> list[dict]:
                 cmd = [sys.executable, "-m", "benchmarks.bench_lora", "--child", mode, "--work", path,
                        *(f"--{k}={getattr(args, k)}" for k in ("reps", "rank", "device", "hidden", "layers", "vocab",
                                                                 "tokens"))]
-                proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-                if proc.returncode:
-                    raise RuntimeError(f"bench_lora {mode}: {proc.stderr[-3000:]}")
-                runs[mode].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+                runs[mode].append(_child_json(cmd, mode))
     rows = []
     for mode, rs in runs.items():
         row = {**rs[0], "step_s": statistics.median(t for r in rs for t in r["step_s"]),

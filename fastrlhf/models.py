@@ -255,16 +255,13 @@ def load_trained(path: str | Path, cfg, device, *, ckpt: Path | None = None, val
     from fastrlhf import dist
     from fastrlhf.config import compute_dtype
 
-    load = load_value_model if value else load_causal_lm
-    adapted = lora.enabled(cfg)
-    dtype = compute_dtype(cfg.dtype, device) if adapted else torch.float32
-    where = path if adapted or ckpt is None else ckpt
-    model = load(where, device=device, dtype=dtype, gradient_checkpointing=cfg.gradient_checkpointing,
-                 no_dropout=cfg.disable_dropout)
-    if adapted:
-        model = lora.apply(model, cfg, value=value, ckpt=ckpt)
-        where = ckpt or path
-    check_finite_model(model, where)  # a NaN checkpoint would skip every step and save NaN
+    load = functools.partial(load_value_model if value else load_causal_lm, device=device,
+                             gradient_checkpointing=cfg.gradient_checkpointing, no_dropout=cfg.disable_dropout)
+    if lora.enabled(cfg):  # the base frozen in the compute dtype, the adapters fresh or the checkpoint's
+        model = lora.apply(load(path, dtype=compute_dtype(cfg.dtype, device)), cfg, value=value, ckpt=ckpt)
+    else:
+        model = load(ckpt or path, dtype=torch.float32)
+    check_finite_model(model, ckpt or path)  # a NaN checkpoint would skip every step and save NaN
     if dist.world_size() > 1:  # torchrun: the masters and (once built) AdamW's state sharded over the ranks
         shard(model, compute_dtype(cfg.dtype, device))
     return model
@@ -395,7 +392,7 @@ def output_head(model) -> OutputHead:
     return OutputHead(lm.weight, lm.bias, scale, softcap)
 
 
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+def autocast_dtype(t: torch.Tensor) -> torch.dtype:
     """The dtype autocast runs matmuls in when it is on for t's device, else t's own."""
     kind = t.device.type
     if torch.is_autocast_enabled(kind):
@@ -486,7 +483,7 @@ def token_logprobs(model, batch: dict, *, temperature=1.0, return_entropy=False,
     reaches the fp32 master weight through the cast)."""
     h = hidden_states(model, batch)  # (B, T, H)
     head = output_head(model)
-    dtype = _compute_dtype(head.weight)
+    dtype = autocast_dtype(head.weight)
     cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
     return linear_logprob(cast(h), cast(head.weight), batch["labels"].to(h.device), bias=cast(head.bias),
                           logit_scale=head.logit_scale, softcap=head.softcap, temperature=temperature,

@@ -43,9 +43,6 @@ def on_policy(cfg) -> bool:
     return cfg.ppo_epochs == 1 and cfg.minibatches == 1
 
 
-IS_MODES, IS_LEVELS = ("truncate", "mask"), ("token", "sequence")
-
-
 def importance_weights(old: torch.Tensor, sampler: torch.Tensor, mask: torch.Tensor, *, cap: float,
                        floor: float = 0.0, mode: str = "truncate", level: str = "token"):
     """Importance weights of the sampled tokens against the sampler (vLLM, other kernels), which
@@ -100,12 +97,12 @@ def update(cfg, batch: RolloutBatch, policy, opt, sched, prec, counters: dict, m
                 if cfg.is_cap > 0:
                     is_w, raw, dropped = importance_weights(old, sampler, mask, cap=cfg.is_cap, floor=cfg.is_floor,
                                                             mode=cfg.is_mode, level=cfg.is_level)
-                    n_tok = mask.sum().clamp(min=1)
+                    raw, n_tok = torch.where(mask, raw, 0.0), mask.sum().clamp(min=1)
                     is_share = mb.share("token-mean", total_tokens, total_rows) * mb.weight
-                    metrics.add("rollout/is_ratio_mean", torch.where(mask, raw, 0.0).sum() / n_tok * is_share)
+                    metrics.add("rollout/is_ratio_mean", raw.sum() / n_tok * is_share)
                     metrics.add("rollout/is_masked_frac", dropped.sum() / n_tok * is_share)
-                    metrics.maximum("rollout/is_ratio_max", torch.where(mask, raw, 0.0).max() if mb.T else
-                                    torch.zeros((), device=batch.device))
+                    if mb.T:
+                        metrics.maximum("rollout/is_ratio_max", raw.max())
                     means.update(("rollout/is_ratio_mean", "rollout/is_masked_frac"))
                 loss, m = policy_loss(lp, old, mb.view(batch.advantages), mask, clip_low=cfg.clip_low,
                                       clip_high=cfg.clip_high, dual_clip=cfg.dual_clip or None,

@@ -36,7 +36,7 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
     """TRL's `add_fused_lm_head` contract, on fastrlhf's linear_logprob (module docstring)."""
     from trl.trainer.utils import FusedCausalLMOutput
 
-    from fastrlhf.models import output_transform
+    from fastrlhf.models import autocast_dtype, output_transform
 
     missing = [o for o in outputs if o not in OUTPUTS]
     if missing:
@@ -63,17 +63,13 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
             weight = weight.full_tensor()
             bias = None if bias is None else bias.full_tensor()
         labels = labels.to(weight.device)
-        ctx = contextlib.nullcontext()
-        kind = hidden.device.type
-        if cast_lm_head_to_fp32:
-            ctx, hidden = torch.autocast(kind, enabled=False), hidden.float()
-            weight, bias = weight.float(), None if bias is None else bias.float()
-        elif torch.is_autocast_enabled(kind):  # the kernel takes one dtype: autocast's
-            dtype = torch.get_autocast_dtype(kind)
-            hidden, weight = hidden.to(dtype), weight.to(dtype)
-            bias = None if bias is None else bias.to(dtype)
+        # the kernel takes one dtype: float32 outside autocast if asked, else autocast's (as token_logprobs)
+        ctx = torch.autocast(hidden.device.type, enabled=False) if cast_lm_head_to_fp32 else contextlib.nullcontext()
+        dtype = torch.float32 if cast_lm_head_to_fp32 else autocast_dtype(weight)
+        hidden, weight = hidden.to(weight.device, dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
         with ctx:
-            out = linear_logprob(hidden.to(weight.device), weight, labels, bias=bias, temperature=temperature,
+            out = linear_logprob(hidden, weight, labels, bias=bias, temperature=temperature,
                                  logit_scale=logit_scale, softcap=softcap, return_entropy=want_entropy)
         log_probs, entropy = out if want_entropy else (out, None)
         mask = labels != -100
