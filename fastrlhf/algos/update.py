@@ -150,4 +150,7 @@ def update(cfg, batch: RolloutBatch, policy, opt, sched, prec, counters: dict, m
             optim.apply_step(critic_opt, critic_sched, {}, critic_norm, ok=ok, scaler=prec.scaler)
         n_updates += 1
     metrics.fetch()  # whatever is still pending (no update at all: every sample filtered out)
-    return {k: metrics.values[k] / max(1, n_updates) for k in sorted(means) if k in metrics.values}
+    out = {k: metrics.values[k] / max(1, n_updates) for k in sorted(means) if k in metrics.values}
+    if "rollout/is_ratio_max" in metrics.values:  # a maximum over the whole update, not a mean
+        out["rollout/is_ratio_max"] = metrics.values["rollout/is_ratio_max"]
+    return out

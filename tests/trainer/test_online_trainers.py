@@ -101,6 +101,7 @@ def test_grpo_cispo_and_gspo_learn(variant, tiny, tmp_path, monkeypatch):
     assert any(r["ratio_mean"] != 1.0 for r in rows)
     # the sampler is the trainer here (engine hf): every raw IS ratio is 1 to float noise, none dropped
     assert all(abs(r["rollout/is_ratio_mean"] - 1) < 1e-4 and r["rollout/is_masked_frac"] == 0 for r in rows)
+    assert all(abs(r["rollout/is_ratio_max"] - 1) < 1e-4 for r in rows)  # logged (it was not, at first)
     saved = json.loads((out / "config.json").read_text())
     assert saved[variant[0][2:]] == variant[1]
 
