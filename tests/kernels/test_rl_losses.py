@@ -264,14 +264,16 @@ def test_policy_loss_variants_match_float64(surrogate, level, dtype, monkeypatch
     lp, old, ref, adv, mask, ent, isw = _policy_inputs(5, 37, dtype)
     kw = dict(clip_low=0.2, clip_high=0.28, kl_coef=0.1, entropy_coef=0.01, loss_agg="seq-mean-token-mean",
               surrogate=surrogate, ratio_level=level)
-    lp1 = lp.clone().requires_grad_()
-    loss, m = policy_loss(lp1, old, adv.to(dtype), mask, ref_logprobs=ref, entropy=ent, is_weights=isw,
+    lp1 = lp.t().contiguous().t().requires_grad_()  # a column-major (B, T) layout
+    old_t = old.t().contiguous().t()
+    loss, m = policy_loss(lp1, old_t, adv.to(dtype), mask, ref_logprobs=ref, entropy=ent, is_weights=isw,
                           impl="triton", **kw)
-    (d_lp,) = torch.autograd.grad(loss, (lp1,))
+    g = torch.tensor(0.37)  # an upstream gradient other than 1
+    (d_lp,) = torch.autograd.grad(loss, (lp1,), grad_outputs=g)
     lp64 = lp.double().requires_grad_()
     loss64, m64 = policy_loss(lp64, old.double(), adv.to(dtype).double(), mask, ref_logprobs=ref.double(),
                               entropy=ent.double(), is_weights=isw.double(), impl="torch", **kw)
-    (d_lp64,) = torch.autograd.grad(loss64, (lp64,))
+    (d_lp64,) = torch.autograd.grad(loss64, (lp64,), grad_outputs=g.double())
     torch.testing.assert_close(loss.double(), loss64, rtol=1e-5, atol=1e-6)
     for k in ("clipfrac", "ratio_mean", "approx_kl", "kl", "entropy"):
         torch.testing.assert_close(m[k].double(), m64[k], rtol=1e-5, atol=1e-6, msg=k)
