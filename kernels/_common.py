@@ -57,13 +57,24 @@ def on_host(t: torch.Tensor) -> bool:
     return t.device.type == "cpu"
 
 
+def tracing() -> bool:
+    """Whether the op is being traced (torch.compile, torch.export) or captured in a CUDA graph:
+    then a check that reads a value back (a host sync, a graph break) is skipped."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def check_labels(labels: torch.Tensor, lead_shape: torch.Size, vocab: int, ignore_index: int,
-                 what: str) -> None:
-    """labels must be int64 of shape lead_shape with every non-ignored value in [0, V)."""
+                 what: str, validate: bool | None = None) -> None:
+    """labels must be int64 of shape lead_shape; with validate (None: unless tracing), every
+    non-ignored value in [0, V)."""
     if labels.dtype != torch.int64:
         raise ValueError(f"labels must be int64, got {labels.dtype}")
     if labels.shape != lead_shape:
         raise ValueError(f"labels shape {tuple(labels.shape)} does not match {what} {tuple(lead_shape)}")
+    if validate is False or (validate is None and tracing()):
+        return
     valid = labels != ignore_index
     bad = valid & ((labels < 0) | (labels >= vocab))
     if not labels.numel():
@@ -77,6 +88,11 @@ def check_labels(labels: torch.Tensor, lead_shape: torch.Size, vocab: int, ignor
             f"labels out of range [0, {vocab}) at index {first}: {int(labels[first])} "
             f"(ignore_index={ignore_index})"
         )
+
+
+def empty_f32(like: torch.Tensor, n: int | tuple = 0) -> torch.Tensor:
+    """A fresh (n,) float32 tensor on like's device: a custom op's stand-in for an absent output."""
+    return like.new_empty(n, dtype=torch.float32)
 
 
 def check_finite(**scalars) -> None:
@@ -265,9 +281,8 @@ def torch_dlogits(z, labels, valid, lse, ez, g_lp, g_ent, inv_temp, out: torch.T
 
 def cat_stats(parts, like: torch.Tensor, want_entropy: bool):
     """Concatenate per-chunk (logp, entropy, lse, E[z]) tuples; empty inputs give empty outputs."""
-    if not parts:
-        empty = like.new_zeros(0, dtype=torch.float32)
-        return empty, (empty if want_entropy else None), empty, (empty if want_entropy else None)
+    if not parts:  # four distinct tensors: a custom op's outputs may not alias each other
+        return tuple(empty_f32(like) if i % 2 == 0 or want_entropy else None for i in range(4))
     return tuple(None if p[0] is None else torch.cat(p) for p in zip(*parts))
 
 

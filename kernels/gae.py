@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 from ._common import resolve_impl
 
@@ -74,6 +75,24 @@ def _gae_kernel(
 BLOCK_T = 1024
 
 
+@torch.library.custom_op("fastrlhf::gae", mutates_args=())
+def _gae_op(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
+    """(B, T) each -> advantages, returns (B, T) fp32 (constants: no autograd)."""
+    B, T = rewards.shape
+    adv = torch.empty((B, T), device=rewards.device, dtype=torch.float32)
+    ret = torch.empty((B, T), device=rewards.device, dtype=torch.float32)
+    if B and T:
+        _gae_kernel[(B,)](rewards, values, mask, adv, ret, T, *rewards.stride(), *values.stride(),
+                          *mask.stride(), gamma, lam, BLOCK_T=min(BLOCK_T, triton.next_power_of_2(T)))
+    return adv, ret
+
+
+@_gae_op.register_fake
+def _(rewards, values, mask, gamma, lam):
+    return (rewards.new_empty(rewards.shape, dtype=torch.float32),
+            rewards.new_empty(rewards.shape, dtype=torch.float32))
+
+
 def gae(rewards, values, mask, *, gamma=1.0, lam=0.95, impl=None):
     """rewards, values, mask (B, T) -> (advantages, returns), each (B, T) float32."""
     if rewards.dim() != 2:
@@ -90,14 +109,7 @@ def gae(rewards, values, mask, *, gamma=1.0, lam=0.95, impl=None):
         raise ValueError(f"gamma and lam must be in [0, 1], got {gamma}, {lam}")
     if resolve_impl(impl, rewards) == "torch":
         return gae_ref(rewards.float(), values.float(), mask, gamma=gamma, lam=lam)
-    B, T = rewards.shape
-    adv = torch.empty((B, T), device=rewards.device, dtype=torch.float32)
-    ret = torch.empty((B, T), device=rewards.device, dtype=torch.float32)
-    if B and T:
-        _gae_kernel[(B,)](rewards, values, mask, adv, ret, T, *rewards.stride(), *values.stride(),
-                          *mask.stride(), float(gamma), float(lam),
-                          BLOCK_T=min(BLOCK_T, triton.next_power_of_2(T)))
-    return adv, ret
+    return _gae_op(rewards.detach(), values.detach(), mask, float(gamma), float(lam))
 
 
 def gae_ref(rewards, values, mask, *, gamma=1.0, lam=0.95):

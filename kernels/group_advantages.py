@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 from ._common import resolve_impl
 
@@ -51,6 +52,26 @@ def _group_advantages_kernel(
     tl.store(OUT + offs, adv, mask=ok)
 
 
+@torch.library.custom_op("fastrlhf::group_advantages", mutates_args=())
+def _group_advantages_op(rewards: Tensor, group_size: int, scale_std: bool, leave_one_out: bool) -> Tensor:
+    """rewards (B,) contiguous -> advantages (B,) fp32 (constants: no autograd)."""
+    B = rewards.shape[0]
+    out = torch.empty(B, device=rewards.device, dtype=torch.float32)
+    n_groups = B // group_size
+    block_g = triton.next_power_of_2(group_size)
+    groups = max(1, min(triton.next_power_of_2(max(n_groups, 1)), 4096 // block_g))
+    if B:
+        _group_advantages_kernel[(triton.cdiv(n_groups, groups),)](
+            rewards, out, n_groups, group_size, EPS,
+            SCALE_STD=scale_std, LEAVE_ONE_OUT=leave_one_out, GROUPS=groups, BLOCK_G=block_g)
+    return out
+
+
+@_group_advantages_op.register_fake
+def _(rewards, group_size, scale_std, leave_one_out):
+    return rewards.new_empty(rewards.shape, dtype=torch.float32)
+
+
 def group_advantages(rewards, group_size, *, scale="std", leave_one_out=False, impl=None):
     """rewards (B,) of B / group_size consecutive groups -> advantages (B,) float32."""
     if rewards.dim() != 1:
@@ -66,15 +87,7 @@ def group_advantages(rewards, group_size, *, scale="std", leave_one_out=False, i
     if resolve_impl(impl, rewards) == "torch":
         return group_advantages_ref(rewards.float(), group_size, scale=scale,
                                     leave_one_out=leave_one_out)
-    out = torch.empty(B, device=rewards.device, dtype=torch.float32)
-    n_groups = B // group_size
-    block_g = triton.next_power_of_2(group_size)
-    groups = max(1, min(triton.next_power_of_2(max(n_groups, 1)), 4096 // block_g))
-    if B:
-        _group_advantages_kernel[(triton.cdiv(n_groups, groups),)](
-            rewards.contiguous(), out, n_groups, group_size, EPS,
-            SCALE_STD=scale == "std", LEAVE_ONE_OUT=leave_one_out, GROUPS=groups, BLOCK_G=block_g)
-    return out
+    return _group_advantages_op(rewards.detach().contiguous(), group_size, scale == "std", leave_one_out)
 
 
 def group_advantages_ref(rewards, group_size, *, scale="std", leave_one_out=False):

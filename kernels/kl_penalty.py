@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 from ._common import check_float, resolve_impl
 
@@ -79,33 +80,56 @@ def _kl_bwd_kernel(X, Y, G, DX, DY, N, KIND: tl.constexpr, BLOCK: tl.constexpr):
 
 
 # ----------------------------------------------------------------------------------------
-# launchers and autograd
+# launchers and torch.library custom ops (see linear_logprob.py)
 # ----------------------------------------------------------------------------------------
 
 BLOCK = 1024
 
 
-class KLPenaltyFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, y, kind_id):
-        # x, y (N,) contiguous
-        out = torch.empty(x.shape, device=x.device, dtype=torch.float32)
-        N = x.numel()
-        if N:
-            _kl_fwd_kernel[(triton.cdiv(N, BLOCK),)](x, y, out, N, KIND=kind_id, BLOCK=BLOCK)
-        ctx.save_for_backward(x, y)
-        ctx.kind_id = kind_id
-        return out
+@torch.library.custom_op("fastrlhf::kl_penalty", mutates_args=())
+def _kl_penalty_op(x: Tensor, y: Tensor, kind_id: int) -> Tensor:
+    """x, y (N,) contiguous -> (N,) fp32."""
+    out = torch.empty(x.shape, device=x.device, dtype=torch.float32)
+    N = x.numel()
+    if N:
+        _kl_fwd_kernel[(triton.cdiv(N, BLOCK),)](x, y, out, N, KIND=kind_id, BLOCK=BLOCK)
+    return out
 
-    @staticmethod
-    def backward(ctx, g):
-        x, y = ctx.saved_tensors
-        dx, dy = torch.empty_like(x), torch.empty_like(y)
-        N = x.numel()
-        if N:
-            _kl_bwd_kernel[(triton.cdiv(N, BLOCK),)](x, y, g.contiguous(), dx, dy, N,
-                                                     KIND=ctx.kind_id, BLOCK=BLOCK)
-        return dx, dy, None
+
+@_kl_penalty_op.register_fake
+def _(x, y, kind_id):
+    return x.new_empty(x.shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("fastrlhf::kl_penalty_backward", mutates_args=())
+def _kl_penalty_backward_op(x: Tensor, y: Tensor, g: Tensor, kind_id: int) -> tuple[Tensor, Tensor]:
+    """-> d(x), d(y) (N,) in x's and y's dtypes."""
+    dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    dy = torch.empty(y.shape, device=y.device, dtype=y.dtype)
+    N = x.numel()
+    if N:
+        _kl_bwd_kernel[(triton.cdiv(N, BLOCK),)](x, y, g.contiguous(), dx, dy, N, KIND=kind_id, BLOCK=BLOCK)
+    return dx, dy
+
+
+@_kl_penalty_backward_op.register_fake
+def _(x, y, g, kind_id):
+    return x.new_empty(x.shape), y.new_empty(y.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    x, y, kind_id = inputs
+    ctx.save_for_backward(x, y)
+    ctx.kind_id = kind_id
+
+
+def _backward(ctx, g):
+    x, y = ctx.saved_tensors
+    dx, dy = _kl_penalty_backward_op(x, y, g, ctx.kind_id)
+    return dx, dy, None
+
+
+_kl_penalty_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------------------
@@ -133,8 +157,7 @@ def kl_penalty(logprobs, ref_logprobs, kind="k3", *, impl=None):
         raise ValueError(f"logprobs on {logprobs.device} but ref_logprobs on {ref_logprobs.device}")
     if resolve_impl(impl, logprobs) == "torch":
         return kl_penalty_ref(logprobs.float(), ref_logprobs.float(), kind)
-    out = KLPenaltyFunction.apply(logprobs.reshape(-1).contiguous(),
-                                  ref_logprobs.reshape(-1).contiguous(), kind_id)
+    out = _kl_penalty_op(logprobs.reshape(-1).contiguous(), ref_logprobs.reshape(-1).contiguous(), kind_id)
     return out.view(logprobs.shape)
 
 

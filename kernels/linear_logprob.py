@@ -43,9 +43,10 @@ of the algorithm. `linear_logprob_ref` is the float64 materialised version for t
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
+from torch import Tensor
 import triton
 import triton.language as tl
 
@@ -65,6 +66,7 @@ from ._common import (
     combine_splits,
     config_key,
     dot_precision,
+    empty_f32,
     logprob_ref,
     no_autocast,
     resolve_impl,
@@ -336,7 +338,7 @@ def _bwd_triton(h, w, bias, labels, lse, ez, g_lp, g_ent, xf: LogitTransform, ig
     direct = n_chunks == 1 or h.dtype == torch.float32
     dh = torch.empty((N, D), device=h.device, dtype=h.dtype if direct else torch.float32) \
         if need_dh else None
-    dw = torch.empty_like(w) if need_dw else None
+    dw = torch.empty(w.shape, device=w.device, dtype=w.dtype) if need_dw else None
     db = torch.empty(V, device=h.device, dtype=torch.float32) if need_db else None
     entropy = g_ent is not None
     for c in range(n_chunks):
@@ -446,37 +448,81 @@ def _bwd_torch(h, w, bias, labels, lse, ez, g_lp, g_ent, xf: LogitTransform, ign
 
 
 # ----------------------------------------------------------------------------------------
-# autograd
+# torch.library custom ops: forward, backward, fake (meta) implementations and autograd
 # ----------------------------------------------------------------------------------------
+# Registered ops are opaque to torch.compile / torch.export (no graph break, no tracing into
+# the chunk loops) and dispatch like aten ops. Outputs are never None: an absent one is an empty
+# (0,) tensor of the right dtype, as the schema needs.
 
 
-class LinearLogprobFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, xf, ignore_index, return_entropy, impl):
-        # hidden (N, H), weight (V, H), bias (V,) | None, labels (N,), xf a LogitTransform
-        fwd = _fwd_triton if impl == "triton" else _fwd_torch
-        with no_autocast(hidden):  # the torch path's fp32 matmuls stay fp32 under a caller's autocast
-            logp, entropy, lse, ez = fwd(hidden, weight, bias, labels, xf, ignore_index, return_entropy)
-        ctx.save_for_backward(hidden, weight, bias, labels, lse, ez)
-        ctx.xf, ctx.ignore_index, ctx.impl = xf, ignore_index, impl
-        ctx.set_materialize_grads(False)
-        return (logp, entropy) if return_entropy else logp
+@torch.library.custom_op("fastrlhf::linear_logprob", mutates_args=())
+def _linear_logprob_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
+                       logit_scale: float, softcap: Optional[float], inv_temp: float, ignore_index: int,
+                       return_entropy: bool, impl: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """hidden (N, H), weight (V, H), bias (V,) | None, labels (N,) ->
+    logp (N,), entropy (N,) | (0,), lse (N,), E[z] (N,) | (0,), all fp32."""
+    xf = LogitTransform(logit_scale, softcap, inv_temp)
+    fwd = _fwd_triton if impl == "triton" else _fwd_torch
+    with no_autocast(hidden):  # the torch path's fp32 matmuls stay fp32 under a caller's autocast
+        logp, entropy, lse, ez = fwd(hidden, weight, bias, labels, xf, ignore_index, return_entropy)
+    if not return_entropy:
+        entropy, ez = empty_f32(hidden), empty_f32(hidden)
+    return logp, entropy, lse, ez
 
-    @staticmethod
-    def backward(ctx, g_lp, g_ent=None):
-        hidden, weight, bias, labels, lse, ez = ctx.saved_tensors
-        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2])
-        if (g_lp is None and g_ent is None) or not any(needs):
-            return (None,) * 8
-        g_lp = torch.zeros_like(lse) if g_lp is None else g_lp.float().contiguous()
-        g_ent = None if g_ent is None else g_ent.float().contiguous()
-        bwd = _bwd_triton if ctx.impl == "triton" else _bwd_torch
-        with no_autocast(hidden):
-            dh, dw, db = bwd(hidden, weight, bias, labels, lse, ez, g_lp, g_ent, ctx.xf,
-                             ctx.ignore_index, needs)
-        if db is not None:
-            db = db.to(bias.dtype)
-        return dh, dw, db, None, None, None, None, None
+
+@_linear_logprob_op.register_fake
+def _(hidden, weight, bias, labels, logit_scale, softcap, inv_temp, ignore_index, return_entropy, impl):
+    N, n_ent = hidden.shape[0], hidden.shape[0] if return_entropy else 0
+    return empty_f32(hidden, N), empty_f32(hidden, n_ent), empty_f32(hidden, N), empty_f32(hidden, n_ent)
+
+
+@torch.library.custom_op("fastrlhf::linear_logprob_backward", mutates_args=())
+def _linear_logprob_backward_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
+                                lse: Tensor, ez: Tensor, g_lp: Tensor, g_ent: Optional[Tensor],
+                                logit_scale: float, softcap: Optional[float], inv_temp: float,
+                                ignore_index: int, impl: str, need_dh: bool, need_dw: bool,
+                                need_db: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """-> d(hidden) (N, H), d(weight) (V, H), d(bias) (V,) in their inputs' dtypes; (0,) where not needed."""
+    xf = LogitTransform(logit_scale, softcap, inv_temp)
+    bwd = _bwd_triton if impl == "triton" else _bwd_torch
+    with no_autocast(hidden):
+        dh, dw, db = bwd(hidden, weight, bias, labels, lse, None if g_ent is None else ez, g_lp, g_ent, xf,
+                         ignore_index, (need_dh, need_dw, need_db))
+    return (hidden.new_empty(0) if dh is None else dh, weight.new_empty(0) if dw is None else dw,
+            hidden.new_empty(0) if db is None else db.to(bias.dtype))
+
+
+@_linear_logprob_backward_op.register_fake
+def _(hidden, weight, bias, labels, lse, ez, g_lp, g_ent, logit_scale, softcap, inv_temp, ignore_index,
+      impl, need_dh, need_dw, need_db):
+    return (hidden.new_empty(hidden.shape if need_dh else (0,)),
+            weight.new_empty(weight.shape if need_dw else (0,)),
+            hidden.new_empty(0) if not need_db else bias.new_empty(bias.shape))
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, labels, logit_scale, softcap, inv_temp, ignore_index, return_entropy, impl = inputs
+    _, _, lse, ez = output
+    ctx.save_for_backward(hidden, weight, bias, labels, lse, ez)
+    ctx.args = (logit_scale, softcap, inv_temp, ignore_index, impl)
+    ctx.return_entropy = return_entropy
+    ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zeros, no work
+    ctx.mark_non_differentiable(lse, ez)
+
+
+def _backward(ctx, g_lp, g_ent, _g_lse, _g_ez):
+    hidden, weight, bias, labels, lse, ez = ctx.saved_tensors
+    needs = tuple(ctx.needs_input_grad[:3])
+    if (g_lp is None and g_ent is None) or not any(needs):
+        return (None,) * 10
+    g_lp = torch.zeros_like(lse) if g_lp is None else g_lp.float().contiguous()
+    g_ent = g_ent.float().contiguous() if g_ent is not None and ctx.return_entropy else None
+    dh, dw, db = _linear_logprob_backward_op(hidden, weight, bias, labels, lse, ez, g_lp, g_ent, *ctx.args,
+                                             *needs)
+    return (dh if needs[0] else None, dw if needs[1] else None, db if needs[2] else None) + (None,) * 7
+
+
+_linear_logprob_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------------------
@@ -485,7 +531,8 @@ class LinearLogprobFunction(torch.autograd.Function):
 
 
 def linear_logprob(hidden, weight, labels, *, bias=None, logit_scale=1.0, softcap=None,
-                   temperature=1.0, ignore_index=-100, return_entropy=False, impl=None):
+                   temperature=1.0, ignore_index=-100, return_entropy=False, impl=None,
+                   validate_labels=None):
     """Log-probabilities of `labels` under softmax(z / temperature), with the raw logits
     r = hidden @ weight.T + bias and z = softcap * tanh(logit_scale * r / softcap)
     (z = logit_scale * r without softcap).
@@ -503,10 +550,14 @@ def linear_logprob(hidden, weight, labels, *, bias=None, logit_scale=1.0, softca
         return_entropy: also return the entropy of the full distribution at each position.
         impl: "triton" | "torch" | None (triton on CUDA or under TRITON_INTERPRET=1, else torch;
             the environment variable FASTRLHF_KERNEL_IMPL overrides the default).
+        validate_labels: check that every label is in [0, V) or ignore_index. None (default):
+            in eager mode, skipped under torch.compile / torch.export and CUDA-graph capture
+            (a CPU check reads the labels back; on CUDA it is an asynchronous device assert).
 
     Returns:
         logprobs (...) float32 [, entropy (...) float32]; differentiable w.r.t. hidden, weight
-        and bias through both outputs. The (..., V) logits are never materialised.
+        and bias through both outputs. The (..., V) logits are never materialised. The op is
+        the registered custom op torch.ops.fastrlhf.linear_logprob (with its backward op).
     """
     if not (math.isfinite(logit_scale) and logit_scale != 0):
         raise ValueError(f"logit_scale must be a finite nonzero number, got {logit_scale}")
@@ -534,22 +585,22 @@ def linear_logprob(hidden, weight, labels, *, bias=None, logit_scale=1.0, softca
     devices = {k: t.device for k, t in tensors.items()}
     if len(set(devices.values())) > 1:
         raise ValueError(f"tensors on different devices: {devices}")
-    check_labels(labels, hidden.shape[:-1], V, ignore_index, "hidden's leading dims")
+    check_labels(labels, hidden.shape[:-1], V, ignore_index, "hidden's leading dims", validate_labels)
     check_temperature(temperature)
     impl = resolve_impl(impl, hidden)
 
     lead = labels.shape
-    xf = LogitTransform(float(logit_scale), None if softcap is None else float(softcap),
-                        1.0 / float(temperature))
     # labels and bias are read as contiguous vectors (an expanded or column-view labels tensor
     # was read with the wrong strides); hidden and weight go in with their own strides
-    out = LinearLogprobFunction.apply(hidden.reshape(-1, D), weight,
-                                      None if bias is None else bias.contiguous(),
-                                      labels.reshape(-1).contiguous(), xf, int(ignore_index),
-                                      bool(return_entropy), impl)
+    logp, entropy, _, _ = _linear_logprob_op(hidden.reshape(-1, D), weight,
+                                             None if bias is None else bias.contiguous(),
+                                             labels.reshape(-1).contiguous(), float(logit_scale),
+                                             None if softcap is None else float(softcap),
+                                             1.0 / float(temperature), int(ignore_index),
+                                             bool(return_entropy), impl)
     if return_entropy:
-        return out[0].view(lead), out[1].view(lead)
-    return out.view(lead)
+        return logp.view(lead), entropy.view(lead)
+    return logp.view(lead)
 
 
 def linear_logprob_ref(hidden, weight, labels, *, bias=None, logit_scale=1.0, softcap=None,

@@ -17,9 +17,12 @@ It stops scaling only at the memory bandwidth; rows are independent.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 from ._common import (
     INTERPRET,
@@ -34,6 +37,7 @@ from ._common import (
     check_temperature,
     combine_splits,
     config_key,
+    empty_f32,
     logprob_ref,
     resolve_impl,
     torch_dlogits,
@@ -175,7 +179,7 @@ def _fwd_torch(z, labels, inv_temp, ignore_index, want_entropy):
 
 def _bwd_torch(z, labels, lse, ez, g_lp, g_ent, inv_temp, ignore_index):
     valid = labels != ignore_index
-    dz = torch.empty_like(z)
+    dz = torch.empty(z.shape, device=z.device, dtype=z.dtype)  # (N, V)
     chunks = _torch_chunks(*z.shape)
     rows = chunks[0].stop - chunks[0].start if chunks else 0
     z_buf, d_buf = (torch.empty((rows, z.shape[1]), dtype=torch.float32, device=z.device) for _ in range(2))
@@ -188,32 +192,62 @@ def _bwd_torch(z, labels, lse, ez, g_lp, g_ent, inv_temp, ignore_index):
 
 
 # ----------------------------------------------------------------------------------------
-# autograd
+# torch.library custom ops (see linear_logprob.py): forward, backward, fake, autograd
 # ----------------------------------------------------------------------------------------
 
 
-class LogprobFromLogitsFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, labels, temperature, ignore_index, return_entropy, impl):
-        # logits (N, V), labels (N,)
-        fwd = _fwd_triton if impl == "triton" else _fwd_torch
-        logp, entropy, lse, ez = fwd(logits, labels, 1.0 / temperature, ignore_index,
-                                     return_entropy)
-        ctx.save_for_backward(logits, labels, lse, ez)
-        ctx.inv_temp, ctx.ignore_index, ctx.impl = 1.0 / temperature, ignore_index, impl
-        ctx.set_materialize_grads(False)
-        return (logp, entropy) if return_entropy else logp
+@torch.library.custom_op("fastrlhf::logprob_from_logits", mutates_args=())
+def _logprob_from_logits_op(logits: Tensor, labels: Tensor, inv_temp: float, ignore_index: int,
+                            return_entropy: bool, impl: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """logits (N, V), labels (N,) -> logp (N,), entropy (N,) | (0,), lse (N,), E[z] (N,) | (0,), fp32."""
+    fwd = _fwd_triton if impl == "triton" else _fwd_torch
+    logp, entropy, lse, ez = fwd(logits, labels, inv_temp, ignore_index, return_entropy)
+    if not return_entropy:
+        entropy, ez = empty_f32(logits), empty_f32(logits)
+    return logp, entropy, lse, ez
 
-    @staticmethod
-    def backward(ctx, g_lp, g_ent=None):
-        logits, labels, lse, ez = ctx.saved_tensors
-        if (g_lp is None and g_ent is None) or not ctx.needs_input_grad[0]:
-            return (None,) * 6
-        g_lp = torch.zeros_like(lse) if g_lp is None else g_lp.float().contiguous()
-        g_ent = None if g_ent is None else g_ent.float().contiguous()
-        bwd = _bwd_triton if ctx.impl == "triton" else _bwd_torch
-        dz = bwd(logits, labels, lse, ez, g_lp, g_ent, ctx.inv_temp, ctx.ignore_index)
-        return dz, None, None, None, None, None
+
+@_logprob_from_logits_op.register_fake
+def _(logits, labels, inv_temp, ignore_index, return_entropy, impl):
+    N, n_ent = logits.shape[0], logits.shape[0] if return_entropy else 0
+    return empty_f32(logits, N), empty_f32(logits, n_ent), empty_f32(logits, N), empty_f32(logits, n_ent)
+
+
+@torch.library.custom_op("fastrlhf::logprob_from_logits_backward", mutates_args=())
+def _logprob_from_logits_backward_op(logits: Tensor, labels: Tensor, lse: Tensor, ez: Tensor, g_lp: Tensor,
+                                     g_ent: Optional[Tensor], inv_temp: float, ignore_index: int,
+                                     impl: str) -> Tensor:
+    """-> d(logits) (N, V) in the logits' dtype."""
+    bwd = _bwd_triton if impl == "triton" else _bwd_torch
+    return bwd(logits, labels, lse, None if g_ent is None else ez, g_lp, g_ent, inv_temp, ignore_index)
+
+
+@_logprob_from_logits_backward_op.register_fake
+def _(logits, labels, lse, ez, g_lp, g_ent, inv_temp, ignore_index, impl):
+    return logits.new_empty(logits.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, labels, inv_temp, ignore_index, return_entropy, impl = inputs
+    _, _, lse, ez = output
+    ctx.save_for_backward(logits, labels, lse, ez)
+    ctx.args = (inv_temp, ignore_index, impl)
+    ctx.return_entropy = return_entropy
+    ctx.set_materialize_grads(False)
+    ctx.mark_non_differentiable(lse, ez)
+
+
+def _backward(ctx, g_lp, g_ent, _g_lse, _g_ez):
+    logits, labels, lse, ez = ctx.saved_tensors
+    if (g_lp is None and g_ent is None) or not ctx.needs_input_grad[0]:
+        return (None,) * 6
+    g_lp = torch.zeros_like(lse) if g_lp is None else g_lp.float().contiguous()
+    g_ent = g_ent.float().contiguous() if g_ent is not None and ctx.return_entropy else None
+    dz = _logprob_from_logits_backward_op(logits, labels, lse, ez, g_lp, g_ent, *ctx.args)
+    return dz, None, None, None, None, None
+
+
+_logprob_from_logits_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------------------
@@ -222,13 +256,13 @@ class LogprobFromLogitsFunction(torch.autograd.Function):
 
 
 def logprob_from_logits(logits, labels, *, temperature=1.0, ignore_index=-100,
-                        return_entropy=False, impl=None):
+                        return_entropy=False, impl=None, validate_labels=None):
     """Log-probabilities of `labels` under softmax(logits / temperature).
 
     Args:
         logits: (..., V) float32 / bfloat16 / float16.
         labels: (...) int64; positions equal to ignore_index give 0 and no gradient.
-        temperature, return_entropy, impl: as in `linear_logprob`.
+        temperature, return_entropy, impl, validate_labels: as in `linear_logprob`.
 
     Returns:
         logprobs (...) float32 [, entropy (...) float32], differentiable w.r.t. logits
@@ -242,16 +276,16 @@ def logprob_from_logits(logits, labels, *, temperature=1.0, ignore_index=-100,
     V = logits.shape[-1]
     if V == 0:
         raise ValueError(f"logits {tuple(logits.shape)}: the vocabulary (V) must be > 0")
-    check_labels(labels, logits.shape[:-1], V, ignore_index, "logits' leading dims")
+    check_labels(labels, logits.shape[:-1], V, ignore_index, "logits' leading dims", validate_labels)
     check_temperature(temperature)
     impl = resolve_impl(impl, logits)
     lead = labels.shape
-    out = LogprobFromLogitsFunction.apply(logits.reshape(-1, V), labels.reshape(-1).contiguous(),
-                                          float(temperature), int(ignore_index),
-                                          bool(return_entropy), impl)
+    logp, entropy, _, _ = _logprob_from_logits_op(logits.reshape(-1, V), labels.reshape(-1).contiguous(),
+                                                  1.0 / float(temperature), int(ignore_index),
+                                                  bool(return_entropy), impl)
     if return_entropy:
-        return out[0].view(lead), out[1].view(lead)
-    return out.view(lead)
+        return logp.view(lead), entropy.view(lead)
+    return logp.view(lead)
 
 
 def logprob_from_logits_ref(logits, labels, *, temperature=1.0, ignore_index=-100,

@@ -39,12 +39,15 @@ CUDA graph. It is bandwidth-bound at about (5 + #optional inputs) * 4 B per toke
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 from ._aggregate import _load_bt, _load_keep, check_loss_agg, check_token_tensors, row_weights
-from ._common import check_finite, resolve_impl
+from ._common import check_finite, empty_f32, resolve_impl
 from .kl_penalty import _kl_token, kl_kind_id, kl_penalty_ref
 
 # partial sums per (sequence, tile): loss, tokens, clipped, ratio, approx_kl, kl, entropy
@@ -193,7 +196,7 @@ def _policy_loss_bwd_kernel(
 
 
 # ----------------------------------------------------------------------------------------
-# launchers and autograd
+# launchers and torch.library custom ops (see linear_logprob.py)
 # ----------------------------------------------------------------------------------------
 
 BLOCK_T = 1024
@@ -203,42 +206,90 @@ def _strides(t, B, T):
     return (0, 0) if t is None else tuple(t.stride())
 
 
-class PolicyLossFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logprobs, entropy, old, adv, mask, ref, isw, opts):
-        # every tensor (B, T) (advantages may be a stride-0 expand of (B,)); opts a dict
-        B, T = logprobs.shape
-        n_tiles = max(1, triton.cdiv(T, BLOCK_T))
-        partials = torch.empty((_K, B, n_tiles), device=logprobs.device, dtype=torch.float32)
-        args = _kernel_args(logprobs, old, adv, mask, ref, entropy, isw, B, T)
-        if B:
-            _policy_loss_fwd_kernel[(B, n_tiles)](
-                *args["ptrs"], partials, T, *args["strides"], partials.stride(0), *opts["scalars"],
-                **opts["flags"], HAS_ENT=entropy is not None, BLOCK_T=BLOCK_T)
-        sums = partials.sum(dim=2)  # (K, B)
-        w = row_weights(sums[1], opts["loss_agg"], opts["max_len"], T)  # (B,)
-        loss = (w * sums[0]).sum()
-        ctx.save_for_backward(logprobs, entropy, old, adv, mask, ref, isw, w)
-        ctx.opts = opts
-        ctx.mark_non_differentiable(sums)
-        return loss, sums
+def _launch_opts(clip_low, clip_high, dual_clip, kl_coef, kl_kind, entropy_coef, surrogate, ref, isw):
+    """The kernels' scalar arguments and constexpr flags from the op's arguments."""
+    scalars = (clip_low, clip_high, dual_clip or 0.0, kl_coef, entropy_coef)
+    flags = dict(HAS_DUAL=dual_clip is not None, HAS_REF=ref is not None, HAS_ISW=isw is not None,
+                 KL_KIND=kl_kind, CISPO=surrogate == SURROGATES.index("cispo"))
+    return scalars, flags
 
-    @staticmethod
-    def backward(ctx, g_loss, _g_sums):
-        logprobs, entropy, old, adv, mask, ref, isw, w = ctx.saved_tensors
-        B, T = logprobs.shape
-        want_dent = entropy is not None and ctx.needs_input_grad[1]
-        dlp = torch.empty((B, T), device=logprobs.device, dtype=logprobs.dtype)
-        dent = torch.empty((B, T), device=logprobs.device, dtype=entropy.dtype) if want_dent else None
-        coef = (w * g_loss).contiguous()  # (B,)
-        args = _kernel_args(logprobs, old, adv, mask, ref, entropy, isw, B, T)
-        ptrs = list(args["ptrs"])
-        if B:
-            _policy_loss_bwd_kernel[(B, max(1, triton.cdiv(T, BLOCK_T)))](
-                *ptrs, coef, dlp, dent if want_dent else dlp, T, *args["strides"],
-                *ctx.opts["scalars"], **ctx.opts["flags"], HAS_ENT=entropy is not None,
-                WANT_DENT=want_dent, BLOCK_T=BLOCK_T)
-        return dlp, dent, None, None, None, None, None, None
+
+@torch.library.custom_op("fastrlhf::policy_loss", mutates_args=())
+def _policy_loss_op(logprobs: Tensor, entropy: Optional[Tensor], old: Tensor, adv: Tensor, mask: Tensor,
+                    ref: Optional[Tensor], isw: Optional[Tensor], clip_low: float, clip_high: float,
+                    dual_clip: Optional[float], kl_coef: float, kl_kind: int, entropy_coef: float,
+                    surrogate: int, loss_agg: str, max_len: Optional[int]) -> tuple[Tensor, Tensor, Tensor]:
+    """Every tensor (B, T) (advantages may be a stride-0 expand of (B,)) ->
+    loss () fp32, the partial sums (K, B) fp32, the sequences' aggregation weights (B,) fp32."""
+    B, T = logprobs.shape
+    n_tiles = max(1, triton.cdiv(T, BLOCK_T))
+    partials = torch.empty((_K, B, n_tiles), device=logprobs.device, dtype=torch.float32)
+    args = _kernel_args(logprobs, old, adv, mask, ref, entropy, isw, B, T)
+    scalars, flags = _launch_opts(clip_low, clip_high, dual_clip, kl_coef, kl_kind, entropy_coef, surrogate,
+                                  ref, isw)
+    if B:
+        _policy_loss_fwd_kernel[(B, n_tiles)](
+            *args["ptrs"], partials, T, *args["strides"], partials.stride(0), *scalars,
+            **flags, HAS_ENT=entropy is not None, BLOCK_T=BLOCK_T)
+    sums = partials.sum(dim=2)  # (K, B)
+    w = row_weights(sums[1], loss_agg, max_len, T).contiguous()  # (B,): an op's output is no expand
+    return (w * sums[0]).sum(), sums, w
+
+
+@_policy_loss_op.register_fake
+def _(logprobs, entropy, old, adv, mask, ref, isw, clip_low, clip_high, dual_clip, kl_coef, kl_kind,
+      entropy_coef, surrogate, loss_agg, max_len):
+    B = logprobs.shape[0]
+    return empty_f32(logprobs, ()), logprobs.new_empty((_K, B), dtype=torch.float32), empty_f32(logprobs, B)
+
+
+@torch.library.custom_op("fastrlhf::policy_loss_backward", mutates_args=())
+def _policy_loss_backward_op(logprobs: Tensor, entropy: Optional[Tensor], old: Tensor, adv: Tensor,
+                             mask: Tensor, ref: Optional[Tensor], isw: Optional[Tensor], coef: Tensor,
+                             clip_low: float, clip_high: float, dual_clip: Optional[float], kl_coef: float,
+                             kl_kind: int, entropy_coef: float, surrogate: int,
+                             want_dent: bool) -> tuple[Tensor, Tensor]:
+    """coef (B,): the upstream gradient times each sequence's weight -> d(logprobs) (B, T) in its
+    dtype, d(entropy) (B, T) in its dtype (or (0,) unless want_dent)."""
+    B, T = logprobs.shape
+    dlp = torch.empty((B, T), device=logprobs.device, dtype=logprobs.dtype)
+    dent = torch.empty((B, T) if want_dent else (0,), device=logprobs.device,
+                       dtype=logprobs.dtype if entropy is None else entropy.dtype)
+    args = _kernel_args(logprobs, old, adv, mask, ref, entropy, isw, B, T)
+    scalars, flags = _launch_opts(clip_low, clip_high, dual_clip, kl_coef, kl_kind, entropy_coef, surrogate,
+                                  ref, isw)
+    if B:
+        _policy_loss_bwd_kernel[(B, max(1, triton.cdiv(T, BLOCK_T)))](
+            *args["ptrs"], coef.contiguous(), dlp, dent if want_dent else dlp, T, *args["strides"], *scalars,
+            **flags, HAS_ENT=entropy is not None, WANT_DENT=want_dent, BLOCK_T=BLOCK_T)
+    return dlp, dent
+
+
+@_policy_loss_backward_op.register_fake
+def _(logprobs, entropy, old, adv, mask, ref, isw, coef, clip_low, clip_high, dual_clip, kl_coef, kl_kind,
+      entropy_coef, surrogate, want_dent):
+    dent_dtype = logprobs.dtype if entropy is None else entropy.dtype
+    return logprobs.new_empty(logprobs.shape), logprobs.new_empty(logprobs.shape if want_dent else (0,),
+                                                                  dtype=dent_dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    logprobs, entropy, old, adv, mask, ref, isw, *scalars, loss_agg, max_len = inputs
+    _, sums, w = output
+    ctx.save_for_backward(logprobs, entropy, old, adv, mask, ref, isw, w)
+    ctx.scalars = scalars
+    ctx.mark_non_differentiable(sums, w)
+
+
+def _backward(ctx, g_loss, _g_sums, _g_w):
+    logprobs, entropy, old, adv, mask, ref, isw, w = ctx.saved_tensors
+    want_dent = entropy is not None and ctx.needs_input_grad[1]
+    dlp, dent = _policy_loss_backward_op(logprobs, entropy, old, adv, mask, ref, isw, w * g_loss,
+                                         *ctx.scalars, want_dent)
+    return (dlp, dent if want_dent else None) + (None,) * 14
+
+
+_policy_loss_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _kernel_args(logprobs, old, adv, mask, ref, entropy, isw, B, T):
@@ -329,17 +380,12 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip_
                                kl_coef=kl_coef, kl_kind=kl_kind, entropy=entropy,
                                entropy_coef=entropy_coef, is_weights=is_weights,
                                loss_agg=loss_agg, max_len=max_len, surrogate=surrogate)
-    opts = {
-        "scalars": (float(clip_low), float(clip_high), float(dual_clip or 0.0), float(kl_coef),
-                    float(entropy_coef)),
-        "flags": dict(HAS_DUAL=dual_clip is not None, HAS_REF=ref_logprobs is not None,
-                      HAS_ISW=is_weights is not None, KL_KIND=kind_id, CISPO=surrogate == "cispo"),
-        "loss_agg": loss_agg, "max_len": max_len,
-    }
-    loss, sums = PolicyLossFunction.apply(logprobs, entropy, old_logprobs.detach(),
-                                          advantages.detach(), mask,
-                                          None if ref_logprobs is None else ref_logprobs.detach(),
-                                          None if is_weights is None else is_weights.detach(), opts)
+    loss, sums, _ = _policy_loss_op(logprobs, entropy, old_logprobs.detach(), advantages.detach(), mask,
+                                    None if ref_logprobs is None else ref_logprobs.detach(),
+                                    None if is_weights is None else is_weights.detach(), float(clip_low),
+                                    float(clip_high), None if dual_clip is None else float(dual_clip),
+                                    float(kl_coef), kind_id, float(entropy_coef), SURROGATES.index(surrogate),
+                                    loss_agg, max_len)
     return loss, _metrics(sums.detach())
 
 

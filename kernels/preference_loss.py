@@ -24,10 +24,12 @@ and keeps loss_type dispatch out of Python.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 from ._common import resolve_impl
 
@@ -84,37 +86,51 @@ def _preference_fwd_kernel(
 
 
 # ----------------------------------------------------------------------------------------
-# launchers and autograd
+# launchers and torch.library custom ops (see linear_logprob.py)
 # ----------------------------------------------------------------------------------------
 
 BLOCK = 1024
 
 
-class PreferenceLossFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, chosen, rejected, ref_chosen, ref_rejected, beta, eps, gamma, loss_type):
-        B = chosen.shape[0]
-        per_pair = torch.empty(B, device=chosen.device, dtype=torch.float32)
-        dldm = torch.empty(B, device=chosen.device, dtype=torch.float32)
-        has_ref = ref_chosen is not None
-        if B:
-            _preference_fwd_kernel[(triton.cdiv(B, BLOCK),)](
-                chosen, rejected, ref_chosen if has_ref else chosen,
-                ref_rejected if has_ref else chosen, per_pair, dldm, B, beta, eps, gamma,
-                HAS_REF=has_ref, LOSS_TYPE=LOSS_TYPES[loss_type], BLOCK=BLOCK)
-        ctx.save_for_backward(dldm)
-        ctx.dtypes = [t.dtype if t is not None else None
-                      for t in (chosen, rejected, ref_chosen, ref_rejected)]
-        return per_pair.sum() / max(B, 1)
+@torch.library.custom_op("fastrlhf::preference_loss", mutates_args=())
+def _preference_loss_op(chosen: Tensor, rejected: Tensor, ref_chosen: Optional[Tensor],
+                        ref_rejected: Optional[Tensor], beta: float, eps: float, gamma: float,
+                        loss_type: int) -> tuple[Tensor, Tensor]:
+    """(B,) each -> the mean loss () fp32 and d(loss_i) / d(m_i) (B,) fp32 for the backward."""
+    B = chosen.shape[0]
+    per_pair = torch.empty(B, device=chosen.device, dtype=torch.float32)
+    dldm = torch.empty(B, device=chosen.device, dtype=torch.float32)
+    has_ref = ref_chosen is not None
+    if B:
+        _preference_fwd_kernel[(triton.cdiv(B, BLOCK),)](
+            chosen, rejected, ref_chosen if has_ref else chosen,
+            ref_rejected if has_ref else chosen, per_pair, dldm, B, beta, eps, gamma,
+            HAS_REF=has_ref, LOSS_TYPE=loss_type, BLOCK=BLOCK)
+    return per_pair.sum() / max(B, 1), dldm
 
-    @staticmethod
-    def backward(ctx, g):
-        (dldm,) = ctx.saved_tensors
-        d = dldm * (g / max(dldm.shape[0], 1))  # (B,) d loss / d m_i
-        signs = (1.0, -1.0, -1.0, 1.0)  # m = c - r - rc + rr
-        grads = [None if dt is None or not need else (s * d).to(dt)
-                 for dt, s, need in zip(ctx.dtypes, signs, ctx.needs_input_grad)]
-        return (*grads, None, None, None, None)
+
+@_preference_loss_op.register_fake
+def _(chosen, rejected, ref_chosen, ref_rejected, beta, eps, gamma, loss_type):
+    return chosen.new_empty((), dtype=torch.float32), chosen.new_empty(chosen.shape, dtype=torch.float32)
+
+
+def _setup_context(ctx, inputs, output):
+    _, dldm = output
+    ctx.save_for_backward(dldm)
+    ctx.dtypes = [None if t is None else t.dtype for t in inputs[:4]]
+    ctx.mark_non_differentiable(dldm)
+
+
+def _backward(ctx, g, _g_dldm):
+    (dldm,) = ctx.saved_tensors
+    d = dldm * (g / max(dldm.shape[0], 1))  # (B,) d loss / d m_i
+    signs = (1.0, -1.0, -1.0, 1.0)  # m = c - r - rc + rr
+    grads = [None if dt is None or not need else (s * d).to(dt)
+             for dt, s, need in zip(ctx.dtypes, signs, ctx.needs_input_grad)]
+    return (*grads, None, None, None, None)
+
+
+_preference_loss_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------------------
@@ -143,10 +159,9 @@ def preference_loss(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rej
                                    ref_rejected_logps, beta=beta, loss_type=loss_type,
                                    label_smoothing=label_smoothing, gamma=gamma)
     else:
-        loss = PreferenceLossFunction.apply(chosen_logps.contiguous(), rejected_logps.contiguous(),
-                                            _contig(ref_chosen_logps), _contig(ref_rejected_logps),
-                                            float(beta), float(label_smoothing), float(gamma),
-                                            loss_type)
+        loss, _ = _preference_loss_op(chosen_logps.contiguous(), rejected_logps.contiguous(),
+                                      _contig(ref_chosen_logps), _contig(ref_rejected_logps), float(beta),
+                                      float(label_smoothing), float(gamma), LOSS_TYPES[loss_type])
     return loss, _metrics(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)
 
 

@@ -17,10 +17,12 @@ reads them again and writes d(values). No host synchronisation.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 from ._aggregate import _load_bt, _load_keep, check_loss_agg, check_token_tensors, row_weights
 from ._common import resolve_impl
@@ -91,40 +93,68 @@ def _value_loss_bwd_kernel(
 
 
 # ----------------------------------------------------------------------------------------
-# launchers and autograd
+# launchers and torch.library custom ops (see linear_logprob.py)
 # ----------------------------------------------------------------------------------------
 
 BLOCK_T = 1024
 
 
-class ValueLossFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, values, old_values, returns, mask, clip, loss_agg, max_len):
-        B, T = values.shape
-        n_tiles = max(1, triton.cdiv(T, BLOCK_T))
-        partials = torch.empty((_K, B, n_tiles), device=values.device, dtype=torch.float32)
-        strides = values.stride() + old_values.stride() + returns.stride() + mask.stride()
-        if B:
-            _value_loss_fwd_kernel[(B, n_tiles)](values, old_values, returns, mask, partials, T,
-                                                 *strides, partials.stride(0), clip, BLOCK_T=BLOCK_T)
-        sums = partials.sum(dim=2)  # (K, B)
-        w = row_weights(sums[1], loss_agg, max_len, T)
-        ctx.save_for_backward(values, old_values, returns, mask, w)
-        ctx.clip = clip
-        ctx.mark_non_differentiable(sums)
-        return (w * sums[0]).sum(), sums
+@torch.library.custom_op("fastrlhf::value_loss", mutates_args=())
+def _value_loss_op(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip: float,
+                   loss_agg: str, max_len: Optional[int]) -> tuple[Tensor, Tensor, Tensor]:
+    """(B, T) each -> loss () fp32, the partial sums (K, B) fp32, the sequences' weights (B,) fp32."""
+    B, T = values.shape
+    n_tiles = max(1, triton.cdiv(T, BLOCK_T))
+    partials = torch.empty((_K, B, n_tiles), device=values.device, dtype=torch.float32)
+    strides = values.stride() + old_values.stride() + returns.stride() + mask.stride()
+    if B:
+        _value_loss_fwd_kernel[(B, n_tiles)](values, old_values, returns, mask, partials, T,
+                                             *strides, partials.stride(0), clip, BLOCK_T=BLOCK_T)
+    sums = partials.sum(dim=2)  # (K, B)
+    w = row_weights(sums[1], loss_agg, max_len, T).contiguous()  # (B,): an op's output is no expand
+    return (w * sums[0]).sum(), sums, w
 
-    @staticmethod
-    def backward(ctx, g_loss, _g_sums):
-        values, old_values, returns, mask, w = ctx.saved_tensors
-        B, T = values.shape
-        dv = torch.empty((B, T), device=values.device, dtype=values.dtype)
-        strides = values.stride() + old_values.stride() + returns.stride() + mask.stride()
-        if B:
-            _value_loss_bwd_kernel[(B, max(1, triton.cdiv(T, BLOCK_T)))](
-                values, old_values, returns, mask, (w * g_loss).contiguous(), dv, T, *strides,
-                ctx.clip, BLOCK_T=BLOCK_T)
-        return dv, None, None, None, None, None, None
+
+@_value_loss_op.register_fake
+def _(values, old_values, returns, mask, clip, loss_agg, max_len):
+    B = values.shape[0]
+    return values.new_empty((), dtype=torch.float32), values.new_empty((_K, B), dtype=torch.float32), \
+        values.new_empty(B, dtype=torch.float32)
+
+
+@torch.library.custom_op("fastrlhf::value_loss_backward", mutates_args=())
+def _value_loss_backward_op(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, coef: Tensor,
+                            clip: float) -> Tensor:
+    """coef (B,): upstream gradient * each sequence's weight -> d(values) (B, T) in its dtype."""
+    B, T = values.shape
+    dv = torch.empty((B, T), device=values.device, dtype=values.dtype)
+    strides = values.stride() + old_values.stride() + returns.stride() + mask.stride()
+    if B:
+        _value_loss_bwd_kernel[(B, max(1, triton.cdiv(T, BLOCK_T)))](
+            values, old_values, returns, mask, coef.contiguous(), dv, T, *strides, clip, BLOCK_T=BLOCK_T)
+    return dv
+
+
+@_value_loss_backward_op.register_fake
+def _(values, old_values, returns, mask, coef, clip):
+    return values.new_empty(values.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    values, old_values, returns, mask, clip, loss_agg, max_len = inputs
+    _, sums, w = output
+    ctx.save_for_backward(values, old_values, returns, mask, w)
+    ctx.clip = clip
+    ctx.mark_non_differentiable(sums, w)
+
+
+def _backward(ctx, g_loss, _g_sums, _g_w):
+    values, old_values, returns, mask, w = ctx.saved_tensors
+    return _value_loss_backward_op(values, old_values, returns, mask, w * g_loss, ctx.clip), \
+        None, None, None, None, None, None
+
+
+_value_loss_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------------------
@@ -148,8 +178,8 @@ def value_loss(values, old_values, returns, mask, *, clip=0.2, loss_agg="token-m
     if resolve_impl(impl, values) == "torch":
         return value_loss_ref(values, old_values, returns, mask, clip=clip, loss_agg=loss_agg,
                               max_len=max_len)
-    loss, sums = ValueLossFunction.apply(values, old_values.detach(), returns.detach(), mask,
-                                         float(clip), loss_agg, max_len)
+    loss, sums, _ = _value_loss_op(values, old_values.detach(), returns.detach(), mask, float(clip), loss_agg,
+                                   max_len)
     tot = sums.detach().sum(dim=1)
     n = tot[1].clamp(min=1.0)
     return loss, {"clipfrac": tot[2] / n, "vpred_mean": tot[3] / n}

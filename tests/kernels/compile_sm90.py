@@ -68,6 +68,27 @@ def all_kernels():
     return found
 
 
+def custom_ops():
+    """Every torch.library custom op (fastrlhf::*) the package registers."""
+    import pkgutil
+
+    from torch._library.custom_ops import CustomOpDef
+
+    import fastrlhf.kernels as pkg
+    found = {}
+    for info in pkgutil.iter_modules(pkg.__path__):
+        mod = importlib.import_module(f"fastrlhf.kernels.{info.name}")
+        found.update({obj._name: obj for obj in vars(mod).values() if isinstance(obj, CustomOpDef)})
+    return found
+
+
+def _launchers_on_meta():
+    """On meta tensors a custom op runs its fake implementation; register each op's real one for
+    the meta device instead (this process only), so that its launchers run and are recorded."""
+    for op in custom_ops().values():
+        op.register_kernel("meta", op._init_fn)
+
+
 def _record_launches():
     """Patch every kernel's `.run` to record (kernel, args, kwargs) instead of launching."""
     launches = []
@@ -152,6 +173,7 @@ def _loss_launches(dtype, B=256, T=4096):
 def collect_launches(N: int, H: int, V: int):
     """Run the launchers of both ops on meta tensors for bf16, fp16 and fp32."""
     props = mock.Mock(multi_processor_count=H100_SMS)
+    _launchers_on_meta()
     stack, launches = _record_launches()
     with stack, mock.patch.object(torch.cuda, "get_device_properties", return_value=props), \
             mock.patch.object(_common, "INTERPRET", True):  # lets impl="triton" through resolve_impl
