@@ -23,11 +23,11 @@ import torch
 from benchmarks import common
 from fastrlhf import kernels as K
 
-OPS = ["kl_penalty", "policy_loss", "policy_loss_cispo", "policy_loss_gspo", "value_loss", "gae",
+OPS = ["kl_penalty", "policy_loss", "policy_loss_cispo", "policy_loss_gspo", "policy_loss_sapo", "value_loss", "gae",
        "group_advantages", "preference_loss", "grpo_from_logits"]
-# the policy-loss variants: CISPO (TRL's epsilon_high 5) and GSPO's sequence-level ratio
+# the policy-loss variants: CISPO (TRL's epsilon_high 5), GSPO's sequence-level ratio, SAPO's soft gate
 VARIANTS = {"policy_loss_cispo": dict(surrogate="cispo", clip_low=1.0, clip_high=4.0),
-            "policy_loss_gspo": dict(ratio_level="sequence")}
+            "policy_loss_gspo": dict(ratio_level="sequence"), "policy_loss_sapo": dict(surrogate="sapo")}
 PROVIDERS = ["fastrlhf", "torch-eager", "torch-compile", "liger"]
 MODES = ["forward", "backward", "full"]
 T = 1024

@@ -233,7 +233,10 @@ class RolloutFields:
     clip_high: float = arg(0.2, "ratio clip above: 1 + clip_high (0.28: DAPO's clip-higher)")
     dual_clip: float = arg(0.0, "dual-clip c > 1 for negative advantages (0: off)")
     surrogate: str = arg("clip", "clip: PPO's clipped surrogate | cispo: the clipped IS weight as a constant times "
-                                 "log p, every token keeps its gradient (MiniMax-M1; clip_low 1: no lower bound)")
+                                 "log p, every token keeps its gradient (MiniMax-M1; clip_low 1: no lower bound) | "
+                                 "sapo: a soft sigmoid gate instead of the clip (Qwen's SAPO)")
+    sapo_tau_pos: float = arg(1.0, "SAPO's gate temperature for positive advantages")
+    sapo_tau_neg: float = arg(1.05, "SAPO's gate temperature for non-positive advantages (> tau_pos: decays faster)")
     ratio_level: str = arg("token", "token | sequence: each token's ratio is its sequence's exp(mean log-ratio) "
                                     "(GSPO; TRL's importance_sampling_level)")
     loss_agg: str = arg("token-mean", "token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm")
@@ -303,7 +306,8 @@ RULES = {
     "lora_target_modules": lambda v: None if v.strip() and all(t.strip() for t in v.split(",")) else
     "all-linear or comma-separated module names",
     "schedule": _choices("cosine", "linear", "constant"), "engine": _choices("auto", "vllm", "hf"),
-    "kl_kind": _choices("k1", "k2", "k3"), "surrogate": _choices("clip", "cispo"),
+    "kl_kind": _choices("k1", "k2", "k3"), "surrogate": _choices("clip", "cispo", "sapo"),
+    "sapo_tau_pos": POSITIVE, "sapo_tau_neg": POSITIVE,
     "ratio_level": _choices("token", "sequence"), "is_mode": _choices("truncate", "mask"),
     "is_level": _choices("token", "sequence"), "is_floor": NON_NEGATIVE, "task_model_size": _choices("tiny", "small", "medium"),
     "loss_agg": _choices("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"),
@@ -326,8 +330,9 @@ def validate_config(cfg) -> None:
         raise ValueError(f"is_floor={cfg.is_floor}: expected <= is_cap={cfg.is_cap}")
     if getattr(cfg, "surrogate", "cispo") != "cispo" and getattr(cfg, "clip_low", 0) == 1:
         raise ValueError("clip_low=1.0: expected >= 0 and < 1 (1, no lower bound, is for surrogate=cispo)")
-    if getattr(cfg, "surrogate", "clip") == "cispo" and getattr(cfg, "dual_clip", 0):
-        raise ValueError(f"dual_clip={cfg.dual_clip}: bounds the clipped surrogate; surrogate=cispo has none to bound")
+    if getattr(cfg, "surrogate", "clip") != "clip" and getattr(cfg, "dual_clip", 0):
+        raise ValueError(f"dual_clip={cfg.dual_clip}: bounds the clipped surrogate; surrogate={cfg.surrogate} has none "
+                         "to bound")
     if getattr(cfg, "lora_r", 0) == 0 and getattr(cfg, "lora_train_head", False):
         raise ValueError("lora_train_head: trains the output layer beside LoRA adapters; set lora_r > 0 (with "
                          "lora_r=0 every layer trains anyway)")

@@ -7,12 +7,17 @@ GRPO, DAPO):
 surrogate="cispo" (MiniMax-M1, 2025: the clipped IS weight is a constant, so every token keeps
 its gradient; TRL's cispo with epsilon_high=E is clip_low=1, clip_high=E-1):
     pg   = -sg(clamp(r, 1 - clip_low, 1 + clip_high)) * A * logprobs
-then, either way,
+surrogate="sapo" (Soft Adaptive Policy Optimization, Gao et al. 2025 (Qwen); TRL's sapo): a
+smooth gate in place of the hard clip, tau = tau_pos where A > 0, else tau_neg:
+    pg   = -(4 / tau) * sigmoid(tau * (r - 1)) * A
+its gradient -A * 4 s (1 - s) * r (s the sigmoid) equals PPO's -A * r at r = 1 and decays
+smoothly, faster for the negative side when tau_neg > tau_pos;
+then, whichever surrogate,
     pg  *= is_weights                                                 sampler/trainer IS correction
     loss = pg + kl_coef * kl_penalty(logprobs, ref_logprobs, kl_kind) - entropy_coef * entropy
 aggregated by `loss_agg` (see _aggregate.py). d loss / d logprobs per token:
     clip:  -A * r * is_w   where the unclipped branch is active, 0 where clipping or the dual
-           clip bind;   cispo: -A * clamp(r) * is_w everywhere;
+           clip bind;   cispo: -A * clamp(r) * is_w everywhere;   sapo: -A * 4 s (1 - s) r * is_w;
     + kl_coef * dkl/dx; and d loss / d entropy = -entropy_coef. Other inputs get no gradient.
 ratio_level="sequence" (GSPO-token, Zheng et al. 2025): every token's ratio is its sequence's
     s = exp(mean over the sequence's tokens of (logprobs - old_logprobs)), as a value, with the
@@ -23,7 +28,8 @@ ratio_level="sequence" (GSPO-token, Zheng et al. 2025): every token's ratio is i
     importance_sampling_level="sequence".
 Metrics (detached, token means over the mask, whatever loss_agg is):
     clipfrac    share of tokens where the clipped branch binds (-A*clamp(r) > -A*r); cispo: where
-                the IS weight is clamped
+                the IS weight is clamped; sapo: where r is outside [1 - clip_low, 1 + clip_high]
+                (what a hard clip would cut)
     approx_kl   mean of (r - 1) - log r: the k3 estimate of KL(old || new)
     ratio_mean  mean of r
     kl          mean of kl_penalty(logprobs, ref_logprobs) (0 without a reference)
@@ -53,7 +59,7 @@ from .kl_penalty import _kl_token, kl_kind_id, kl_penalty_ref
 # partial sums per (sequence, tile): loss, tokens, clipped, ratio, approx_kl, kl, entropy
 _K = 7
 METRICS = ("clipfrac", "ratio_mean", "approx_kl", "kl", "entropy")
-SURROGATES = ("clip", "cispo")
+SURROGATES = ("clip", "cispo", "sapo")  # the kernels' SURROGATE constexpr is the index
 RATIO_LEVELS = ("token", "sequence")
 
 # ----------------------------------------------------------------------------------------
@@ -63,17 +69,23 @@ RATIO_LEVELS = ("token", "sequence")
 
 @triton.jit
 def _policy_token(lp, old, adv, ref, ent, isw, clip_low, clip_high, dual_clip, kl_coef,
-                  entropy_coef, HAS_DUAL: tl.constexpr, HAS_REF: tl.constexpr,
+                  entropy_coef, tau_pos, tau_neg, HAS_DUAL: tl.constexpr, HAS_REF: tl.constexpr,
                   HAS_ENT: tl.constexpr, HAS_ISW: tl.constexpr, KL_KIND: tl.constexpr,
-                  CISPO: tl.constexpr):
+                  SURROGATE: tl.constexpr):
     """Per-token loss, d loss / d logprobs, clipped flag, ratio, approx_kl, kl (fp32 tiles)."""
     log_ratio = lp - old
     ratio = tl.exp(log_ratio)
     clamped = tl.minimum(tl.maximum(ratio, 1.0 - clip_low), 1.0 + clip_high)
-    if CISPO:  # the clamped weight is a constant: d(-A w lp)/dlp = -A w
+    if SURROGATE == 1:  # cispo: the clamped weight is a constant: d(-A w lp)/dlp = -A w
         clipped = clamped != ratio
         dpg = -adv * clamped
         pg = dpg * lp
+    elif SURROGATE == 2:  # sapo: d/dlp of -(4/tau) sigmoid(tau (r - 1)) A = -A 4 s (1 - s) r
+        tau = tl.where(adv > 0, tau_pos, tau_neg)
+        gate = tl.sigmoid(tau * (ratio - 1.0))
+        clipped = clamped != ratio
+        pg = -adv * gate * (4.0 / tau)
+        dpg = -adv * 4.0 * gate * (1.0 - gate) * ratio
     else:
         pg1 = -adv * ratio
         pg2 = -adv * clamped
@@ -133,10 +145,10 @@ def _policy_loss_fwd_kernel(
     s_lp_b, s_lp_t, s_old_b, s_old_t, s_adv_b, s_adv_t, s_m_b, s_m_t, s_ref_b, s_ref_t,
     s_ent_b, s_ent_t, s_isw_b, s_isw_t, s_part_k,
     # scalars
-    clip_low, clip_high, dual_clip, kl_coef, entropy_coef,
+    clip_low, clip_high, dual_clip, kl_coef, entropy_coef, tau_pos, tau_neg,
     # flags and tiles
     HAS_DUAL: tl.constexpr, HAS_REF: tl.constexpr, HAS_ENT: tl.constexpr, HAS_ISW: tl.constexpr,
-    KL_KIND: tl.constexpr, CISPO: tl.constexpr, BLOCK_T: tl.constexpr,
+    KL_KIND: tl.constexpr, SURROGATE: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1)
@@ -147,8 +159,8 @@ def _policy_loss_fwd_kernel(
         s_adv_t, s_m_b, s_m_t, s_ref_b, s_ref_t, s_ent_b, s_ent_t, s_isw_b, s_isw_t,
         HAS_REF, HAS_ENT, HAS_ISW)
     loss, _, clipped, ratio, approx_kl, kl = _policy_token(
-        lp, old, adv, ref, ent, isw, clip_low, clip_high, dual_clip, kl_coef, entropy_coef,
-        HAS_DUAL, HAS_REF, HAS_ENT, HAS_ISW, KL_KIND, CISPO)
+        lp, old, adv, ref, ent, isw, clip_low, clip_high, dual_clip, kl_coef, entropy_coef, tau_pos, tau_neg,
+        HAS_DUAL, HAS_REF, HAS_ENT, HAS_ISW, KL_KIND, SURROGATE)
     # masked positions contribute exactly 0 (tl.where: NaN/inf there cannot leak in)
     out = PARTIALS + (b * tl.num_programs(1) + tile)
     tl.store(out + 0 * s_part_k, tl.sum(tl.where(keep, loss, 0.0), axis=0))
@@ -173,10 +185,10 @@ def _policy_loss_bwd_kernel(
     s_lp_b, s_lp_t, s_old_b, s_old_t, s_adv_b, s_adv_t, s_m_b, s_m_t, s_ref_b, s_ref_t,
     s_ent_b, s_ent_t, s_isw_b, s_isw_t,
     # scalars
-    clip_low, clip_high, dual_clip, kl_coef, entropy_coef,
+    clip_low, clip_high, dual_clip, kl_coef, entropy_coef, tau_pos, tau_neg,
     # flags and tiles
     HAS_DUAL: tl.constexpr, HAS_REF: tl.constexpr, HAS_ENT: tl.constexpr, HAS_ISW: tl.constexpr,
-    KL_KIND: tl.constexpr, CISPO: tl.constexpr, WANT_DENT: tl.constexpr, BLOCK_T: tl.constexpr,
+    KL_KIND: tl.constexpr, SURROGATE: tl.constexpr, WANT_DENT: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     t = (tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
@@ -186,8 +198,8 @@ def _policy_loss_bwd_kernel(
         s_adv_t, s_m_b, s_m_t, s_ref_b, s_ref_t, s_ent_b, s_ent_t, s_isw_b, s_isw_t,
         HAS_REF, False, HAS_ISW)
     _, dloss, _, _, _, _ = _policy_token(
-        lp, old, adv, ref, ent, isw, clip_low, clip_high, dual_clip, kl_coef, entropy_coef,
-        HAS_DUAL, HAS_REF, False, HAS_ISW, KL_KIND, CISPO)
+        lp, old, adv, ref, ent, isw, clip_low, clip_high, dual_clip, kl_coef, entropy_coef, tau_pos, tau_neg,
+        HAS_DUAL, HAS_REF, False, HAS_ISW, KL_KIND, SURROGATE)
     coef = tl.load(COEF + b)  # upstream gradient * this sequence's aggregation weight
     tl.store(DLP + b * T + t, tl.where(keep, coef * dloss, 0.0).to(DLP.dtype.element_ty), mask=t_ok)
     if WANT_DENT:
@@ -206,11 +218,12 @@ def _strides(t, B, T):
     return (0, 0) if t is None else tuple(t.stride())
 
 
-def _launch_opts(clip_low, clip_high, dual_clip, kl_coef, kl_kind, entropy_coef, surrogate, ref, isw):
+def _launch_opts(clip_low, clip_high, dual_clip, kl_coef, kl_kind, entropy_coef, surrogate, tau_pos, tau_neg,
+                 ref, isw):
     """The kernels' scalar arguments and constexpr flags from the op's arguments."""
-    scalars = (clip_low, clip_high, dual_clip or 0.0, kl_coef, entropy_coef)
+    scalars = (clip_low, clip_high, dual_clip or 0.0, kl_coef, entropy_coef, tau_pos, tau_neg)
     flags = dict(HAS_DUAL=dual_clip is not None, HAS_REF=ref is not None, HAS_ISW=isw is not None,
-                 KL_KIND=kl_kind, CISPO=surrogate == SURROGATES.index("cispo"))
+                 KL_KIND=kl_kind, SURROGATE=surrogate)
     return scalars, flags
 
 
@@ -218,7 +231,8 @@ def _launch_opts(clip_low, clip_high, dual_clip, kl_coef, kl_kind, entropy_coef,
 def _policy_loss_op(logprobs: Tensor, entropy: Optional[Tensor], old: Tensor, adv: Tensor, mask: Tensor,
                     ref: Optional[Tensor], isw: Optional[Tensor], clip_low: float, clip_high: float,
                     dual_clip: Optional[float], kl_coef: float, kl_kind: int, entropy_coef: float,
-                    surrogate: int, loss_agg: str, max_len: Optional[int]) -> tuple[Tensor, Tensor, Tensor]:
+                    surrogate: int, tau_pos: float, tau_neg: float, loss_agg: str,
+                    max_len: Optional[int]) -> tuple[Tensor, Tensor, Tensor]:
     """Every tensor (B, T) (advantages may be a stride-0 expand of (B,)) ->
     loss () fp32, the partial sums (K, B) fp32, the sequences' aggregation weights (B,) fp32."""
     B, T = logprobs.shape
@@ -226,7 +240,7 @@ def _policy_loss_op(logprobs: Tensor, entropy: Optional[Tensor], old: Tensor, ad
     partials = torch.empty((_K, B, n_tiles), device=logprobs.device, dtype=torch.float32)
     args = _kernel_args(logprobs, old, adv, mask, ref, entropy, isw, B, T)
     scalars, flags = _launch_opts(clip_low, clip_high, dual_clip, kl_coef, kl_kind, entropy_coef, surrogate,
-                                  ref, isw)
+                                  tau_pos, tau_neg, ref, isw)
     if B:
         _policy_loss_fwd_kernel[(B, n_tiles)](
             *args["ptrs"], partials, T, *args["strides"], partials.stride(0), *scalars,
@@ -238,7 +252,7 @@ def _policy_loss_op(logprobs: Tensor, entropy: Optional[Tensor], old: Tensor, ad
 
 @_policy_loss_op.register_fake
 def _(logprobs, entropy, old, adv, mask, ref, isw, clip_low, clip_high, dual_clip, kl_coef, kl_kind,
-      entropy_coef, surrogate, loss_agg, max_len):
+      entropy_coef, surrogate, tau_pos, tau_neg, loss_agg, max_len):
     B = logprobs.shape[0]
     return empty_f32(logprobs, ()), logprobs.new_empty((_K, B), dtype=torch.float32), empty_f32(logprobs, B)
 
@@ -247,8 +261,8 @@ def _(logprobs, entropy, old, adv, mask, ref, isw, clip_low, clip_high, dual_cli
 def _policy_loss_backward_op(logprobs: Tensor, entropy: Optional[Tensor], old: Tensor, adv: Tensor,
                              mask: Tensor, ref: Optional[Tensor], isw: Optional[Tensor], coef: Tensor,
                              clip_low: float, clip_high: float, dual_clip: Optional[float], kl_coef: float,
-                             kl_kind: int, entropy_coef: float, surrogate: int,
-                             want_dent: bool) -> tuple[Tensor, Tensor]:
+                             kl_kind: int, entropy_coef: float, surrogate: int, tau_pos: float,
+                             tau_neg: float, want_dent: bool) -> tuple[Tensor, Tensor]:
     """coef (B,): the upstream gradient times each sequence's weight -> d(logprobs) (B, T) in its
     dtype, d(entropy) (B, T) in its dtype (or (0,) unless want_dent)."""
     B, T = logprobs.shape
@@ -257,7 +271,7 @@ def _policy_loss_backward_op(logprobs: Tensor, entropy: Optional[Tensor], old: T
                        dtype=logprobs.dtype if entropy is None else entropy.dtype)
     args = _kernel_args(logprobs, old, adv, mask, ref, entropy, isw, B, T)
     scalars, flags = _launch_opts(clip_low, clip_high, dual_clip, kl_coef, kl_kind, entropy_coef, surrogate,
-                                  ref, isw)
+                                  tau_pos, tau_neg, ref, isw)
     if B:
         _policy_loss_bwd_kernel[(B, max(1, triton.cdiv(T, BLOCK_T)))](
             *args["ptrs"], coef.contiguous(), dlp, dent if want_dent else dlp, T, *args["strides"], *scalars,
@@ -267,7 +281,7 @@ def _policy_loss_backward_op(logprobs: Tensor, entropy: Optional[Tensor], old: T
 
 @_policy_loss_backward_op.register_fake
 def _(logprobs, entropy, old, adv, mask, ref, isw, coef, clip_low, clip_high, dual_clip, kl_coef, kl_kind,
-      entropy_coef, surrogate, want_dent):
+      entropy_coef, surrogate, tau_pos, tau_neg, want_dent):
     dent_dtype = logprobs.dtype if entropy is None else entropy.dtype
     return logprobs.new_empty(logprobs.shape), logprobs.new_empty(logprobs.shape if want_dent else (0,),
                                                                   dtype=dent_dtype)
@@ -286,7 +300,7 @@ def _backward(ctx, g_loss, _g_sums, _g_w):
     want_dent = entropy is not None and ctx.needs_input_grad[1]
     dlp, dent = _policy_loss_backward_op(logprobs, entropy, old, adv, mask, ref, isw, w * g_loss,
                                          *ctx.scalars, want_dent)
-    return (dlp, dent if want_dent else None) + (None,) * 14
+    return (dlp, dent if want_dent else None) + (None,) * 16
 
 
 _policy_loss_op.register_autograd(_backward, setup_context=_setup_context)
@@ -316,7 +330,7 @@ def _metrics(sums: torch.Tensor) -> dict:
 def policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip_high=0.2,
                 dual_clip=None, ref_logprobs=None, kl_coef=0.0, kl_kind="k3", entropy=None,
                 entropy_coef=0.0, is_weights=None, loss_agg="token-mean", max_len=None,
-                surrogate="clip", ratio_level="token", impl=None):
+                surrogate="clip", ratio_level="token", sapo_tau_pos=1.0, sapo_tau_neg=1.05, impl=None):
     """Clipped policy-gradient loss of the PPO / GRPO family (module docstring: the math).
 
     Args:
@@ -335,7 +349,10 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip_
         loss_agg: "token-mean" | "seq-mean-token-mean" | "seq-mean-token-sum" |
             "seq-mean-token-sum-norm"; max_len: the Dr.GRPO normaliser (default T).
         surrogate: "clip" (PPO's clipped surrogate) | "cispo" (the clipped IS weight as a
-            constant times logprobs; clip_low may be 1: no lower bound; no dual_clip).
+            constant times logprobs; clip_low may be 1: no lower bound; no dual_clip) | "sapo"
+            (a soft gate instead of the clip; the clip range only defines clipfrac; no dual_clip).
+        sapo_tau_pos, sapo_tau_neg: SAPO's gate temperatures (> 0) for A > 0 and A <= 0 (the
+            paper's and TRL's defaults 1.0, 1.05).
         ratio_level: "token" | "sequence" (GSPO-token: each sequence's exp(mean log-ratio)).
 
     Returns:
@@ -369,8 +386,11 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip_
     low_ok = clip_low <= 1.0 if surrogate == "cispo" else clip_low < 1.0
     if not (0.0 <= clip_low and low_ok and clip_high >= 0.0):
         raise ValueError(f"need 0 <= clip_low < 1 (<= 1 for cispo) and clip_high >= 0, got {clip_low}, {clip_high}")
-    if surrogate == "cispo" and dual_clip is not None:
-        raise ValueError("dual_clip bounds the clipped surrogate; cispo has none to bound (use dual_clip=None)")
+    if surrogate != "clip" and dual_clip is not None:
+        raise ValueError(f"dual_clip bounds the clipped surrogate; {surrogate} has none to bound (use dual_clip=None)")
+    check_finite(sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg)
+    if not (sapo_tau_pos > 0 and sapo_tau_neg > 0):
+        raise ValueError(f"sapo_tau_pos and sapo_tau_neg must be > 0, got {sapo_tau_pos}, {sapo_tau_neg}")
     if ratio_level == "sequence":
         old_logprobs = sequence_old_logprobs(logprobs, old_logprobs, mask)
 
@@ -379,13 +399,14 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip_
                                clip_high=clip_high, dual_clip=dual_clip, ref_logprobs=ref_logprobs,
                                kl_coef=kl_coef, kl_kind=kl_kind, entropy=entropy,
                                entropy_coef=entropy_coef, is_weights=is_weights,
-                               loss_agg=loss_agg, max_len=max_len, surrogate=surrogate)
+                               loss_agg=loss_agg, max_len=max_len, surrogate=surrogate,
+                               sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg)
     loss, sums, _ = _policy_loss_op(logprobs, entropy, old_logprobs.detach(), advantages.detach(), mask,
                                     None if ref_logprobs is None else ref_logprobs.detach(),
                                     None if is_weights is None else is_weights.detach(), float(clip_low),
                                     float(clip_high), None if dual_clip is None else float(dual_clip),
                                     float(kl_coef), kind_id, float(entropy_coef), SURROGATES.index(surrogate),
-                                    loss_agg, max_len)
+                                    float(sapo_tau_pos), float(sapo_tau_neg), loss_agg, max_len)
     return loss, _metrics(sums.detach())
 
 
@@ -404,7 +425,7 @@ def sequence_old_logprobs(logprobs, old_logprobs, mask) -> torch.Tensor:
 def policy_loss_ref(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip_high=0.2,
                     dual_clip=None, ref_logprobs=None, kl_coef=0.0, kl_kind="k3", entropy=None,
                     entropy_coef=0.0, is_weights=None, loss_agg="token-mean", max_len=None,
-                    surrogate="clip"):
+                    surrogate="clip", sapo_tau_pos=1.0, sapo_tau_neg=1.05):
     """Pure torch, autograd-differentiated (the CPU path; in float64, the test reference).
     advantages must already be (B, T) here (a stride-0 expand of (B,) is fine); a sequence-level
     ratio arrives as old_logprobs from sequence_old_logprobs."""
@@ -424,6 +445,10 @@ def policy_loss_ref(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, c
     clipped = pg2 > pg1
     if surrogate == "cispo":
         pg = -adv * clamped.detach() * lp
+        clipped = clamped != ratio
+    if surrogate == "sapo":
+        tau = torch.where(adv > 0, sapo_tau_pos, sapo_tau_neg).to(dt)
+        pg = -adv * torch.sigmoid(tau * (ratio - 1.0)) * 4.0 / tau
         clipped = clamped != ratio
     if dual_clip is not None:
         pg = torch.where(adv < 0, torch.minimum(pg, -adv * dual_clip), pg)

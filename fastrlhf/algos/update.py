@@ -110,7 +110,8 @@ def update(cfg, batch: RolloutBatch, policy, opt, sched, prec, counters: dict, m
                                       kl_kind=kl_kind, entropy=ent,
                                       entropy_coef=cfg.entropy_coef, is_weights=is_w, loss_agg=cfg.loss_agg,
                                       max_len=cfg.max_new_tokens, surrogate=cfg.surrogate,
-                                      ratio_level=cfg.ratio_level)
+                                      ratio_level=cfg.ratio_level, sapo_tau_pos=cfg.sapo_tau_pos,
+                                      sapo_tau_neg=cfg.sapo_tau_neg)
             share = mb.share(cfg.loss_agg, total_tokens, total_rows) * mb.weight  # of the global minibatch
             finite.append(torch.isfinite(loss))
             metrics.add("loss/policy", loss.detach() * share)

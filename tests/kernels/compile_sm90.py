@@ -157,8 +157,9 @@ def _loss_launches(dtype, B=256, T=4096):
                    is_weights=tok()) if full else {}
         adv = torch.empty(B, dtype=dtype, **meta) if full else tok()
         K.policy_loss(tok(), tok(), adv, mask, impl="triton", **opt)[0].backward()
-        K.policy_loss(tok(), tok(), adv, mask, impl="triton", surrogate="cispo",
-                      **{k: v for k, v in opt.items() if k != "dual_clip"})[0].backward()
+        for surrogate in ("cispo", "sapo"):
+            K.policy_loss(tok(), tok(), adv, mask, impl="triton", surrogate=surrogate,
+                          **{k: v for k, v in opt.items() if k != "dual_clip"})[0].backward()
     K.value_loss(tok(), tok(), tok(), mask, impl="triton")[0].backward()
     pair = lambda: torch.empty(B, dtype=dtype, **meta).requires_grad_()  # noqa: E731
     for lt in ("sigmoid", "robust", "ipo", "hinge"):

@@ -99,6 +99,7 @@ def _every_op_call(impl):
         ("policy_loss full", pl(True, dual_clip=3.0)),
         ("policy_loss cispo", pl(True, surrogate="cispo", clip_low=1.0, clip_high=3.0)),
         ("policy_loss gspo", pl(True, ratio_level="sequence")),
+        ("policy_loss sapo", pl(True, surrogate="sapo", sapo_tau_neg=2.0)),
         ("value_loss", vl()),
         *((f"preference_loss {t}", pref(t)) for t in ("sigmoid", "ipo", "simpo")),
         ("gae + group_advantages", adv()),
@@ -236,3 +237,23 @@ def test_label_check_on_in_eager_off_under_compile():
                                _grpo_loss(h, w, labels, old, adv, mask, "triton")[0], rtol=1e-6, atol=1e-6)
     with pytest.raises(Exception, match="(?i)graph break|data-dependent|Unsupported"):
         compiled(h, w, labels, old, adv, mask, "triton", True)
+
+
+def test_a_top_level_kernels_import_is_the_same_module(tmp_path):
+    """From a checkout's root `kernels` is importable as a top-level package, and transformers
+    imports that name when it probes for the Hub's `kernels`: it must get fastrlhf.kernels itself
+    (a second copy re-registered every custom op, and the first registration's handles dangled:
+    random segfaults and bad_alloc in op calls), and no version, so transformers does not take it
+    for the Hub package."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import kernels, fastrlhf.kernels as k, torch; "
+            "from transformers.utils import import_utils as u; "
+            "print(kernels is k, u.is_kernels_available(), "
+            "','.join(sorted(n for n in dir(torch.ops.fastrlhf) if not n.startswith('_') and n != 'name')))")
+    out = subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True, text=True, check=True,
+                         cwd=tmp_path)
+    assert out.stdout.split() == ["True", "False", ",".join(sorted(custom_ops()))], out.stdout + out.stderr

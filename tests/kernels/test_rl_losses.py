@@ -137,6 +137,30 @@ def test_cispo_by_hand(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_sapo_by_hand(impl):
+    # SAPO: pg = -(4/tau) sigmoid(tau (r - 1)) A, tau = 1 for A > 0, 1.05 for A <= 0; its gradient
+    # w.r.t. logp is -A 4 s (1 - s) r. r = [1.5, 0.5, 1.0], A = [1, -1, 2]:
+    #   s0 = sigmoid(0.5), s1 = sigmoid(-0.525), s2 = sigmoid(0) = 1/2
+    #   pg = [-4 s0, (4 / 1.05) s1, -4], token-mean / 3
+    #   grad = [-6 s0 (1 - s0), 2 s1 (1 - s1), -2] / 3: at r = 1 PPO's -A (token 2)
+    # clipfrac: r outside [0.8, 1.2] on 2 of 3 tokens (the gate does not clip; the metric says where a clip would)
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    s0, s1 = sig(0.5), sig(-0.525)
+    lp = torch.log(torch.tensor([[1.5, 0.5, 1.0]])).requires_grad_()
+    loss, m = policy_loss(lp, torch.zeros(1, 3), torch.tensor([[1.0, -1.0, 2.0]]),
+                          torch.ones(1, 3, dtype=torch.bool), surrogate="sapo", impl=impl)
+    loss.backward()
+    assert loss.item() == pytest.approx((-4 * s0 + 4 / 1.05 * s1 - 4) / 3, abs=1e-6)
+    assert m["clipfrac"].item() == pytest.approx(2 / 3, abs=1e-6)
+    torch.testing.assert_close(lp.grad, torch.tensor([[-6 * s0 * (1 - s0), 2 * s1 * (1 - s1), -2.0]]) / 3)
+    # other temperatures: tau_neg = 2 on the negative token, tau_pos = 0.5 on the positives
+    loss2, _ = policy_loss(lp.detach(), torch.zeros(1, 3), torch.tensor([[1.0, -1.0, 2.0]]),
+                           torch.ones(1, 3, dtype=torch.bool), surrogate="sapo", sapo_tau_pos=0.5,
+                           sapo_tau_neg=2.0, impl=impl)
+    assert loss2.item() == pytest.approx((-8 * sig(0.25) + 2 * sig(-1.0) - 16 * 0.5) / 3, abs=1e-6)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_sequence_level_ratio_by_hand(impl):
     # GSPO-token. seq0: log-ratios [ln 2, 0] -> s = exp(ln 2 / 2) = sqrt 2, A = 1: clipped at 1.2,
     # pg = -1.2 on both tokens, no gradient. seq1: [ln 1.1, ln 0.9, (masked)] -> s = sqrt(0.99),
@@ -158,7 +182,7 @@ def _trl_grpo_loss(lp, old, adv, mask, *, loss_type, level, eps_low, eps_high, b
     the policy part (no vLLM IS ratio, no entropy mask, one accumulation step), in float64:
     importance_sampling_level "token" | "sequence" (GSPO: coef_1 = exp(masked mean log-ratio) per
     sequence, its gradient through the mean), loss_type grpo | bnpo | dr_grpo | dapo (dapo's
-    normaliser: the batch's token count, one process) | cispo."""
+    normaliser: the batch's token count, one process) | cispo | sapo (its default temperatures)."""
     log_ratio = lp - old
     if level == "token":
         log_w = log_ratio
@@ -167,12 +191,15 @@ def _trl_grpo_loss(lp, old, adv, mask, *, loss_type, level, eps_low, eps_high, b
     coef_1 = torch.exp(log_w)
     if loss_type == "cispo":
         per_token = -torch.clamp(coef_1, max=eps_high).detach() * adv * lp
+    elif loss_type == "sapo":
+        temperatures = torch.where(adv > 0, 1.0, 1.05)
+        per_token = -torch.sigmoid(temperatures * (coef_1 - 1)) * 4 / temperatures * adv
     else:
         coef_2 = torch.clamp(coef_1, 1 - eps_low, 1 + eps_high)
         per_token = -torch.min(coef_1 * adv, coef_2 * adv)
     if beta:
         per_token = per_token + beta * (torch.exp(ref - lp) - (ref - lp) - 1)
-    if loss_type == "grpo":
+    if loss_type in ("grpo", "sapo"):
         return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
     if loss_type == "dr_grpo":
         return (per_token * mask).sum() / (per_token.size(0) * max_len)
@@ -186,12 +213,15 @@ def _trl_grpo_loss(lp, old, adv, mask, *, loss_type, level, eps_low, eps_high, b
     ("dr_grpo", "seq-mean-token-sum-norm", "sequence", {}),
     ("cispo", "token-mean", "token", dict(surrogate="cispo", clip_low=1.0, clip_high=4.0)),  # epsilon_high 5
     ("cispo", "token-mean", "sequence", dict(surrogate="cispo", clip_low=1.0, clip_high=4.0)),
+    ("sapo", "seq-mean-token-mean", "token", dict(surrogate="sapo")),
+    ("sapo", "seq-mean-token-mean", "sequence", dict(surrogate="sapo")),
 ])
 def test_parity_with_trl_loss_formulas(impl, trl_type, agg, level, ours):
     g = torch.Generator().manual_seed(5)
     B, T = 4, 9
     lp0 = torch.randn(B, T, generator=g, dtype=torch.float64) * 0.5 - 2
-    old = lp0 + torch.randn(B, T, generator=g, dtype=torch.float64) * (0.6 if trl_type == "cispo" else 0.15)
+    old = lp0 + torch.randn(B, T, generator=g, dtype=torch.float64) * (0.15 if trl_type in ("grpo", "dapo", "dr_grpo")
+                                                                       else 0.6)  # far off-policy: the gates act
     ref = lp0 + torch.randn(B, T, generator=g, dtype=torch.float64) * 0.2
     adv = torch.randn(B, generator=g, dtype=torch.float64)  # per sequence, as GRPO's
     mask = torch.ones(B, T, dtype=torch.float64)
@@ -256,7 +286,8 @@ def test_policy_loss_matches_float64(agg, adv_1d, dtype, monkeypatch, poison_emp
     assert torch.all(d_lp[~mask] == 0) and torch.all(d_ent[~mask] == 0)
 
 
-@pytest.mark.parametrize("surrogate,level", [("cispo", "token"), ("clip", "sequence"), ("cispo", "sequence")])
+@pytest.mark.parametrize("surrogate,level", [("cispo", "token"), ("clip", "sequence"), ("cispo", "sequence"),
+                                             ("sapo", "token"), ("sapo", "sequence")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_policy_loss_variants_match_float64(surrogate, level, dtype, monkeypatch, poison_empty):
     pl = importlib.import_module("fastrlhf.kernels.policy_loss")
@@ -306,7 +337,9 @@ def test_masked_garbage_does_not_leak(impl):
     (dict(kl_coef=0.1), r"kl_coef=0.1 needs ref_logprobs"),
     (dict(entropy_coef=0.1), r"entropy_coef=0.1 needs entropy"),
     (dict(dual_clip=0.5), r"dual_clip must be > 1"),
-    (dict(surrogate="sapo"), r"unknown surrogate 'sapo'"),
+    (dict(surrogate="ppo"), r"unknown surrogate 'ppo'"),
+    (dict(surrogate="sapo", dual_clip=3.0), r"sapo has none to bound"),
+    (dict(surrogate="sapo", sapo_tau_neg=0.0), r"sapo_tau_pos and sapo_tau_neg must be > 0"),
     (dict(ratio_level="group"), r"unknown ratio_level 'group'"),
     (dict(surrogate="cispo", dual_clip=3.0), r"cispo has none to bound"),
     (dict(clip_low=1.0), r"need 0 <= clip_low < 1 \(<= 1 for cispo\)"),

@@ -87,8 +87,9 @@ def test_grpo_on_policy_with_failed_rewards_reports_the_trained_samples(tiny, tm
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", [["--surrogate", "cispo", "--clip_low", "1.0", "--clip_high", "4.0"],
                                      ["--ratio_level", "sequence"],
+                                     ["--surrogate", "sapo", "--sapo_tau_neg", "2.0"],
                                      ["--is_mode", "mask", "--is_level", "sequence", "--is_cap", "3.0"]],
-                         ids=["cispo", "gspo", "sequence-mis"])
+                         ids=["cispo", "gspo", "sapo", "sequence-mis"])
 def test_grpo_cispo_and_gspo_learn(variant, tiny, tmp_path, monkeypatch):
     """The policy-loss variants through the trainer, 2 epochs over each batch (ratios away from 1):
     the reward rises as with the clipped token-level surrogate; the variant is in config.json."""

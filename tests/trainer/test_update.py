@@ -100,7 +100,9 @@ def test_the_update_reads_back_once_per_optimiser_step(tiny, read_backs):
     assert stats.values["rollout/logprob_diff_max"] == pytest.approx(0.01, abs=1e-4)
 
 
-@pytest.mark.parametrize("variant", [{}, {"surrogate": "cispo", "ratio_level": "sequence"}], ids=["clip", "cispo-seq"])
+@pytest.mark.parametrize("variant", [{}, {"surrogate": "cispo", "ratio_level": "sequence"},
+                                     {"surrogate": "sapo", "sapo_tau_pos": 0.8, "sapo_tau_neg": 2.0}],
+                         ids=["clip", "cispo-seq", "sapo"])
 def test_the_update_equals_the_minibatch_loss_written_out(tiny, monkeypatch, variant):
     """One epoch, one minibatch over several micro-batches: the accumulated gradient is the
     gradient of policy_loss over the whole batch at once (the micro-batch shares sum it back)."""
