@@ -353,11 +353,18 @@ def test_policy_loss_bad_input(bad, match):
                     args.pop("mask"), **args)
 
 
-@pytest.mark.parametrize("liger_type,agg", [("grpo", "seq-mean-token-mean"), ("dapo", "token-mean"),
-                                            ("bnpo", "token-mean"),
-                                            ("dr_grpo", "seq-mean-token-sum-norm")])
-def test_parity_with_liger_grpo_loss(liger_type, agg):
-    """Liger's fused GRPO loss from logits == logprob_from_logits + policy_loss (k3 KL)."""
+@pytest.mark.parametrize("liger_type,agg,liger_kw,ours", [
+    ("grpo", "seq-mean-token-mean", {}, {}), ("dapo", "token-mean", {}, {}), ("bnpo", "token-mean", {}, {}),
+    ("dr_grpo", "seq-mean-token-sum-norm", {}, {}),
+    ("grpo", "seq-mean-token-mean", dict(importance_sampling_level="sequence"), dict(ratio_level="sequence")),
+    ("cispo", "token-mean", dict(eps_high=5.0), dict(surrogate="cispo", clip_low=1.0, clip_high=4.0)),
+    ("sapo", "seq-mean-token-mean", dict(sapo_temperature_pos=0.9, sapo_temperature_neg=1.3),
+     dict(surrogate="sapo", sapo_tau_pos=0.9, sapo_tau_neg=1.3)),
+    ("dapo", "token-mean", dict(vllm_is_ratio=True), dict(is_weights=True)),  # TIS weights
+], ids=["grpo", "dapo", "bnpo", "dr_grpo", "gspo", "cispo", "sapo", "tis"])
+def test_parity_with_liger_grpo_loss(liger_type, agg, liger_kw, ours):
+    """Liger's fused GRPO loss from logits (0.8.5: GSPO's sequence level, CISPO, SAPO, vLLM IS
+    ratios) == logprob_from_logits + policy_loss (k3 KL)."""
     liger = pytest.importorskip("liger_kernel.transformers.grpo_loss")
     g = torch.Generator().manual_seed(3)
     B, L, V, temp, beta = 3, 10, 40, 0.9, 0.04
@@ -371,19 +378,23 @@ def test_parity_with_liger_grpo_loss(liger_type, agg):
     mask = torch.ones(B, L)
     mask[0, 7:] = 0
     mask[2, 3:] = 0
+    isw = torch.rand(B, L, generator=g) + 0.5
+    if liger_kw.get("vllm_is_ratio"):
+        liger_kw, ours = dict(liger_kw, vllm_is_ratio=isw), dict(ours, is_weights=isw)
     z1 = logits.clone().requires_grad_()
     liger_loss, liger_metrics = liger.triton_grpo_loss(
-        z1, old, ref, ids, adv, mask, temperature=temp, beta=beta, eps_low=0.2, eps_high=0.28,
-        inplace=False, loss_type=liger_type, max_completion_length=L, reduce=True)
+        z1, old, ref, ids, adv, mask, **(dict(temperature=temp, beta=beta, eps_low=0.2, eps_high=0.28, inplace=False,
+                                              loss_type=liger_type, max_completion_length=L, reduce=True) | liger_kw))
     liger_loss.backward()
     z2 = logits.clone().requires_grad_()
     lp = logprob_from_logits(z2[:, :-1], ids, temperature=temp, impl="triton")
-    loss, m = policy_loss(lp, old, adv, mask, clip_low=0.2, clip_high=0.28, ref_logprobs=ref,
+    loss, m = policy_loss(lp, old, adv, mask, **(dict(clip_low=0.2, clip_high=0.28) | ours), ref_logprobs=ref,
                           kl_coef=beta, kl_kind="k3", loss_agg=agg, max_len=L, impl="triton")
     loss.backward()
     torch.testing.assert_close(loss, liger_loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(z2.grad, z1.grad, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(m["clipfrac"], liger_metrics[-1].float(), rtol=1e-5, atol=1e-6)
+    if "surrogate" not in ours:  # Liger's clip ratio: 0 for sapo, A > 0 only for cispo; ours is documented above
+        torch.testing.assert_close(m["clipfrac"], liger_metrics[-1].float(), rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------- value_loss
