@@ -31,10 +31,11 @@ def check_loss_agg(loss_agg: str, max_len) -> None:
 
 
 def row_weights(counts: torch.Tensor, loss_agg: str, max_len: int | None, T: int) -> torch.Tensor:
-    """counts (B,) fp32 tokens per sequence -> w (B,) fp32 with loss = sum_b w_b * rowsum_b."""
+    """counts (B,) fp32 tokens per sequence -> w (B,) fp32 with loss = sum_b w_b * rowsum_b, a
+    tensor of its own (no expand: the loss ops return it as a custom op's output)."""
     B = counts.shape[0]
     if loss_agg == "token-mean":
-        return (1.0 / counts.sum().clamp(min=1.0)).expand(B)
+        return (1.0 / counts.sum().clamp(min=1.0)).repeat(B)
     if loss_agg == "seq-mean-token-mean":
         nonempty = (counts > 0).float()
         return nonempty / (counts.clamp(min=1.0) * nonempty.sum().clamp(min=1.0))

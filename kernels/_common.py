@@ -91,7 +91,8 @@ def check_labels(labels: torch.Tensor, lead_shape: torch.Size, vocab: int, ignor
 
 
 def empty_f32(like: torch.Tensor, n: int | tuple = 0) -> torch.Tensor:
-    """A fresh (n,) float32 tensor on like's device: a custom op's stand-in for an absent output."""
+    """A fresh float32 tensor of length (or shape) n on like's device: a fake implementation's
+    output, or a custom op's (0,) stand-in for an absent one."""
     return like.new_empty(n, dtype=torch.float32)
 
 
@@ -281,8 +282,10 @@ def torch_dlogits(z, labels, valid, lse, ez, g_lp, g_ent, inv_temp, out: torch.T
 
 def cat_stats(parts, like: torch.Tensor, want_entropy: bool):
     """Concatenate per-chunk (logp, entropy, lse, E[z]) tuples; empty inputs give empty outputs."""
-    if not parts:  # four distinct tensors: a custom op's outputs may not alias each other
-        return tuple(empty_f32(like) if i % 2 == 0 or want_entropy else None for i in range(4))
+    if not parts:  # distinct tensors: a custom op's outputs may not alias each other
+        logp, lse = empty_f32(like), empty_f32(like)
+        entropy, ez = (empty_f32(like), empty_f32(like)) if want_entropy else (None, None)
+        return logp, entropy, lse, ez
     return tuple(None if p[0] is None else torch.cat(p) for p in zip(*parts))
 
 

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import resolve_impl
+from ._common import empty_f32, resolve_impl
 
 
 @triton.jit
@@ -89,8 +89,7 @@ def _gae_op(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: fl
 
 @_gae_op.register_fake
 def _(rewards, values, mask, gamma, lam):
-    return (rewards.new_empty(rewards.shape, dtype=torch.float32),
-            rewards.new_empty(rewards.shape, dtype=torch.float32))
+    return empty_f32(rewards, rewards.shape), empty_f32(rewards, rewards.shape)
 
 
 def gae(rewards, values, mask, *, gamma=1.0, lam=0.95, impl=None):

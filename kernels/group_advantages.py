@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import resolve_impl
+from ._common import empty_f32, resolve_impl
 
 SCALES = ("std", "none")
 EPS = 1e-6
@@ -69,7 +69,7 @@ def _group_advantages_op(rewards: Tensor, group_size: int, scale_std: bool, leav
 
 @_group_advantages_op.register_fake
 def _(rewards, group_size, scale_std, leave_one_out):
-    return rewards.new_empty(rewards.shape, dtype=torch.float32)
+    return empty_f32(rewards, rewards.shape)
 
 
 def group_advantages(rewards, group_size, *, scale="std", leave_one_out=False, impl=None):

@@ -246,7 +246,7 @@ def _policy_loss_op(logprobs: Tensor, entropy: Optional[Tensor], old: Tensor, ad
             *args["ptrs"], partials, T, *args["strides"], partials.stride(0), *scalars,
             **flags, HAS_ENT=entropy is not None, BLOCK_T=BLOCK_T)
     sums = partials.sum(dim=2)  # (K, B)
-    w = row_weights(sums[1], loss_agg, max_len, T).contiguous()  # (B,): an op's output is no expand
+    w = row_weights(sums[1], loss_agg, max_len, T)  # (B,)
     return (w * sums[0]).sum(), sums, w
 
 
@@ -254,7 +254,7 @@ def _policy_loss_op(logprobs: Tensor, entropy: Optional[Tensor], old: Tensor, ad
 def _(logprobs, entropy, old, adv, mask, ref, isw, clip_low, clip_high, dual_clip, kl_coef, kl_kind,
       entropy_coef, surrogate, tau_pos, tau_neg, loss_agg, max_len):
     B = logprobs.shape[0]
-    return empty_f32(logprobs, ()), logprobs.new_empty((_K, B), dtype=torch.float32), empty_f32(logprobs, B)
+    return empty_f32(logprobs, ()), empty_f32(logprobs, (_K, B)), empty_f32(logprobs, B)
 
 
 @torch.library.custom_op("fastrlhf::policy_loss_backward", mutates_args=())

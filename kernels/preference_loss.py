@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import resolve_impl
+from ._common import empty_f32, resolve_impl
 
 LOSS_TYPES = {"sigmoid": 0, "robust": 1, "ipo": 2, "hinge": 3, "simpo": 4}
 
@@ -111,7 +111,7 @@ def _preference_loss_op(chosen: Tensor, rejected: Tensor, ref_chosen: Optional[T
 
 @_preference_loss_op.register_fake
 def _(chosen, rejected, ref_chosen, ref_rejected, beta, eps, gamma, loss_type):
-    return chosen.new_empty((), dtype=torch.float32), chosen.new_empty(chosen.shape, dtype=torch.float32)
+    return empty_f32(chosen, ()), empty_f32(chosen, chosen.shape)
 
 
 def _setup_context(ctx, inputs, output):

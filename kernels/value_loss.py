@@ -25,7 +25,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._aggregate import _load_bt, _load_keep, check_loss_agg, check_token_tensors, row_weights
-from ._common import resolve_impl
+from ._common import empty_f32, resolve_impl
 
 _K = 4  # partial sums: loss, tokens, clipped, values
 
@@ -111,15 +111,14 @@ def _value_loss_op(values: Tensor, old_values: Tensor, returns: Tensor, mask: Te
         _value_loss_fwd_kernel[(B, n_tiles)](values, old_values, returns, mask, partials, T,
                                              *strides, partials.stride(0), clip, BLOCK_T=BLOCK_T)
     sums = partials.sum(dim=2)  # (K, B)
-    w = row_weights(sums[1], loss_agg, max_len, T).contiguous()  # (B,): an op's output is no expand
+    w = row_weights(sums[1], loss_agg, max_len, T)  # (B,)
     return (w * sums[0]).sum(), sums, w
 
 
 @_value_loss_op.register_fake
 def _(values, old_values, returns, mask, clip, loss_agg, max_len):
     B = values.shape[0]
-    return values.new_empty((), dtype=torch.float32), values.new_empty((_K, B), dtype=torch.float32), \
-        values.new_empty(B, dtype=torch.float32)
+    return empty_f32(values, ()), empty_f32(values, (_K, B)), empty_f32(values, B)
 
 
 @torch.library.custom_op("fastrlhf::value_loss_backward", mutates_args=())
