@@ -30,6 +30,12 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 _IMPLS = ("triton", "torch")
 
+# Optional per-token statistics of the full distribution the log-prob ops compute in the same
+# pass (none has a gradient): the mean tempered logit over the vocabulary, log sum_j p_j^2
+# (WPO's weights) and whether the label is the most likely token (the first argmax).
+STATS = ("mean_logits", "log_sum_sq_probs", "is_top1")
+NO_STATS = (False, False, False)
+
 
 def resolve_impl(impl: str | None, tensor: torch.Tensor) -> str:
     """The explicit backend switch: argument > FASTRLHF_KERNEL_IMPL > device default."""
@@ -203,7 +209,25 @@ def _online_update(m, s, t, zl, z, cols, col_ok, labels, ENTROPY: tl.constexpr):
         t = t * alpha + tl.sum(p * z, axis=1)
     is_label = (cols[None, :] == labels[:, None]) & col_ok[None, :]
     zl += tl.sum(tl.where(is_label, z, 0.0), axis=1)
-    return m_new, s, t, zl
+    return m_new, s, t, zl, p, alpha
+
+
+@triton.jit
+def _stats_update(zsum, sq, mb, z, p, alpha, cols, col_ok, labels,
+                  MEAN: tl.constexpr, SQ: tl.constexpr, TOP1: tl.constexpr):
+    """Fold the same tile into the optional statistics (`STATS`), with `_online_update`'s
+    p = exp(z - m_new) and alpha = exp(m_old - m_new):
+    zsum = sum_j z_j (mean logit), sq = sum_j exp(2 (z_j - m)) (log sum p^2),
+    mb = max of z over the columns before the label (the label is the first argmax iff
+    z_label >= max z and z_label > mb, torch.argmax's tie rule)."""
+    if MEAN:
+        zsum += tl.sum(tl.where(col_ok[None, :], z, 0.0), axis=1)
+    if SQ:
+        sq = sq * alpha * alpha + tl.sum(p * p, axis=1)
+    if TOP1:
+        before = (cols[None, :] < labels[:, None]) & col_ok[None, :]
+        mb = tl.maximum(mb, tl.max(tl.where(before, z, float("-inf")), axis=1))
+    return zsum, sq, mb
 
 
 @triton.jit
@@ -226,8 +250,10 @@ def _row_dlogits(z, cols, col_ok, LABELS, LSE, EZ, G_LP, G_ENT, rows, row_ok, ig
     return tl.where(keep, dz * inv_temp, 0.0)
 
 
-def combine_splits(m, s, t, zl, valid, want_entropy):
-    """Merge per-split statistics (S, N) into logp, entropy, lse, E[z] (N,), all fp32.
+def combine_splits(m, s, t, zl, valid, want_entropy, extra=None, want=NO_STATS):
+    """Merge per-split statistics (S, N) into logp, entropy, lse, E[z] (N,), all fp32, and the
+    `STATS` asked for in want from extra = (zsum, sq, mb) (S, N) and the vocabulary size:
+    mean_logits, log_sum_sq_probs (fp32), is_top1 (bool); None where not asked for.
 
     This is the log-sum-exp of log-sum-exps; it costs O(S*N) and is exact.
     """
@@ -235,12 +261,22 @@ def combine_splits(m, s, t, zl, valid, want_entropy):
     w = torch.exp(m - mx)  # (S, N); 0 for empty splits
     s_tot = (s * w).sum(dim=0)
     lse = mx + torch.log(s_tot)
-    logp = torch.where(valid, zl.sum(dim=0) - lse, 0.0)
-    if not want_entropy:
-        return logp, None, lse, None
-    ez = (t * w).sum(dim=0) / s_tot
-    entropy = torch.where(valid, lse - ez, 0.0)
-    return logp, entropy, lse, ez
+    z_label = zl.sum(dim=0)  # 0 in every split but the label's
+    logp = torch.where(valid, z_label - lse, 0.0)
+    entropy = ez = None
+    if want_entropy:
+        ez = (t * w).sum(dim=0) / s_tot
+        entropy = torch.where(valid, lse - ez, 0.0)
+    mean = lss = top1 = None
+    if any(want):
+        zsum, sq, mb, vocab = extra
+        if want[0]:
+            mean = torch.where(valid, zsum.sum(dim=0) / vocab, 0.0)
+        if want[1]:  # sum_j p_j^2 = sum exp(2 (z - mx)) / (sum exp(z - mx))^2
+            lss = torch.where(valid, torch.log((sq * w * w).sum(dim=0)) - 2 * torch.log(s_tot), 0.0)
+        if want[2]:
+            top1 = valid & (z_label >= mx) & (z_label > mb.max(dim=0).values)
+    return logp, entropy, lse, ez, mean, lss, top1
 
 
 # ----------------------------------------------------------------------------------------
@@ -249,8 +285,9 @@ def combine_splits(m, s, t, zl, valid, want_entropy):
 
 
 def torch_stats(z: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, want_entropy: bool,
-                work: torch.Tensor | None = None):
-    """z (n, V) fp32 tempered logits -> logp, entropy | None, lse, E[z] | None, each (n,).
+                work: torch.Tensor | None = None, want=NO_STATS):
+    """z (n, V) fp32 tempered logits -> logp, entropy | None, lse, E[z] | None, and the `STATS`
+    asked for in want (else None): mean_logits, log_sum_sq_probs, is_top1, each (n,).
     work: an (n, V) fp32 scratch buffer to reuse (else one is allocated)."""
     zl = z.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     # as the kernel does: shift by the max, normalise E[z] by the sum actually accumulated
@@ -258,10 +295,18 @@ def torch_stats(z: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, want
     e = torch.sub(z, m, out=work).exp_() if work is not None else torch.sub(z, m).exp_()  # (n, V)
     s = e.sum(dim=-1)
     lse = m.squeeze(-1) + torch.log(s)
-    if not want_entropy:
-        return torch.where(valid, zl - lse, 0.0), None, lse, None
-    ez = e.mul_(z).sum(dim=-1) / s
-    return torch.where(valid, zl - lse, 0.0), torch.where(valid, lse - ez, 0.0), lse, ez
+    mean = lss = top1 = None
+    if want[0]:
+        mean = torch.where(valid, z.sum(dim=-1) / z.shape[-1], 0.0)
+    if want[1]:  # before e is overwritten; the norm needs no (n, V) temporary
+        lss = torch.where(valid, 2 * (torch.log(torch.linalg.vector_norm(e, dim=-1)) - torch.log(s)), 0.0)
+    if want[2]:
+        top1 = valid & (z.argmax(dim=-1) == labels)  # the first maximum, as the kernel decides ties
+    entropy = ez = None
+    if want_entropy:
+        ez = e.mul_(z).sum(dim=-1) / s
+        entropy = torch.where(valid, lse - ez, 0.0)
+    return torch.where(valid, zl - lse, 0.0), entropy, lse, ez, mean, lss, top1
 
 
 def torch_dlogits(z, labels, valid, lse, ez, g_lp, g_ent, inv_temp, out: torch.Tensor | None = None):
@@ -280,12 +325,14 @@ def torch_dlogits(z, labels, valid, lse, ez, g_lp, g_ent, inv_temp, out: torch.T
     return dz.masked_fill_(~valid.unsqueeze(-1), 0.0)
 
 
-def cat_stats(parts, like: torch.Tensor, want_entropy: bool):
-    """Concatenate per-chunk (logp, entropy, lse, E[z]) tuples; empty inputs give empty outputs."""
+def cat_stats(parts, like: torch.Tensor, want_entropy: bool, want=NO_STATS):
+    """Concatenate per-chunk `torch_stats` tuples; empty inputs give empty outputs."""
     if not parts:  # distinct tensors: a custom op's outputs may not alias each other
         logp, lse = empty_f32(like), empty_f32(like)
         entropy, ez = (empty_f32(like), empty_f32(like)) if want_entropy else (None, None)
-        return logp, entropy, lse, ez
+        mean, lss = (empty_f32(like) if w else None for w in want[:2])
+        top1 = like.new_empty(0, dtype=torch.bool) if want[2] else None
+        return logp, entropy, lse, ez, mean, lss, top1
     return tuple(None if p[0] is None else torch.cat(p) for p in zip(*parts))
 
 

@@ -52,12 +52,15 @@ import triton.language as tl
 
 from ._common import (
     INTERPRET,
+    NO_STATS,
+    STATS,
     TileConfig,
     _cast,
     _dot,
     _init_stats,
     _row_dlogits,
     _online_update,
+    _stats_update,
     _tanh,
     check_float,
     check_labels,
@@ -117,6 +120,7 @@ def _linear_logprob_fwd_kernel(
     scale, softcap, inv_temp, ignore_index,
     # flags and tiles
     HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, ENTROPY: tl.constexpr,
+    MEAN: tl.constexpr, SQ: tl.constexpr, TOP1: tl.constexpr,
     PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -125,6 +129,8 @@ def _linear_logprob_fwd_kernel(
     rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # (BLOCK_N,)
     row_ok = rows < N
     labels, m, s, t, zl = _init_stats(LABELS, rows, row_ok, ignore_index, BLOCK_N)
+    zsum, sq = t, t  # zeros; the optional statistics (MEAN, SQ, TOP1), see _stats_update
+    mb = m  # -inf
 
     v_start = split * v_per_split
     v_end = tl.minimum(v_start + v_per_split, V)
@@ -134,7 +140,9 @@ def _linear_logprob_fwd_kernel(
         z = _logits_tile(H, W, BIAS, rows, row_ok, cols, col_ok, D, stride_hn, stride_hd,
                          stride_wv, stride_wd, scale, softcap, inv_temp, HAS_BIAS, SOFTCAP,
                          PRECISION, INTERPRET, BLOCK_N, BLOCK_V, BLOCK_D)
-        m, s, t, zl = _online_update(m, s, t, zl, z, cols, col_ok, labels, ENTROPY)
+        m, s, t, zl, p, alpha = _online_update(m, s, t, zl, z, cols, col_ok, labels, ENTROPY)
+        if MEAN or SQ or TOP1:
+            zsum, sq, mb = _stats_update(zsum, sq, mb, z, p, alpha, cols, col_ok, labels, MEAN, SQ, TOP1)
 
     out = STATS + split * stride_split + rows
     tl.store(out, m, mask=row_ok)
@@ -142,6 +150,12 @@ def _linear_logprob_fwd_kernel(
     if ENTROPY:
         tl.store(out + 2 * stride_stat, t, mask=row_ok)
     tl.store(out + 3 * stride_stat, zl, mask=row_ok)
+    if MEAN:
+        tl.store(out + 4 * stride_stat, zsum, mask=row_ok)
+    if SQ:
+        tl.store(out + 5 * stride_stat, sq, mask=row_ok)
+    if TOP1:
+        tl.store(out + 6 * stride_stat, mb, mask=row_ok)
 
 
 @triton.jit
@@ -247,6 +261,9 @@ LOGITS_CONFIGS = {
     "fp32": TileConfig(64, 128, 32, 8, 3),
     "interpret": TileConfig(16, 32, 16, 1, 1),  # small tiles so CPU tests cross every loop
 }
+# the forward with the optional STATS: in fp32 two pipeline stages, not three (with all three
+# statistics and the entropy, three stages need 255 registers and spill on sm_90; two: 204, none)
+LOGITS_STATS_CONFIGS = {**LOGITS_CONFIGS, "fp32": TileConfig(64, 128, 32, 8, 2)}
 MATMUL_CONFIGS = {
     "16bit": TileConfig(128, 128, 64, 8, 4),
     "fp32": TileConfig(64, 128, 32, 8, 3),
@@ -297,28 +314,31 @@ class LogitTransform(NamedTuple):
         return dict(scale=self.scale, softcap=self.softcap or 1.0, inv_temp=self.inv_temp)
 
 
-def _fwd_triton(h, w, bias, labels, xf: LogitTransform, ignore_index, want_entropy):
+def _fwd_triton(h, w, bias, labels, xf: LogitTransform, ignore_index, want_entropy, want=NO_STATS):
     N, D = h.shape
     V = w.shape[0]
     if N == 0:
-        return cat_stats([], h, want_entropy)
-    cfg = LOGITS_CONFIGS[config_key(h)]
+        return cat_stats([], h, want_entropy, want)
+    cfg = (LOGITS_STATS_CONFIGS if any(want) else LOGITS_CONFIGS)[config_key(h)]
     n_tiles, v_tiles = triton.cdiv(N, cfg.block_n), triton.cdiv(V, cfg.block_v)
     v_per_split = triton.cdiv(v_tiles, _num_splits(h.device, n_tiles, v_tiles)) * cfg.block_v
     splits = triton.cdiv(V, v_per_split)
-    stats = torch.empty((4, splits, N), device=h.device, dtype=torch.float32)  # m, s, t, zl
+    # m, s, t, zl [, zsum, sq, mb]
+    stats = torch.empty((7 if any(want) else 4, splits, N), device=h.device, dtype=torch.float32)
     _linear_logprob_fwd_kernel[(n_tiles, splits)](
         h, w, bias, labels, stats,
         N, V, D, v_per_split,
         h.stride(0), h.stride(1), w.stride(0), w.stride(1), stats.stride(0), stats.stride(1),
         **xf.kernel_args(), ignore_index=ignore_index,
         HAS_BIAS=bias is not None, SOFTCAP=xf.softcap is not None, ENTROPY=want_entropy,
+        MEAN=want[0], SQ=want[1], TOP1=want[2],
         PRECISION=dot_precision(h.dtype),
         INTERPRET=INTERPRET,
         BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return combine_splits(*stats.unbind(0), labels != ignore_index, want_entropy)
+    m, s, t, zl, *extra = stats.unbind(0)
+    return combine_splits(m, s, t, zl, labels != ignore_index, want_entropy, (*extra, V), want)
 
 
 def _bwd_triton(h, w, bias, labels, lse, ez, g_lp, g_ent, xf: LogitTransform, ignore_index, needs):
@@ -397,7 +417,7 @@ def _workspace(n: int, V: int, count: int, device) -> list[torch.Tensor]:
     return [torch.empty((n, V), dtype=torch.float32, device=device) for _ in range(count)]
 
 
-def _fwd_torch(h, w, bias, labels, xf: LogitTransform, ignore_index, want_entropy):
+def _fwd_torch(h, w, bias, labels, xf: LogitTransform, ignore_index, want_entropy, want=NO_STATS):
     N, V = h.shape[0], w.shape[0]
     w32, b32 = w.float(), None if bias is None else bias.float()
     valid = labels != ignore_index
@@ -408,8 +428,8 @@ def _fwd_torch(h, w, bias, labels, xf: LogitTransform, ignore_index, want_entrop
         sl = slice(i, i + rows)
         n = len(range(*sl.indices(N)))
         z = _torch_logits(h[sl].float(), w32, b32, xf, z_buf[:n])
-        parts.append(torch_stats(z, labels[sl], valid[sl], want_entropy, work=e_buf[:n]))
-    return cat_stats(parts, h, want_entropy)
+        parts.append(torch_stats(z, labels[sl], valid[sl], want_entropy, work=e_buf[:n], want=want))
+    return cat_stats(parts, h, want_entropy, want)
 
 
 def _bwd_torch(h, w, bias, labels, lse, ez, g_lp, g_ent, xf: LogitTransform, ignore_index, needs):
@@ -458,22 +478,33 @@ def _bwd_torch(h, w, bias, labels, lse, ez, g_lp, g_ent, xf: LogitTransform, ign
 @torch.library.custom_op("fastrlhf::linear_logprob", mutates_args=())
 def _linear_logprob_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
                        logit_scale: float, softcap: Optional[float], inv_temp: float, ignore_index: int,
-                       return_entropy: bool, impl: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                       return_entropy: bool, mean_logits: bool, log_sum_sq_probs: bool, is_top1: bool,
+                       impl: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """hidden (N, H), weight (V, H), bias (V,) | None, labels (N,) ->
-    logp (N,), entropy (N,) | (0,), lse (N,), E[z] (N,) | (0,), all fp32."""
+    logp (N,), entropy (N,) | (0,), lse (N,), E[z] (N,) | (0,), all fp32, then the STATS asked for:
+    mean_logits (N,) | (0,), log_sum_sq_probs (N,) | (0,) fp32, is_top1 (N,) | (0,) bool."""
     xf = LogitTransform(logit_scale, softcap, inv_temp)
     fwd = _fwd_triton if impl == "triton" else _fwd_torch
+    want = (mean_logits, log_sum_sq_probs, is_top1)
     with no_autocast(hidden):  # the torch path's fp32 matmuls stay fp32 under a caller's autocast
-        logp, entropy, lse, ez = fwd(hidden, weight, bias, labels, xf, ignore_index, return_entropy)
+        logp, entropy, lse, ez, *stats = fwd(hidden, weight, bias, labels, xf, ignore_index, return_entropy, want)
     if not return_entropy:
         entropy, ez = empty_f32(hidden), empty_f32(hidden)
-    return logp, entropy, lse, ez
+    mean, lss, top1 = stats
+    mean = empty_f32(hidden) if mean is None else mean
+    lss = empty_f32(hidden) if lss is None else lss
+    top1 = hidden.new_empty(0, dtype=torch.bool) if top1 is None else top1
+    return logp, entropy, lse, ez, mean, lss, top1
 
 
 @_linear_logprob_op.register_fake
-def _(hidden, weight, bias, labels, logit_scale, softcap, inv_temp, ignore_index, return_entropy, impl):
-    N, n_ent = hidden.shape[0], hidden.shape[0] if return_entropy else 0
-    return empty_f32(hidden, N), empty_f32(hidden, n_ent), empty_f32(hidden, N), empty_f32(hidden, n_ent)
+def _(hidden, weight, bias, labels, logit_scale, softcap, inv_temp, ignore_index, return_entropy, mean_logits,
+      log_sum_sq_probs, is_top1, impl):
+    N = hidden.shape[0]
+    n_ent = N if return_entropy else 0
+    return (empty_f32(hidden, N), empty_f32(hidden, n_ent), empty_f32(hidden, N), empty_f32(hidden, n_ent),
+            empty_f32(hidden, N if mean_logits else 0), empty_f32(hidden, N if log_sum_sq_probs else 0),
+            hidden.new_empty(N if is_top1 else 0, dtype=torch.bool))
 
 
 @torch.library.custom_op("fastrlhf::linear_logprob_backward", mutates_args=())
@@ -501,25 +532,25 @@ def _(hidden, weight, bias, labels, lse, ez, g_lp, g_ent, logit_scale, softcap, 
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, labels, logit_scale, softcap, inv_temp, ignore_index, return_entropy, impl = inputs
-    _, _, lse, ez = output
+    hidden, weight, bias, labels, logit_scale, softcap, inv_temp, ignore_index, return_entropy, *_, impl = inputs
+    _, _, lse, ez, *stats = output
     ctx.save_for_backward(hidden, weight, bias, labels, lse, ez)
     ctx.args = (logit_scale, softcap, inv_temp, ignore_index, impl)
     ctx.return_entropy = return_entropy
     ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zeros, no work
-    ctx.mark_non_differentiable(lse, ez)
+    ctx.mark_non_differentiable(lse, ez, *stats)
 
 
-def _backward(ctx, g_lp, g_ent, _g_lse, _g_ez):
+def _backward(ctx, g_lp, g_ent, *_):
     hidden, weight, bias, labels, lse, ez = ctx.saved_tensors
     needs = tuple(ctx.needs_input_grad[:3])
     if (g_lp is None and g_ent is None) or not any(needs):
-        return (None,) * 10
+        return (None,) * 13
     g_lp = torch.zeros_like(lse) if g_lp is None else g_lp.float().contiguous()
     g_ent = g_ent.float().contiguous() if g_ent is not None and ctx.return_entropy else None
     dh, dw, db = _linear_logprob_backward_op(hidden, weight, bias, labels, lse, ez, g_lp, g_ent, *ctx.args,
                                              *needs)
-    return (dh if needs[0] else None, dw if needs[1] else None, db if needs[2] else None) + (None,) * 7
+    return (dh if needs[0] else None, dw if needs[1] else None, db if needs[2] else None) + (None,) * 10
 
 
 _linear_logprob_op.register_autograd(_backward, setup_context=_setup_context)
@@ -531,7 +562,7 @@ _linear_logprob_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def linear_logprob(hidden, weight, labels, *, bias=None, logit_scale=1.0, softcap=None,
-                   temperature=1.0, ignore_index=-100, return_entropy=False, impl=None,
+                   temperature=1.0, ignore_index=-100, return_entropy=False, return_stats=(), impl=None,
                    validate_labels=None):
     """Log-probabilities of `labels` under softmax(z / temperature), with the raw logits
     r = hidden @ weight.T + bias and z = softcap * tanh(logit_scale * r / softcap)
@@ -548,6 +579,10 @@ def linear_logprob(hidden, weight, labels, *, bias=None, logit_scale=1.0, softca
         softcap: final-logit softcapping cap > 0 (Gemma 2's final_logit_softcapping), or None.
         temperature: the sampling temperature (> 0); logits are divided by it.
         return_entropy: also return the entropy of the full distribution at each position.
+        return_stats: names from STATS, statistics of the full distribution computed in the same
+            pass, without gradient (0 / False at ignored positions): "mean_logits" (the mean of
+            the tempered logits over the vocabulary), "log_sum_sq_probs" (log sum_j p_j^2, WPO's
+            weight), "is_top1" (bool: the label is the most likely token, ties to the first).
         impl: "triton" | "torch" | None (triton on CUDA or under TRITON_INTERPRET=1, else torch;
             the environment variable FASTRLHF_KERNEL_IMPL overrides the default).
         validate_labels: check that every label is in [0, V) or ignore_index. None (default):
@@ -555,8 +590,9 @@ def linear_logprob(hidden, weight, labels, *, bias=None, logit_scale=1.0, softca
             (a CPU check reads the labels back; on CUDA it is an asynchronous device assert).
 
     Returns:
-        logprobs (...) float32 [, entropy (...) float32]; differentiable w.r.t. hidden, weight
-        and bias through both outputs. The (..., V) logits are never materialised. The op is
+        logprobs (...) float32 [, entropy (...) float32] [, {name: (...) tensor} for
+        return_stats]; differentiable w.r.t. hidden, weight and bias through the log-probs and
+        the entropy. The (..., V) logits are never materialised. The op is
         the registered custom op torch.ops.fastrlhf.linear_logprob (with its backward op).
     """
     if not (math.isfinite(logit_scale) and logit_scale != 0):
@@ -587,24 +623,27 @@ def linear_logprob(hidden, weight, labels, *, bias=None, logit_scale=1.0, softca
         raise ValueError(f"tensors on different devices: {devices}")
     check_labels(labels, hidden.shape[:-1], V, ignore_index, "hidden's leading dims", validate_labels)
     check_temperature(temperature)
+    unknown = [name for name in return_stats if name not in STATS]
+    if isinstance(return_stats, str) or unknown:
+        raise ValueError(f"return_stats must be a tuple of names from {STATS}, got {return_stats!r}")
     impl = resolve_impl(impl, hidden)
 
     lead = labels.shape
     # labels and bias are read as contiguous vectors (an expanded or column-view labels tensor
     # was read with the wrong strides); hidden and weight go in with their own strides
-    logp, entropy, _, _ = _linear_logprob_op(hidden.reshape(-1, D), weight,
-                                             None if bias is None else bias.contiguous(),
-                                             labels.reshape(-1).contiguous(), float(logit_scale),
-                                             None if softcap is None else float(softcap),
-                                             1.0 / float(temperature), int(ignore_index),
-                                             bool(return_entropy), impl)
-    if return_entropy:
-        return logp.view(lead), entropy.view(lead)
-    return logp.view(lead)
+    logp, entropy, _, _, *stats = _linear_logprob_op(
+        hidden.reshape(-1, D), weight, None if bias is None else bias.contiguous(),
+        labels.reshape(-1).contiguous(), float(logit_scale), None if softcap is None else float(softcap),
+        1.0 / float(temperature), int(ignore_index), bool(return_entropy),
+        *(name in return_stats for name in STATS), impl)
+    out = (logp.view(lead),) + ((entropy.view(lead),) if return_entropy else ())
+    if return_stats:
+        out += ({name: stat.view(lead) for name, stat in zip(STATS, stats) if name in return_stats},)
+    return out if len(out) > 1 else out[0]
 
 
 def linear_logprob_ref(hidden, weight, labels, *, bias=None, logit_scale=1.0, softcap=None,
-                       temperature=1.0, ignore_index=-100, return_entropy=False):
+                       temperature=1.0, ignore_index=-100, return_entropy=False, return_stats=()):
     """float64, materialised-logits reference (for tests)."""
     logits = hidden.double() @ weight.double().t()  # (..., V)
     if bias is not None:
@@ -612,4 +651,12 @@ def linear_logprob_ref(hidden, weight, labels, *, bias=None, logit_scale=1.0, so
     logits = logits * logit_scale
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
-    return logprob_ref(logits, labels, temperature, ignore_index, return_entropy)
+    out = logprob_ref(logits, labels, temperature, ignore_index, return_entropy)
+    if not return_stats:
+        return out
+    z, valid = logits / temperature, labels != ignore_index
+    p = torch.softmax(z, dim=-1)
+    stats = {"mean_logits": torch.where(valid, z.mean(-1), 0.0),
+             "log_sum_sq_probs": torch.where(valid, torch.log((p * p).sum(-1)), 0.0),
+             "is_top1": valid & (z.argmax(-1) == labels)}
+    return (*(out if return_entropy else (out,)), {k: stats[k] for k in return_stats})

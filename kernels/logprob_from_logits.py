@@ -70,7 +70,7 @@ def _logprob_fwd_kernel(
         col_ok = cols < V
         z = tl.load(Z + rows[:, None] * stride_zn + cols[None, :] * stride_zv,
                     mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-        m, s, t, zl = _online_update(m, s, t, zl, z * inv_temp, cols, col_ok, labels, ENTROPY)
+        m, s, t, zl, _, _ = _online_update(m, s, t, zl, z * inv_temp, cols, col_ok, labels, ENTROPY)
     tl.store(STATS + rows, m, mask=row_ok)
     tl.store(STATS + stride_stat + rows, s, mask=row_ok)
     if ENTROPY:
@@ -125,7 +125,7 @@ BWD_CONFIGS = {
 def _fwd_triton(z, labels, inv_temp, ignore_index, want_entropy):
     N, V = z.shape
     if N == 0:
-        return cat_stats([], z, want_entropy)
+        return cat_stats([], z, want_entropy)[:4]
     cfg = ROW_CONFIGS[config_key(z)]
     stats = torch.empty((4, 1, N), device=z.device, dtype=torch.float32)  # m, s, t, zl
     _logprob_fwd_kernel[(triton.cdiv(N, cfg.block_n),)](
@@ -136,7 +136,7 @@ def _fwd_triton(z, labels, inv_temp, ignore_index, want_entropy):
         ENTROPY=want_entropy, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return combine_splits(*stats.unbind(0), labels != ignore_index, want_entropy)
+    return combine_splits(*stats.unbind(0), labels != ignore_index, want_entropy)[:4]
 
 
 def _bwd_triton(z, labels, lse, ez, g_lp, g_ent, inv_temp, ignore_index):
@@ -174,7 +174,7 @@ def _fwd_torch(z, labels, inv_temp, ignore_index, want_entropy):
     for sl in chunks:  # the two (chunk, V) fp32 buffers are reused by every chunk
         zc = z_buf[: len(range(*sl.indices(z.shape[0])))].copy_(z[sl]).mul_(inv_temp)  # in fp32
         parts.append(torch_stats(zc, labels[sl], valid[sl], want_entropy, work=e_buf[: zc.shape[0]]))
-    return cat_stats(parts, z, want_entropy)
+    return cat_stats(parts, z, want_entropy)[:4]
 
 
 def _bwd_torch(z, labels, lse, ez, g_lp, g_ent, inv_temp, ignore_index):

@@ -1,21 +1,22 @@
-"""TRL's GRPOTrainer with fastrlhf's fused log-probs.
+"""TRL's GRPOTrainer and DPOTrainer with fastrlhf's fused log-probs.
 
-TRL (>= 1.16) computes GRPO's per-token log-probs and entropies through a fused LM head it
-patches onto the model (`trl.trainer.utils.add_fused_lm_head`: the backbone, then a chunked
-projection, never the whole logits). `GRPOTrainer` here is TRL's own trainer whose model is
-patched with this module's `add_fused_lm_head` instead, the same contract (called as
-`model(..., labels=labels, fused_lm_head=True)`, it returns log-probs and entropies zero where
-the label is -100) computed by `fastrlhf.kernels.linear_logprob` in one pass over the
-vocabulary, with the output layer as the architecture computes it (bias, logit scale, final-logit
-softcapping; an output transform we do not reproduce is refused):
+TRL (>= 1.16) computes per-token log-probs through a fused LM head it patches onto the model
+(`trl.trainer.utils.add_fused_lm_head`: the backbone, then a chunked projection, never the whole
+logits). The trainers here are TRL's own, their models patched with this module's
+`add_fused_lm_head` instead: the same contract (called as `model(..., labels=labels,
+fused_lm_head=True)`, it returns per-token fields, zero / False where the label is -100)
+computed by `fastrlhf.kernels.linear_logprob` in one pass over the vocabulary, with the output
+layer as the architecture computes it (bias, logit scale, final-logit softcapping; an output
+transform we do not reproduce is refused):
 
     from fastrlhf.integrations.trl import GRPOTrainer      # instead of: from trl import GRPOTrainer
-    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=GRPOConfig(...), train_dataset=ds)
+    from fastrlhf.integrations.trl import DPOTrainer       # instead of: from trl import DPOTrainer
 
-Everything else is TRL's: generation, rewards, advantages, the loss, logging. A test runs TRL's
-GRPO both ways on the CPU and finds the same loss trajectory. Only the per-token fields GRPO uses
-are offered (log_probs, entropy): asking for another one (log_sum_sq_probs, mean_logits, is_top1)
-is an error naming it.
+Everything else is TRL's: generation, rewards, advantages, the losses, logging. Every field TRL's
+head offers is computed: log_probs and entropy (with gradients), and the statistics DPOTrainer
+logs or weights with, without gradient: mean_logits (`logits/chosen`, `logits/rejected`),
+is_top1 (`mean_token_accuracy`), log_sum_sq_probs (WPO's weights, `use_weighting=True`). Tests
+run TRL's GRPO and DPO both ways on the CPU and find the same trajectories.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ import torch
 
 from fastrlhf.kernels import linear_logprob
 
-OUTPUTS = ("log_probs", "entropy")
+OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")  # TRL's FusedCausalLMOutput fields
+STATS = ("log_sum_sq_probs", "mean_logits", "is_top1")  # linear_logprob's return_stats
 
 
 def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: bool = False,
@@ -44,6 +46,7 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
     logit_scale, softcap = output_transform(model.config)  # refuses a transform we do not reproduce
     original_forward = model.forward
     want_entropy = "entropy" in outputs
+    stats = tuple(o for o in outputs if o in STATS)
 
     @functools.wraps(type(model).forward)  # generate() checks its kwargs against this signature
     def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
@@ -70,35 +73,42 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
         bias = None if bias is None else bias.to(dtype)
         with ctx:
             out = linear_logprob(hidden, weight, labels, bias=bias, temperature=temperature,
-                                 logit_scale=logit_scale, softcap=softcap, return_entropy=want_entropy)
-        log_probs, entropy = out if want_entropy else (out, None)
+                                 logit_scale=logit_scale, softcap=softcap, return_entropy=want_entropy,
+                                 return_stats=stats)
+        out = out if isinstance(out, tuple) else (out,)
+        log_probs, entropy = out[0], out[1] if want_entropy else None
+        extra = out[-1] if stats else {}
         mask = labels != -100
         loss = -log_probs.sum() / (mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
-        return FusedCausalLMOutput(loss=loss, log_probs=log_probs, entropy=entropy, label_mask=mask)
+        return FusedCausalLMOutput(loss=loss, log_probs=log_probs, entropy=entropy, label_mask=mask, **extra)
 
     model.forward = types.MethodType(forward, model)
 
 
 @functools.cache
-def _trainer_class():
-    import trl.trainer.grpo_trainer as grpo_module
-    from trl import GRPOTrainer as TRLGRPOTrainer
+def _trainer_class(name: str):
+    """TRL's trainer `name`, whose __init__ patches its models with our add_fused_lm_head."""
+    import importlib
 
-    class GRPOTrainer(TRLGRPOTrainer):
-        """TRL's GRPOTrainer, its fused LM head fastrlhf's (module docstring)."""
+    import trl
 
-        def __init__(self, *args, **kwargs):
-            original = grpo_module.add_fused_lm_head
-            grpo_module.add_fused_lm_head = add_fused_lm_head  # what TRL's __init__ patches the models with
-            try:
-                super().__init__(*args, **kwargs)
-            finally:
-                grpo_module.add_fused_lm_head = original
+    module = importlib.import_module(f"trl.trainer.{name[:-len('Trainer')].lower()}_trainer")
 
-    return GRPOTrainer
+    def __init__(self, *args, **kwargs):
+        original = module.add_fused_lm_head
+        module.add_fused_lm_head = add_fused_lm_head  # what TRL's __init__ patches the models with
+        try:
+            super(cls, self).__init__(*args, **kwargs)
+        finally:
+            module.add_fused_lm_head = original
+
+    cls = type(name, (getattr(trl, name),), {
+        "__init__": __init__, "__module__": __name__,
+        "__doc__": f"TRL's {name}, its fused LM head fastrlhf's (module docstring)."})
+    return cls
 
 
-def __getattr__(name):  # trl is imported only when the trainer is asked for
-    if name == "GRPOTrainer":
-        return _trainer_class()
+def __getattr__(name):  # trl is imported only when a trainer is asked for
+    if name in ("GRPOTrainer", "DPOTrainer"):
+        return _trainer_class(name)
     raise AttributeError(name)

@@ -196,6 +196,9 @@ def collect_launches(N: int, H: int, V: int):
                             ll._fwd_triton(h, w, bias, labels, xf, -100, ent)
                             ll._bwd_triton(h, w, bias, labels, vec, vec, vec, vec if ent else None,
                                            xf, -100, (True, True, bias is not None))
+                # TRL's DPOTrainer asks for every statistic (integrations.trl), with and without the entropy
+                for ent in (False, True):
+                    ll._fwd_triton(h, w, b, labels, ll.LogitTransform(1.0, 30.0, 1.0), -100, ent, (True, True, True))
                 logits = torch.empty(N, V, dtype=dtype, **meta)
                 for ent in (False, True):
                     lfl._fwd_triton(logits, labels, 1.0, -100, ent)

@@ -219,6 +219,63 @@ def test_default_impl_and_env_switch(monkeypatch):
         common.resolve_impl("triton", x)
 
 
+STAT_NAMES = ("mean_logits", "log_sum_sq_probs", "is_top1")
+
+
+def test_stats_by_hand():
+    """Raw logits (2, 2, 0) at T = 0.5 -> z = (4, 4, 0): mean 8/3, sum p^2 = (2 e^8 + 1) / (2 e^4 + 1)^2;
+    the tie goes to the first maximum (label 0 is top-1, label 1 is not); an ignored position
+    gives 0 / False."""
+    import math
+
+    hidden, weight = torch.ones(4, 1), torch.tensor([[2.0], [2.0], [0.0]])
+    labels = torch.tensor([0, 1, 2, -100])
+    want = math.log((2 * math.exp(8) + 1) / (2 * math.exp(4) + 1) ** 2)
+    for impl in IMPLS:
+        _, st = linear_logprob(hidden, weight, labels, temperature=0.5, return_stats=STAT_NAMES, impl=impl)
+        assert st["mean_logits"].tolist() == pytest.approx([8 / 3] * 3 + [0], abs=1e-6)
+        assert st["log_sum_sq_probs"].tolist() == pytest.approx([want] * 3 + [0], abs=1e-6)
+        assert st["is_top1"].tolist() == [True, False, False, False]
+        assert st["is_top1"].dtype == torch.bool and st["mean_logits"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("impl,sms", [("torch", 1), ("triton", 1), ("triton", 64)])
+@pytest.mark.parametrize("softcap,temperature", [(None, 1.0), (3.0, 0.7)])
+def test_stats_match_float64_and_leave_the_log_probs_alone(impl, sms, softcap, temperature, monkeypatch,
+                                                           poison_empty):
+    """The three statistics against the float64 reference, one vocab split and three (sms=64:
+    the label's split, the max's split and the tie-break cross split boundaries); asking for
+    them changes neither the log-probs, the entropy nor any gradient (bit for bit)."""
+    monkeypatch.setattr(ll, "_INTERPRET_SMS", sms)
+    hidden, weight, b, labels = _inputs((5, 7), 32, 150, torch.float32, "cpu")
+    # the same largest logit at columns 2 and 140 for three tokens, exact in fp32 (small integers)
+    v = torch.randint(-2, 3, (32,), generator=torch.Generator().manual_seed(1)).float()
+    hidden[0, :3], weight[2], weight[140], b[2], b[140] = v, v, v, 0.0, 0.0
+    labels[1:3] = (hidden[1:3].double() @ weight.double().t() + b.double()).argmax(-1)  # more top-1 labels
+    labels[0, :3] = torch.tensor([2, 140, 3])  # first argmax, tied later, below
+    g_lp, g_ent = torch.randn(5, 7), torch.randn(5, 7)
+    kw = dict(softcap=softcap, temperature=temperature)
+    with_stats = lambda *a, **k: linear_logprob(*a, return_stats=STAT_NAMES, **k)  # noqa: E731
+    ours = _run(lambda *a, **k: with_stats(*a, **k)[:2], hidden, weight, b, labels, g_lp, g_ent, impl=impl, **kw)
+    plain = _run(linear_logprob, hidden, weight, b, labels, g_lp, g_ent, impl=impl, **kw)
+    for o, p in zip(ours, plain):
+        torch.testing.assert_close(o, p, rtol=0, atol=0)
+    _, _, st = with_stats(hidden, weight, labels, bias=b, return_entropy=True, impl=impl, **kw)
+    *_, ref = linear_logprob_ref(hidden, weight, labels, bias=b, return_entropy=True, return_stats=STAT_NAMES, **kw)
+    assert ref["is_top1"][0, :3].tolist() == [True, False, False]
+    assert torch.equal(st["is_top1"], ref["is_top1"]) and ref["is_top1"].sum() >= 10
+    for name in ("mean_logits", "log_sum_sq_probs"):
+        torch.testing.assert_close(st[name].double(), ref[name], rtol=1e-5, atol=1e-5)
+    assert not any(t.requires_grad for t in st.values())
+
+
+def test_stats_names_are_checked():
+    args = (torch.randn(4, 8), torch.randn(50, 8), torch.tensor([0, 1, -100, 49]))
+    for bad in (("argmax",), "is_top1"):
+        with pytest.raises(ValueError, match="return_stats must be a tuple of names from"):
+            linear_logprob(*args, return_stats=bad)
+
+
 @pytest.mark.parametrize("bad,match", [
     (dict(hidden=torch.randn(4, 9)), r"hidden size mismatch.*H=9.*H=8"),
     (dict(labels=torch.tensor([0, 1, 50, 2])), r"labels out of range \[0, 50\) at index \(2,\): 50"),
