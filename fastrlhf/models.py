@@ -532,15 +532,28 @@ def reward_head(path: str | Path) -> str:
     return head
 
 
+def freeze(model, dtype: torch.dtype) -> nn.Module:
+    """A model that only scores (the reference, a reward model): eval mode (no dropout), no
+    gradients; under torchrun sharded like a trained one (shard), so each rank holds 1/N of it
+    and gathers a layer at a time in its forwards (every caller runs as many forwards on every
+    rank: batch.micro_batches, data.pack_for_rank, score_with_model)."""
+    from fastrlhf import dist
+
+    model = model.eval().requires_grad_(False)
+    if dist.world_size() > 1:
+        shard(model, dtype)
+    return model
+
+
 def load_reward_model(path: str | Path, *, device="cpu", dtype=torch.float32):
-    """A trained reward model, frozen, whichever its head (see sequence_rewards)."""
+    """A trained reward model, frozen (freeze), whichever its head (see sequence_rewards)."""
     load = load_causal_lm if reward_head(path) == "logprob" else load_value_model
-    return load(path, device=device, dtype=dtype).eval().requires_grad_(False)
+    return freeze(load(path, device=device, dtype=dtype), dtype)
 
 
 def load_frozen(path: str | Path, *, device, dtype) -> nn.Module:
-    """A frozen causal LM (the reference) in the compute dtype, in eval mode (no dropout)."""
-    return load_causal_lm(path, device=device, dtype=dtype, verify=False).eval().requires_grad_(False)
+    """A frozen causal LM (the reference) in the compute dtype (freeze)."""
+    return freeze(load_causal_lm(path, device=device, dtype=dtype, verify=False), dtype)
 
 
 def reference(policy, path: str | Path, *, device, dtype):

@@ -197,9 +197,15 @@ def score_with_model(rm, samples: list[Sample], budget: int, device) -> None:
     """Fill sample.reward with the reward model's score (models.sequence_rewards); one read-back
     for the step (the scores are the samples': samples.jsonl, failed-sample imputation)."""
     rm.eval()
-    scores = [models.sequence_rewards(rm, data.to_device(mb, device)).float()
-              for mb in data.pack(sequences(samples), budget)]
-    for s, r in zip(samples, torch.cat(scores).tolist()):
+    packs = data.pack(sequences(samples), budget)
+    repeats = 0
+    if models.is_sharded(rm):  # every rank runs as many forwards (each gathers the model's layers)
+        repeats = dist.max_over_ranks(len(packs)) - len(packs)  # agreed before any forward
+    scores = [models.sequence_rewards(rm, data.to_device(mb, device)).float() for mb in packs]
+    filler = packs[0] if packs else data.pack([([0, 0], [data.IGNORE, 0])], budget)[0]
+    for _ in range(repeats):
+        models.sequence_rewards(rm, data.to_device(filler, device))
+    for s, r in zip(samples, torch.cat(scores).tolist() if scores else []):
         s.reward = r
 
 

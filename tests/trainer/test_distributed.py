@@ -182,6 +182,75 @@ def test_a_failing_rank_ends_the_run_with_its_error(tmp_path):
     assert not (tmp_path / "out" / "final").exists()
 
 
+FROZEN = """
+import json, sys
+import torch
+from fastrlhf import data, dist, models
+from fastrlhf.algos.batch import sequences
+from fastrlhf.algos.online import score_with_model
+from fastrlhf.rollout import Sample
+
+ref_dir, rm_dir, out_dir = sys.argv[1:4]
+dist.setup(torch.device("cpu"))
+rank, out = dist.rank(), {}
+ref, rm = models.load_frozen(ref_dir, device="cpu", dtype=torch.float32), models.load_reward_model(rm_dir)
+for name, m in (("ref", ref), ("rm", rm)):
+    params = list(m.parameters())
+    out[name] = dict(local=sum(p.to_local().numel() for p in params), total=sum(p.numel() for p in params),
+                     frozen=not m.training and not any(p.requires_grad for p in params))
+plain_ref, plain_rm = models.load_causal_lm(ref_dir, verify=False).eval(), models.load_value_model(rm_dir).eval()
+g = torch.Generator().manual_seed(rank)
+def sample(vocab, n):
+    return Sample(0, torch.randint(1, vocab, (6,), generator=g).tolist(),
+                  torch.randint(1, vocab, (n,), generator=g).tolist(), [0.0] * n, "stop")
+# uneven shares: rank 0 five samples (three micro-batches of 24 tokens), rank 1 one (one micro-batch)
+samples = [sample(plain_rm.config.vocab_size, 10) for _ in range(5 if rank == 0 else 1)]
+with torch.no_grad():
+    score_with_model(rm, samples, 40, torch.device("cpu"))
+    want = [models.sequence_rewards(plain_rm, data.pack(sequences([s]), 64)[0]).item() for s in samples]
+    mb = data.pack(sequences([sample(plain_ref.config.vocab_size, 5 + 3 * rank)]), 64)[0]
+    lp, lp_plain = models.token_logprobs(ref, mb), models.token_logprobs(plain_ref, mb)
+out.update(rewards=[s.reward for s in samples], want=want, logprob_err=(lp - lp_plain).abs().max().item(),
+           logprob_sum=lp.sum().item())
+open(f"{out_dir}/rank{rank}.json", "w").write(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_frozen_models_are_sharded_and_score_uneven_shares(tmp_path):
+    """Under torchrun the frozen reference (Gemma 2: tied output layer, softcap) and a reward model
+    hold half their parameters per rank, and score as the whole models do: the reward model with
+    five samples on one rank and one on the other (as many forwards on both: no hang), the
+    reference's log-probs to 1e-6."""
+    from fastrlhf.tasks import arithmetic as ar
+    from tests import archs
+
+    ref_dir = archs.save_arch("gemma2", tmp_path / "ref")
+    base = ar.save_base_model(tmp_path / "base", **ar.MODEL_SIZES["tiny"])
+    rm = models.load_value_model(base)
+    torch.nn.init.normal_(rm.score.weight, generator=torch.Generator().manual_seed(0))  # rewards that differ
+    rm.save_pretrained(tmp_path / "rm")
+    models.load_tokenizer(base).save_pretrained(tmp_path / "rm")
+    script = tmp_path / "frozen.py"
+    script.write_text(FROZEN)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FASTRLHF_KERNEL_IMPL": "torch", "PYTHONWARNINGS": "ignore",
+           "PYTHONPATH": os.pathsep.join(sys.path)}
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                           "127.0.0.1", "--master_port", str(_port()), str(script), str(ref_dir), str(tmp_path / "rm"),
+                           str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for r in results:
+        for name in ("ref", "rm"):
+            assert r[name]["frozen"] and r[name]["local"] <= r[name]["total"] // 2 + 64, (name, r[name])
+        assert r["rewards"] == pytest.approx(r["want"], abs=1e-5) and len(set(r["rewards"])) == len(r["rewards"])
+        assert r["logprob_err"] <= 1e-6 and r["logprob_sum"] < 0
+    assert [len(r["rewards"]) for r in results] == [5, 1]
+    assert sum(r["ref"]["local"] for r in results) == results[0]["ref"]["total"]
+
+
 GRPO = ["grpo", "--task_prompts", "64", "--task_eval_prompts", "7", "--prompts_per_step", "5", "--group_size", "4",
         "--max_new_tokens", "4", "--max_len", "32", "--steps", "3", "--eval_every", "3", "--engine", "vllm",
         "--enforce_eager", "true", "--gpu_memory_utilization", "0.05", "--tokens_per_micro_batch", "48",
