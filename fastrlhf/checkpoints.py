@@ -67,7 +67,7 @@ def damaged(ckpt: Path) -> str | None:
 
 # Settings a resumed run may change: where and how it runs, how often it reports, how long.
 RESUMABLE = {"output_dir", "device", "engine", "gpu_memory_utilization", "enforce_eager", "offload_params",
-             "eval_every", "save_every", "log_samples", "log_samples_every", "gradient_checkpointing",
+             "eval_every", "save_every", "log_samples", "log_samples_every", "gradient_checkpointing", "fsdp_offload",
              "tokens_per_micro_batch", "max_steps", "steps", "epochs", "resume"}
 
 

@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -153,6 +154,9 @@ class RunFields:
                              "and AdamW state stay float32 (master weights) and final/ is saved in this dtype")
     gradient_checkpointing: bool = arg(False, "recompute each decoder layer's activations in the backward (less "
                                               "memory, ~30% more compute)")
+    fsdp_offload: bool = arg(False, "under torchrun: FSDP2's CPU offload (CPUOffloadPolicy): the trained models' "
+                                    "sharded float32 weights, gradients and AdamW state live in host memory and the "
+                                    "optimiser step runs on the CPU; each layer is copied to the GPU for its pass")
     resume: str = arg("auto", "auto: continue from the newest intact checkpoint in output_dir if its settings are "
                               "this run's (a differing field is an error) | never: start over there | must: a "
                               "checkpoint is required")
@@ -326,6 +330,10 @@ def validate_config(cfg) -> None:
         problem = rule(value)
         if problem:
             raise ValueError(f"{f.name}={value!r}: expected {problem}")
+    if getattr(cfg, "fsdp_offload", False) and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        raise ValueError("fsdp_offload: offloads FSDP2's shards, and one process shards nothing; run under "
+                         "torchrun --nproc_per_node N (N > 1), or leave it off (GRPO / PPO already move the "
+                         "training state off the GPU while generating)")
     if getattr(cfg, "is_cap", 0) and getattr(cfg, "is_floor", 0) > cfg.is_cap:
         raise ValueError(f"is_floor={cfg.is_floor}: expected <= is_cap={cfg.is_cap}")
     if getattr(cfg, "surrogate", "cispo") != "cispo" and getattr(cfg, "clip_low", 0) == 1:

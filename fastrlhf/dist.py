@@ -38,9 +38,11 @@ def launched_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def setup(device: torch.device) -> torch.device:
+def setup(device: torch.device, host_collectives: bool = False) -> torch.device:
     """Under torchrun: the default process group (before anything else makes one: vLLM would
-    make its own world of one) and this rank's device (cuda:LOCAL_RANK on CUDA). Else `device`."""
+    make its own world of one) and this rank's device (cuda:LOCAL_RANK on CUDA). Else `device`.
+    host_collectives (FSDP2's CPU offload: shards, gradients and their norm in host memory): on
+    CUDA the group has a gloo backend beside NCCL for collectives on host tensors."""
     if not launched():
         return device
     dist = torch.distributed
@@ -49,7 +51,7 @@ def setup(device: torch.device) -> torch.device:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         if device.type == "cuda":
-            dist.init_process_group("nccl", device_id=device)
+            dist.init_process_group("cpu:gloo,cuda:nccl" if host_collectives else "nccl", device_id=device)
         else:
             dist.init_process_group("gloo")
     return device

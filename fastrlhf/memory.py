@@ -42,7 +42,8 @@ class StateSwapper:
         self.model, self.optimizer = model, optimizer
         self.device = torch.device(device)
         self.offload_params = offload_params
-        self.active = self.device.type == "cuda"
+        # nothing to move where the state already lives in host memory (--fsdp_offload)
+        self.active = self.device.type == "cuda" and next(model.parameters()).device.type == "cuda"
         self._host: dict[int, torch.Tensor] = {}  # id(tensor slot) -> pinned buffer
 
     def _to_host(self, key, t: torch.Tensor) -> torch.Tensor:

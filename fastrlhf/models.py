@@ -263,7 +263,7 @@ def load_trained(path: str | Path, cfg, device, *, ckpt: Path | None = None, val
         model = load(ckpt or path, dtype=torch.float32)
     check_finite_model(model, ckpt or path)  # a NaN checkpoint would skip every step and save NaN
     if dist.world_size() > 1:  # torchrun: the masters and (once built) AdamW's state sharded over the ranks
-        shard(model, compute_dtype(cfg.dtype, device))
+        shard(model, compute_dtype(cfg.dtype, device), offload=getattr(cfg, "fsdp_offload", False))
     return model
 
 
@@ -415,20 +415,22 @@ def decoder_layers(model) -> nn.ModuleList:
     raise ValueError(f"{type(model).__name__}: no decoder layers found to shard (looked for layers, h, blocks)")
 
 
-def shard(model, dtype: torch.dtype):
+def shard(model, dtype: torch.dtype, offload: bool = False):
     """FSDP2 (torch.distributed.fsdp.fully_shard) over the default group's ranks: each decoder
     layer its own unit, then the root (embeddings, final norm, output layer or value head in one
     unit, so a tied output layer stays its embedding). The float32 master weights, their
     gradients and AdamW's state are sharded; on CUDA in bfloat16 / float16 the layers compute in
-    that dtype (MixedPrecisionPolicy, gradients reduced in float32)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    that dtype (MixedPrecisionPolicy, gradients reduced in float32). offload: the shards live in
+    host memory (CPUOffloadPolicy, pinned on CUDA), each unit copied to the device for its pass."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     device = next(model.parameters()).device
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) \
         if device.type == "cuda" and dtype != torch.float32 else MixedPrecisionPolicy()
+    policy = CPUOffloadPolicy(pin_memory=device.type == "cuda") if offload else OffloadPolicy()
     for layer in decoder_layers(model):
-        fully_shard(layer, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
+        fully_shard(layer, mp_policy=mp, offload_policy=policy)
+    fully_shard(model, mp_policy=mp, offload_policy=policy)
     return model
 
 

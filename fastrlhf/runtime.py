@@ -31,7 +31,8 @@ def seed_everything(seed: int) -> None:
 def begin(cfg) -> tuple[Path, torch.device, optim.Precision]:
     """The output directory (created), seeded RNGs, the device and the precision of a run (the
     settings were validated when cfg was built: config.validate_config)."""
-    device = dist.setup(resolve_device(cfg.device))  # under torchrun: the process group, this rank's GPU
+    # under torchrun: the process group, this rank's GPU
+    device = dist.setup(resolve_device(cfg.device), host_collectives=getattr(cfg, "fsdp_offload", False))
     prec = optim.Precision(cfg.dtype, device)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)

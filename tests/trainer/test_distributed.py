@@ -70,6 +70,30 @@ def test_sft_on_two_ranks_trains_the_one_process_batch(one_and_two):
 
 
 @pytest.mark.slow
+def test_fsdp_cpu_offload_trains_as_without_it_and_is_refused_on_one_process(one_and_two, tmp_path):
+    """--fsdp_offload (FSDP2's CPUOffloadPolicy: shards, gradients and AdamW's state in host
+    memory, the step on the CPU): the two-rank run's losses, gradient norms and final weights are
+    those without it (on a CPU the arithmetic is the same; what it saves is GPU memory); alone, the
+    setting is refused before anything runs."""
+    out = tmp_path / "offload"
+    proc = _run(SFT + ["--output_dir", str(out), "--save_every", "2", "--fsdp_offload", "true"], nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plain, offloaded = _rows(one_and_two[2]), _rows(out)
+    assert len(plain) == len(offloaded)
+    for a, b in zip(plain, offloaded):
+        for key in ("loss/sft", "grad_norm", "eval/loss"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-7), (a["step"], key)
+    w1 = models.load_causal_lm(one_and_two[2] / "final").state_dict()
+    w2 = models.load_causal_lm(out / "final").state_dict()
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-5, atol=1e-6, msg=k)
+    alone = _run(SFT + ["--output_dir", str(tmp_path / "alone"), "--fsdp_offload", "true"])
+    assert alone.returncode != 0 and "fsdp_offload: offloads FSDP2's shards" in alone.stderr
+    assert not (tmp_path / "alone" / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
 def test_checkpoints_resume_across_rank_counts(one_and_two, tmp_path):
     """The two-rank run's step-2 checkpoint (weights and AdamW moments gathered to the main
     process) continues in one process as the one-process run did, and the reverse."""
