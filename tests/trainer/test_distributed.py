@@ -34,6 +34,17 @@ def _run(args: list[str], nproc: int = 1, timeout: int = 300) -> subprocess.Comp
     return subprocess.run(launch + args, capture_output=True, text=True, timeout=timeout, env=env)
 
 
+def _run_script(path, text: str, args: list[str], timeout: int) -> subprocess.CompletedProcess:
+    """The Python script `text`, written to path, on 2 torchrun processes with args."""
+    path.write_text(text)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FASTRLHF_KERNEL_IMPL": "torch", "PYTHONWARNINGS": "ignore",
+           "PYTHONPATH": os.pathsep.join(sys.path)}
+    env.pop("TRITON_INTERPRET", None)
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                           "127.0.0.1", "--master_port", str(_port()), str(path), *args],
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
 def _rows(out):
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -193,14 +204,7 @@ sys.exit(cli.main(sys.argv[1:]))
 def test_a_failing_rank_ends_the_run_with_its_error(tmp_path):
     """Rank 1 raises in its third forward while rank 0 waits in a collective for it: the run ends
     (no hang) with rank 1's error, and nothing is written as final."""
-    script = tmp_path / "failing_rank.py"
-    script.write_text(FAILING_RANK)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "FASTRLHF_KERNEL_IMPL": "torch", "PYTHONWARNINGS": "ignore",
-           "PYTHONPATH": os.pathsep.join(sys.path)}
-    env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                           "127.0.0.1", "--master_port", str(_port()), str(script), *SFT,
-                           "--output_dir", str(tmp_path / "out")], capture_output=True, text=True, timeout=180, env=env)
+    proc = _run_script(tmp_path / "failing_rank.py", FAILING_RANK, [*SFT, "--output_dir", str(tmp_path / "out")], 180)
     assert proc.returncode != 0
     assert "rank 1 broke on purpose" in proc.stderr
     assert not (tmp_path / "out" / "final").exists()
@@ -255,15 +259,7 @@ def test_frozen_models_are_sharded_and_score_uneven_shares(tmp_path):
     torch.nn.init.normal_(rm.score.weight, generator=torch.Generator().manual_seed(0))  # rewards that differ
     rm.save_pretrained(tmp_path / "rm")
     models.load_tokenizer(base).save_pretrained(tmp_path / "rm")
-    script = tmp_path / "frozen.py"
-    script.write_text(FROZEN)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "FASTRLHF_KERNEL_IMPL": "torch", "PYTHONWARNINGS": "ignore",
-           "PYTHONPATH": os.pathsep.join(sys.path)}
-    env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                           "127.0.0.1", "--master_port", str(_port()), str(script), str(ref_dir), str(tmp_path / "rm"),
-                           str(tmp_path)],
-                          capture_output=True, text=True, timeout=300, env=env)
+    proc = _run_script(tmp_path / "frozen.py", FROZEN, [str(ref_dir), str(tmp_path / "rm"), str(tmp_path)], 300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for r in results:
