@@ -202,9 +202,10 @@ def score_with_model(rm, samples: list[Sample], budget: int, device) -> None:
     if models.is_sharded(rm):  # every rank runs as many forwards (each gathers the model's layers)
         repeats = dist.max_over_ranks(len(packs)) - len(packs)  # agreed before any forward
     scores = [models.sequence_rewards(rm, data.to_device(mb, device)).float() for mb in packs]
-    filler = packs[0] if packs else data.pack([([0, 0], [data.IGNORE, 0])], budget)[0]
-    for _ in range(repeats):
-        models.sequence_rewards(rm, data.to_device(filler, device))
+    if repeats:
+        filler = packs[0] if packs else data.pack([([0, 0], [data.IGNORE, 0])], budget)[0]
+        for _ in range(repeats):
+            models.sequence_rewards(rm, data.to_device(filler, device))
     for s, r in zip(samples, torch.cat(scores).tolist() if scores else []):
         s.reward = r
 

@@ -28,9 +28,9 @@ import types
 import torch
 
 from fastrlhf.kernels import linear_logprob
+from fastrlhf.kernels._common import STATS  # what linear_logprob's return_stats computes
 
-OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")  # TRL's FusedCausalLMOutput fields
-STATS = ("log_sum_sq_probs", "mean_logits", "is_top1")  # linear_logprob's return_stats
+OUTPUTS = ("log_probs", "entropy", *STATS)  # TRL's FusedCausalLMOutput fields
 
 
 def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: bool = False,
