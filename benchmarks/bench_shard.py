@@ -11,8 +11,9 @@ interpreter and the activations; the state columns are what sharding divides).
 Modelled (--table): per-GPU memory of full fine-tuning with float32 masters + AdamW (16 bytes per
 parameter: 4 master, 4 gradient, 8 moments) sharded N ways, plus the bf16 all-gathered copy of the
 largest unit in flight (two decoder layers, FSDP2's prefetch) and a vLLM engine's bf16 weights
-(2 bytes per parameter, unsharded: each rank's engine holds the whole model) for the colocated
-online trainers; activations excluded (gradient checkpointing makes them small next to this at
+(2 bytes per parameter, unsharded: each rank's engine holds the whole model; with --rollout_tp N
+one engine sharded over the N ranks, 2 / N bytes per parameter on each) for the colocated online
+trainers; activations excluded (gradient checkpointing makes them small next to this at
 these batch sizes). An H100 has 80 GB.
 """
 
@@ -98,17 +99,18 @@ def table() -> list[dict]:
     """The modelled per-GPU GB (module docstring)."""
     rows = []
     print("\nmodelled per-GPU memory, GB: full fine-tuning, fp32 masters + AdamW sharded over N, bf16 unit in flight"
-          " (+ a colocated vLLM's bf16 weights)")
-    print(f"  {'model':>6} " + " ".join(f"{f'N={n}':>16}" for n in (1, 2, 4, 8)))
+          " (+ a colocated vLLM's bf16 weights: an engine per rank | --rollout_tp N, one engine sharded N ways)")
+    print(f"  {'model':>6} " + " ".join(f"{f'N={n}':>22}" for n in (1, 2, 4, 8)))
     for name, (params, layers) in MODELS.items():
         cells = []
         for n in (1, 2, 4, 8):
             state = 16 * params / n / 1e9
             in_flight = 2 * 2 * params / layers / 1e9  # two decoder layers, bf16, gathered
             vllm = 2 * params / 1e9
-            rows.append({"model": name, "ranks": n, "train_gb": state + in_flight, "with_vllm_gb": state + in_flight + vllm})
-            cells.append(f"{state + in_flight:6.1f} ({state + in_flight + vllm:5.1f})")
-        print(f"  {name:>6} " + " ".join(f"{c:>16}" for c in cells))
+            rows.append({"model": name, "ranks": n, "train_gb": state + in_flight, "with_vllm_gb": state + in_flight + vllm,
+                         "with_vllm_tp_gb": state + in_flight + vllm / n})
+            cells.append(f"{state + in_flight:5.1f} ({state + in_flight + vllm:5.1f} | {state + in_flight + vllm / n:5.1f})")
+        print(f"  {name:>6} " + " ".join(f"{c:>22}" for c in cells))
     return rows
 
 

@@ -1,5 +1,6 @@
 """The `fastrlhf` command: demo (the whole pipeline), sft | rm | dpo (offline), grpo | ppo
-(online RL), pairs | label (human feedback) and bench.
+(online RL), pairs | label (human feedback), export (a sharded checkpoint as an HF directory)
+and bench.
 
     fastrlhf sft --config examples/sft.yaml [--output-dir DIR] [--model PATH] [--data PATH] [--FIELD VALUE ...]
 
@@ -51,6 +52,7 @@ COMMANDS = {
     "ppo": ("fastrlhf.algos.ppo", "online RL with a critic: PPO against a reward model"),
     "pairs": ("fastrlhf.pairs", "sample two responses per prompt for people to compare"),
     "label": ("fastrlhf.label", "serve the pairwise comparison page / export preferences"),
+    "export": ("fastrlhf.checkpoints", "a sharded checkpoint (written under torchrun) as an HF directory"),
 }
 # trainer command -> its config class (in its module)
 TRAINERS = {"sft": "SFTConfig", "rm": "RMConfig", "dpo": "DPOConfig", "grpo": "GRPOConfig", "ppo": "PPOConfig"}

@@ -157,6 +157,11 @@ class RunFields:
     fsdp_offload: bool = arg(False, "under torchrun: FSDP2's CPU offload (CPUOffloadPolicy): the trained models' "
                                     "sharded float32 weights, gradients and AdamW state live in host memory and the "
                                     "optimiser step runs on the CPU; each layer is copied to the GPU for its pass")
+    sharded_checkpoints: bool = arg(True, "under torchrun: checkpoints as torch.distributed.checkpoint shards, each "
+                                          "rank writing its own part of the weights and AdamW state (resumable on any "
+                                          "number of ranks; `fastrlhf export` makes an HF directory of one); false: "
+                                          "gathered to rank 0 and written as in one process. final/ is one HF "
+                                          "directory either way; LoRA checkpoints are always the adapter")
     resume: str = arg("auto", "auto: continue from the newest intact checkpoint in output_dir if its settings are "
                               "this run's (a differing field is an error) | never: start over there | must: a "
                               "checkpoint is required")
@@ -225,6 +230,9 @@ class RolloutFields:
     gpu_memory_utilization: float = arg(0.3, "vLLM's share of device memory (of RAM on CPU)")
     enforce_eager: bool = arg(False, "vLLM without graph capture / compilation (faster start)")
     offload_params: bool = arg(False, "also move the parameters off the GPU while generating")
+    rollout_tp: int = arg(1, "under torchrun: vLLM tensor parallelism over groups of this many neighbouring ranks "
+                             "(each group's engine shards the model and generates the group's prompts together); 1: "
+                             "every rank its own whole engine (data-parallel rollouts)")
     max_new_tokens: int = arg(512, "longest completion")
     prompts_per_step: int = arg(32, "P: prompts per step")
     group_size: int = arg(8, "G: samples per prompt")
@@ -295,7 +303,7 @@ RULES = {
     "lr": POSITIVE, "critic_lr": POSITIVE, "head_lr": NON_NEGATIVE, "weight_decay": NON_NEGATIVE,
     "grad_clip": POSITIVE, "warmup_steps": NON_NEGATIVE, "max_steps": NON_NEGATIVE, "save_every": NON_NEGATIVE,
     "epochs": _range(1), "eval_every": _range(1), "steps": _range(1), "prompts_per_step": _range(1),
-    "group_size": _range(1), "ppo_epochs": _range(1), "minibatches": _range(1), "max_len": _range(2),
+    "group_size": _range(1), "rollout_tp": _range(1), "ppo_epochs": _range(1), "minibatches": _range(1), "max_len": _range(2),
     "max_new_tokens": _range(1), "tokens_per_micro_batch": _range(1), "tokens_per_step": _range(1),
     "pairs_per_step": _range(1), "log_samples": NON_NEGATIVE, "log_samples_every": _range(1),
     "critic_warmup": NON_NEGATIVE, "kl_horizon": _range(1), "temperature": POSITIVE,

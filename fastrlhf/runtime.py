@@ -48,15 +48,16 @@ def start_model(cfg, task, out: Path) -> str:
     return str(dist.on_main(lambda: task.base_model(out / "base")))
 
 
-def optimisation(cfg, model, out: Path, total: int, ckpt: Path | None, desc: str, *, head_lr: float = 0.0):
+def optimisation(cfg, model, out: Path, total: int, ckpt: Path | None, desc: str, *, head_lr: float = 0.0,
+                 critic: tuple | None = None):
     """AdamW + warm-up schedule, the resumed trainer state (step, counters, summary: what the
     run has reported so far, e.g. its start/* scores) from ckpt if any, and the metrics log:
     (opt, sched, state, log). head_lr > 0: the output layer (lm_head) learns at head_lr, the
-    rest at cfg.lr (make_optimizer)."""
+    rest at cfg.lr (make_optimizer). critic: PPO's (critic, optimiser, schedule), resumed with it."""
     head = list(model.get_output_embeddings().parameters()) if head_lr else []
     opt = optim.make_optimizer(model.parameters(), cfg.lr, cfg.weight_decay, head=head, head_lr=head_lr)
     sched = optim.make_schedule(opt, cfg.warmup_steps, total, cfg.schedule)
-    state = checkpoints.load_trainer_state(ckpt, model, opt, sched) if ckpt else {"step": 0, "counters": {}}
+    state = checkpoints.load_trainer_state(ckpt, model, opt, sched, critic) if ckpt else {"step": 0, "counters": {}}
     state.setdefault("summary", {})
     if lora.is_adapted(model) and dist.is_main():
         n = lora.counts(model)

@@ -78,6 +78,8 @@ def test_shard_memory_model_by_hand():
     # = 4 x 7.62e9 / 28 = 1.089 GB; a colocated vLLM adds the bf16 model, 15.24 GB
     assert rows["7B", 8]["train_gb"] == pytest.approx(15.24 + 1.0886, abs=1e-3)
     assert rows["7B", 8]["with_vllm_gb"] == pytest.approx(15.24 + 1.0886 + 15.24, abs=1e-3)
+    # --rollout_tp 8: the engine's bf16 weights split 8 ways, 1.905 GB a rank
+    assert rows["7B", 8]["with_vllm_tp_gb"] == pytest.approx(15.24 + 1.0886 + 1.905, abs=1e-3)
 
 
 @pytest.mark.slow

@@ -105,7 +105,8 @@ def train(cfg: GRPOConfig, task: Task) -> dict:
     scorer = online.make_scorer(reward_fn, rm, tokenizer, cfg.tokens_per_micro_batch, device)
     engine = make_engine(cfg.engine, model_dir=model_dir, policy=model, tokenizer=tokenizer, dtype=prec.dtype,
                          max_model_len=cfg.max_len, seed=cfg.seed,
-                         gpu_memory_utilization=cfg.gpu_memory_utilization, enforce_eager=cfg.enforce_eager)
+                         gpu_memory_utilization=cfg.gpu_memory_utilization, enforce_eager=cfg.enforce_eager,
+                         tp=cfg.rollout_tp)
     config.save_config(cfg, out)
 
     # step 2: optimiser, schedule, resume, the state swapper

@@ -223,12 +223,19 @@ def impute_failed(groups: list[list[Sample]]) -> None:
 
 def check_processes(cfg) -> None:
     """On several processes (torchrun) each rank generates its share of the prompts on its own
-    vLLM engine: the HF engine (a sharded model's generate needs every rank in every forward)
-    and fewer prompts than ranks are refused before anything runs."""
+    vLLM engine (or, rollout_tp > 1, its group's): the HF engine (a sharded model's generate needs
+    every rank in every forward), fewer prompts than ranks and TP groups that do not divide the
+    ranks are refused before anything runs."""
     if dist.launched() and cfg.engine == "hf":
         raise ValueError("on several processes each rank generates with its own vLLM engine: engine=vllm (or auto)")
     if cfg.prompts_per_step < dist.launched_size():
         raise ValueError(f"prompts_per_step={cfg.prompts_per_step}: fewer prompts than the {dist.launched_size()} ranks")
+    tp, n = cfg.rollout_tp, dist.launched_size()
+    if tp > 1 and (n == 1 or n % tp):
+        where = "one process has no ranks to group" if n == 1 else f"the {n} ranks do not split into groups of {tp}"
+        raise ValueError(f"rollout_tp={tp}: {where}; expected a divisor of torchrun's --nproc_per_node")
+    if tp > 1 and cfg.engine != "vllm":
+        raise ValueError(f"rollout_tp={tp}: tensor-parallel generation is vLLM's; set engine=vllm (engine={cfg.engine})")
 
 
 def step_prompts(prompts: list, cfg, step: int) -> list:

@@ -110,7 +110,7 @@ def train(cfg: PPOConfig, task: Task) -> dict:
     model = models.load_trained(model_dir, cfg, device, ckpt=ckpt)
     models.check_max_len(model, cfg.max_len)
     ref = models.reference(model, model_dir, device=device, dtype=prec.dtype)
-    critic_ckpt = ckpt / "critic" if ckpt else None
+    critic_ckpt = ckpt / "critic" if ckpt and not checkpoints.is_sharded(ckpt) else None  # (shards: in ckpt)
     critic = models.load_trained(cfg.critic or cfg.reward_model or model_dir, cfg, device, ckpt=critic_ckpt, value=True)
     rm = models.load_reward_model(cfg.reward_model, device=device, dtype=prec.dtype) if cfg.reward_model else None
     if cfg.token_rewards and (rm is None or rm.config.reward_head != "logprob"):
@@ -119,17 +119,15 @@ def train(cfg: PPOConfig, task: Task) -> dict:
     scorer = online.make_scorer(reward_fn, rm, tokenizer, cfg.tokens_per_micro_batch, device)
     engine = make_engine(cfg.engine, model_dir=model_dir, policy=model, tokenizer=tokenizer, dtype=prec.dtype,
                          max_model_len=cfg.max_len, seed=cfg.seed,
-                         gpu_memory_utilization=cfg.gpu_memory_utilization, enforce_eager=cfg.enforce_eager)
+                         gpu_memory_utilization=cfg.gpu_memory_utilization, enforce_eager=cfg.enforce_eager,
+                         tp=cfg.rollout_tp)
     config.save_config(cfg, out)
 
     # step 2: two optimisers, resume, state swappers
-    opt, sched, state, log = runtime.optimisation(cfg, model, out, cfg.steps, ckpt, "ppo", head_lr=cfg.head_lr)
     critic_opt = optim.make_optimizer(critic.parameters(), cfg.critic_lr, cfg.weight_decay)
     critic_sched = optim.make_schedule(critic_opt, cfg.warmup_steps, cfg.steps, cfg.schedule)
-    if critic_ckpt is not None:
-        st = torch.load(critic_ckpt / "critic_state.pt", weights_only=False, map_location="cpu")
-        optim.load_optimizer_state(critic, critic_opt, st["optimizer"])
-        critic_sched.load_state_dict(st["scheduler"])
+    opt, sched, state, log = runtime.optimisation(cfg, model, out, cfg.steps, ckpt, "ppo", head_lr=cfg.head_lr,
+                                                  critic=(critic, critic_opt, critic_sched))
     step, counters = state["step"], {**counters, **state["counters"]}
     beta = state.get("kl_coef", cfg.kl_coef)
     swappers = [StateSwapper(model, opt, device, offload_params=cfg.offload_params),
@@ -205,29 +203,14 @@ def train(cfg: PPOConfig, task: Task) -> dict:
                 samples_log.write(step, logged)
             log.log(step, metrics)
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-                critic_state = gather_critic(critic, critic_opt)  # (on every rank: sharded, a collective)
                 checkpoints.save_checkpoint(out, step, model, tokenizer, opt, sched,
                                             {"step": step, "counters": counters, "summary": summary, "kl_coef": beta},
-                                            extra=lambda tmp: save_critic(tmp / "critic", critic, tokenizer,
-                                                                          critic_sched, critic_state))
+                                            critic=(critic, critic_opt, critic_sched),
+                                            sharded=checkpoints.writes_shards(cfg))
     # step 8: the final policy (final/, in the compute dtype) and critic (critic/), HF directories
     samples_log.close()
-    critic_state = gather_critic(critic, critic_opt)
+    weights = models.full_state_dict(critic)  # (sharded: gathered, a collective)
     if dist.is_main():
         with files.atomic_dir(out / "critic") as tmp:
-            save_critic(tmp, critic, tokenizer, critic_sched, critic_state, final=True)
+            models.save_hf_dir(critic, tokenizer, tmp, state=weights)
     return runtime.finish(out, log, model, tokenizer, summary, step, counters, dtype=prec.dtype)
-
-
-def gather_critic(critic, opt) -> tuple:
-    """The critic's weights and optimiser state, whole (sharded: gathered, on every rank)."""
-    return models.full_state_dict(critic), optim.optimizer_state(critic, opt)
-
-
-def save_critic(path, critic, tokenizer, sched, state: tuple, *, final: bool = False) -> None:
-    """The critic + its optimiser state (gather_critic's): in a checkpoint what resumes it (an HF
-    sequence-classification directory, with LoRA its adapter); final: the HF directory (merged,
-    + adapter/, with LoRA)."""
-    weights, moments = state
-    (models.save_hf_dir if final else models.save_trained)(critic, tokenizer, path, state=weights)
-    torch.save({"optimizer": moments, "scheduler": sched.state_dict()}, path / "critic_state.pt")

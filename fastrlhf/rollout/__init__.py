@@ -21,9 +21,10 @@ def has_vllm() -> bool:
 
 
 def make_engine(kind: str, *, model_dir, policy, tokenizer, max_model_len: int, seed: int, dtype=None,
-                gpu_memory_utilization: float = 0.3, enforce_eager: bool = False):
+                gpu_memory_utilization: float = 0.3, enforce_eager: bool = False, tp: int = 1):
     """kind: "auto" (vLLM when installed and it implements the architecture, else HF) | "vllm" |
-    "hf". dtype: vLLM's (the run's compute dtype; default: the policy's)."""
+    "hf". dtype: vLLM's (the run's compute dtype; default: the policy's). tp: vLLM's tensor
+    parallelism over groups of tp neighbouring torchrun ranks (online.check_processes checks it)."""
     if kind not in ("auto", "vllm", "hf"):
         raise ValueError(f"rollout engine {kind!r}: expected auto, vllm or hf")
     if kind == "vllm" or (kind == "auto" and has_vllm()):
@@ -46,7 +47,7 @@ def make_engine(kind: str, *, model_dir, policy, tokenizer, max_model_len: int, 
         device = next(policy.parameters()).device
         return VLLMEngine(model_dir, device=device, dtype=dtype or next(policy.parameters()).dtype,
                           max_model_len=max_model_len, seed=seed,
-                          gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager)
+                          gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager, tp=tp)
     from fastrlhf.rollout.hf import HFEngine
 
     return HFEngine(policy, tokenizer)

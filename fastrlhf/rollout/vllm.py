@@ -10,6 +10,7 @@ sleep/wake are skipped; everything else runs as on a GPU.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 
@@ -24,7 +25,7 @@ class VLLMEngine:
     name = "vllm"
 
     def __init__(self, model_dir, *, device, dtype, max_model_len: int, seed: int,
-                 gpu_memory_utilization: float = 0.3, enforce_eager: bool = False):
+                 gpu_memory_utilization: float = 0.3, enforce_eager: bool = False, tp: int = 1):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in process: rpc takes objects
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         # the CPU worker lowers the thread count for the whole process and then replaces
@@ -48,9 +49,16 @@ class VLLMEngine:
             memory = dict(kv_cache_memory_bytes=_cpu_kv_cache_bytes(gpu_memory_utilization))
         from fastrlhf import dist
 
+        self.tp_group = None
         if dist.world_size() > 1:  # torchrun: an engine per rank, in this process, on its device (TRL's colocate)
             os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
-            memory.update(distributed_executor_backend="external_launcher", tensor_parallel_size=1)
+            # tp > 1: vLLM shards the model over groups of tp neighbouring ranks (its own groups: ranks
+            # [k*tp, (k+1)*tp)); ours, the same ranks, gathers a group's prompts (every rank makes every group)
+            if tp > 1:
+                self.tp_group, _ = torch.distributed.new_subgroups(group_size=tp)
+            memory.update(distributed_executor_backend="external_launcher", tensor_parallel_size=tp)
+        if self.tp_group is not None and not self.on_cuda:
+            _unlink_cpu_shm(self.tp_group)  # a previous run's (os._exit or a crash left them): vLLM would refuse
         try:
             self.llm = LLM(str(model_dir), dtype=_DTYPES.get(dtype, "auto"), seed=seed,
                            max_model_len=max_model_len, enable_sleep_mode=self.on_cuda,
@@ -58,6 +66,8 @@ class VLLMEngine:
                            enforce_eager=enforce_eager, **memory)
         except Exception as e:  # vLLM's start-up errors are long; say which setting to change
             raise EngineError(_start_hint(e, gpu_memory_utilization)) from e
+        if self.tp_group is not None and not self.on_cuda:
+            _unlink_cpu_shm(self.tp_group)  # every rank has mapped its group's segments: their names can go
         torch.set_num_threads = set_threads
         set_threads(threads)
         # a weight push carries no rotary tables (they are not weights): vLLM keeps its own
@@ -97,6 +107,24 @@ class VLLMEngine:
 
     def generate(self, prompt_ids: list[list[int]], *, n: int, temperature: float, max_tokens: int,
                  seed: int, top_p: float = 1.0, indices: list[int] | None = None) -> list[list[Sample]]:
+        """G = n samples of each prompt, each prompt sampled with its own seed (from seed and its
+        index: indices, the prompts' places in the global batch, so a rank's share is sampled as one
+        process samples it). With tensor parallelism every rank of a group calls it (a collective,
+        even with no prompts of its own): the group's prompts are generated together, each rank
+        given back its own."""
+        indices = list(indices if indices is not None else range(len(prompt_ids)))
+        if self.tp_group is None:
+            return self._generate(prompt_ids, indices, n, temperature, max_tokens, seed, top_p)
+        shares = [None] * torch.distributed.get_world_size(self.tp_group)
+        torch.distributed.all_gather_object(shares, (list(prompt_ids), indices), group=self.tp_group)
+        union = [p for ids, _ in shares for p in ids]
+        groups = self._generate(union, [i for _, idx in shares for i in idx], n, temperature, max_tokens, seed,
+                                top_p) if union else []
+        start = sum(len(ids) for ids, _ in shares[:torch.distributed.get_rank(self.tp_group)])
+        return [[dataclasses.replace(s, prompt_index=j) for s in g]
+                for j, g in enumerate(groups[start:start + len(prompt_ids)])]
+
+    def _generate(self, prompt_ids, indices, n, temperature, max_tokens, seed, top_p) -> list[list[Sample]]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -105,7 +133,7 @@ class VLLMEngine:
             self.stale_prefixes = False
         params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
                                  logprobs=0, seed=seed * 100003 + i)
-                  for i in (indices if indices is not None else range(len(prompt_ids)))]
+                  for i in indices]
         try:  # in process, so the trainer's autocast would reach vLLM's own forward: off here
             with torch.autocast(device_type="cuda" if self.on_cuda else "cpu", enabled=False):
                 outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params,
@@ -119,6 +147,28 @@ class VLLMEngine:
                                   "length" if c.finish_reason == "length" else "stop")
                            for c in out.outputs])
         return groups
+
+
+def _unlink_cpu_shm(group) -> None:
+    """vLLM's CPU backend links a TP group's ranks through shared memory segments named after the
+    group's ranks alone ("<ident>-tp:0-[0-1]-cpushm_<i>" in /dev/shm, the same in every run) and
+    refuses to start when one exists (errno 17), which a run that ended without destructors (ours
+    leave with os._exit) or crashed leaves behind. The group's first rank removes those of its
+    ranks, between two barriers of the group: before start-up (what a previous run left), and
+    after it (each rank has its peers' segments mapped, so the memory lives on without a name and
+    nothing is left when this run ends)."""
+    import glob
+
+    dist = torch.distributed
+    ranks = dist.get_process_group_ranks(group)
+    dist.barrier(group=group)
+    if dist.get_rank() == ranks[0]:
+        for path in glob.glob(f"/dev/shm/*-[[]{'-'.join(map(str, ranks))}]-cpushm*"):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+    dist.barrier(group=group)
 
 
 def _cpu_kv_cache_bytes(utilization: float) -> int:

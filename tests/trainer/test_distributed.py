@@ -1,14 +1,15 @@
 """Several processes: `torchrun --nproc_per_node 2 -m fastrlhf sft ...` (gloo on the CPU) trains
 the same global batch as one process, sharded with FSDP2: the same loss and gradient-norm
-trajectory, held-out loss and final weights; the main process alone writes; a checkpoint
-written by two ranks resumes in one process (and the reverse) exactly; trainers that do not
-run sharded yet say so."""
+trajectory, held-out loss and final weights; the main process alone writes (the ranks their own
+checkpoint shards); a checkpoint written by two ranks resumes on two and in one process (and the
+reverse) exactly; what cannot run sharded says so."""
 
 import json
 import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -84,11 +85,17 @@ def test_sft_on_two_ranks_trains_the_one_process_batch(one_and_two):
 def test_fsdp_cpu_offload_trains_as_without_it_and_is_refused_on_one_process(one_and_two, tmp_path):
     """--fsdp_offload (FSDP2's CPUOffloadPolicy: shards, gradients and AdamW's state in host
     memory, the step on the CPU): the two-rank run's losses, gradient norms and final weights are
-    those without it (on a CPU the arithmetic is the same; what it saves is GPU memory); alone, the
-    setting is refused before anything runs."""
+    those without it (on a CPU the arithmetic is the same; what it saves is GPU memory); with
+    --sharded_checkpoints false its checkpoint is gathered into one HF directory (the one-process
+    run's weights); alone, the setting is refused before anything runs."""
     out = tmp_path / "offload"
-    proc = _run(SFT + ["--output_dir", str(out), "--save_every", "2", "--fsdp_offload", "true"], nproc=2)
+    proc = _run(SFT + ["--output_dir", str(out), "--save_every", "2", "--fsdp_offload", "true",
+                       "--sharded_checkpoints", "false"], nproc=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "checkpoints" / "step-2" / "model.safetensors").exists()  # gathered to rank 0 and written whole
+    gathered = models.load_causal_lm(out / "checkpoints" / "step-2").state_dict()
+    for k, v in models.load_causal_lm(one_and_two[1] / "checkpoints" / "step-2").state_dict().items():
+        torch.testing.assert_close(gathered[k], v, rtol=1e-4, atol=1e-5, msg=k)
     plain, offloaded = _rows(one_and_two[2]), _rows(out)
     assert len(plain) == len(offloaded)
     for a, b in zip(plain, offloaded):
@@ -106,11 +113,20 @@ def test_fsdp_cpu_offload_trains_as_without_it_and_is_refused_on_one_process(one
 
 @pytest.mark.slow
 def test_checkpoints_resume_across_rank_counts(one_and_two, tmp_path):
-    """The two-rank run's step-2 checkpoint (weights and AdamW moments gathered to the main
-    process) continues in one process as the one-process run did, and the reverse."""
+    """The two-rank run's step-2 checkpoint is DCP shards (a file per rank, nothing gathered); it
+    continues on two ranks and in one process exactly as the runs that wrote it did, and the
+    one-process checkpoint (an HF directory) continues on two ranks; `fastrlhf export` makes an HF
+    directory of the shards holding the one-process run's step-2 weights; a cut-short shard is
+    named by the damage check."""
     import shutil
 
-    for written, resumed_on in ((2, 1), (1, 2)):
+    from fastrlhf import checkpoints
+
+    sharded = one_and_two[2] / "checkpoints" / "step-2"
+    assert checkpoints.is_sharded(sharded) and not (sharded / "model.safetensors").exists()
+    assert sorted(p.name for p in (sharded / "shards").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert not checkpoints.is_sharded(one_and_two[1] / "checkpoints" / "step-2")
+    for written, resumed_on in ((2, 1), (1, 2), (2, 2)):
         out = tmp_path / f"from{written}on{resumed_on}"
         shutil.copytree(one_and_two[written] / "checkpoints" / "step-2", out / "checkpoints" / "step-2")
         shutil.copy(one_and_two[written] / "config.json", out / "config.json")
@@ -118,9 +134,30 @@ def test_checkpoints_resume_across_rank_counts(one_and_two, tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         ref = {r["step"]: r for r in _rows(one_and_two[resumed_on])}
         rows = _rows(out)
-        assert rows[0]["step"] == 3
+        assert rows[0]["step"] == 3 and len(rows) == len(ref) - 2
         for r in rows:
-            assert r["loss/sft"] == pytest.approx(ref[r["step"]]["loss/sft"], rel=1e-4), (written, r["step"])
+            for key in ("loss/sft", "grad_norm"):
+                assert r[key] == pytest.approx(ref[r["step"]][key], rel=1e-5), (written, resumed_on, r["step"], key)
+
+    proc = subprocess.run([sys.executable, "-m", "fastrlhf", "export", str(sharded), str(tmp_path / "exported")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = models.load_causal_lm(tmp_path / "exported").state_dict()
+    want = models.load_causal_lm(one_and_two[1] / "checkpoints" / "step-2").state_dict()
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5, msg=k)
+    refused = subprocess.run([sys.executable, "-m", "fastrlhf", "export", str(tmp_path / "exported"),
+                              str(tmp_path / "again")], capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "an HF directory already" in refused.stderr
+
+    cut = tmp_path / "cut"
+    shutil.copytree(sharded, cut)
+    with open(cut / "shards" / "__1_0.distcp", "r+b") as f:
+        f.truncate(1000)
+    assert checkpoints.damaged(cut).startswith("shards/__1_0.distcp is cut short (1000 of")
+    (cut / "shards" / ".metadata").write_bytes(b"\x80")
+    assert "shards/.metadata is missing or unreadable" in checkpoints.damaged(cut)
 
 
 @pytest.mark.slow
@@ -288,21 +325,36 @@ def test_grpo_on_two_ranks_with_an_engine_each_trains_the_one_process_batch(extr
     prompts with their global seeds: the samples, rewards, losses, gradient norms and held-out
     scores are the one-process run's (REINFORCE++ whitens over both ranks' tokens; with LoRA each
     rank's engine gets the merged weights, gathered one parameter at a time, and the KL is to the
-    adapters-off reference), and the engines' log-probs match the trainer's after every push."""
+    adapters-off reference), and the engines' log-probs match the trainer's after every push.
+    Plain GRPO also runs with --rollout_tp 2: one vLLM engine sharded over both ranks, which
+    generates their prompts together and hands each rank its own: the same run again."""
     pytest.importorskip("vllm")
+    runs = {1: (1, []), 2: (2, [])}
+    if extra == ["--advantage", "grpo"]:
+        runs["tp2"] = (2, ["--rollout_tp", "2"])
+    # vLLM's CPU TP segments carry the same names in every run: a previous run's must not stop this one
+    # (vLLM refuses to start on them, errno 17), and this one leaves none behind
+    shm = Path("/dev/shm")
+    stale = shm / "-tp:0-[0-1]-cpushm_0"
+    if "tp2" in runs and shm.is_dir():
+        stale.write_bytes(b"\0" * 4096)
     rows = {}
-    for n in (1, 2):
-        proc = _run(GRPO + extra + ["--output_dir", str(tmp_path / f"n{n}")], nproc=n, timeout=600)
+    for name, (n, more) in runs.items():
+        proc = _run(GRPO + extra + more + ["--output_dir", str(tmp_path / f"n{name}")], nproc=n, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        rows[n] = _rows(tmp_path / f"n{n}")
-    assert len(rows[1]) == len(rows[2]) == 4
+        rows[name] = _rows(tmp_path / f"n{name}")
+    if "tp2" in runs and shm.is_dir():
+        assert not list(shm.glob("*cpushm*"))
+    assert len(rows[1]) == 4
     assert any(r.get("grad_norm", 0) > 0 for r in rows[1])  # the reward moves the policy
-    for a, b in zip(rows[1], rows[2]):
-        for key, value in a.items():
-            if isinstance(value, float) and key.split("/")[0] in ("reward", "loss", "grad_norm", "entropy", "eval",
-                                                                 "clipfrac", "ratio_mean", "rollout", "kl"):
-                assert b[key] == pytest.approx(value, rel=1e-4, abs=1e-6), (a["step"], key)
-        assert b.get("rollout/logprob_diff_max", 0.0) <= 1e-3
+    for name in runs:
+        assert len(rows[name]) == 4, name
+        for a, b in zip(rows[1], rows[name]):
+            for key, value in a.items():
+                if isinstance(value, float) and key.split("/")[0] in ("reward", "loss", "grad_norm", "entropy",
+                                                                     "eval", "clipfrac", "ratio_mean", "rollout", "kl"):
+                    assert b[key] == pytest.approx(value, rel=1e-4, abs=1e-6), (name, a["step"], key)
+            assert b.get("rollout/logprob_diff_max", 0.0) <= 1e-3
 
 
 @pytest.mark.slow
@@ -334,6 +386,24 @@ def test_ppo_on_two_ranks_with_an_engine_each_trains_the_one_process_batch(tmp_p
     c2 = models.load_value_model(tmp_path / "n2" / "critic").state_dict()
     for k in c1:
         torch.testing.assert_close(c2[k], c1[k], rtol=1e-3, atol=1e-5, msg=k)
+    # the two-rank checkpoint (policy and critic, weights and AdamW state, as shards) resumes on two ranks
+    import shutil
+
+    ckpt = tmp_path / "n2" / "checkpoints" / "step-2"
+    assert (ckpt / "shards" / ".metadata").exists() and (ckpt / "critic" / "config.json").exists()
+    out = tmp_path / "resumed"
+    shutil.copytree(ckpt, out / "checkpoints" / "step-2")
+    shutil.copy(tmp_path / "n2" / "config.json", out / "config.json")
+    proc = _run(args + ["--output_dir", str(out)], nproc=2, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resumed = _rows(out)
+    later = [r for r in rows[2] if r["step"] > 2]
+    assert [r["step"] for r in resumed] == [r["step"] for r in later] and later
+    for a, b in zip(later, resumed):
+        for key, value in a.items():
+            if isinstance(value, float) and key.split("/")[0] in ("reward", "loss", "grad_norm", "entropy", "eval",
+                                                                 "kl", "value", "kl_coef"):
+                assert b[key] == pytest.approx(value, rel=1e-5, abs=1e-7), (a["step"], key)
 
 
 @pytest.mark.slow
@@ -342,3 +412,7 @@ def test_online_trainers_refuse_what_cannot_run_sharded():
     assert proc.returncode != 0 and "engine=vllm" in proc.stderr  # (torchrun exits 1 when a worker exits 2)
     proc = _run(["ppo", "--device", "cpu", "--prompts_per_step", "1"], nproc=2, timeout=120)
     assert proc.returncode != 0 and "fewer prompts than the 2 ranks" in proc.stderr
+    proc = _run(["grpo", "--device", "cpu", "--engine", "vllm", "--rollout_tp", "3"], nproc=2, timeout=120)
+    assert proc.returncode != 0 and "rollout_tp=3: the 2 ranks do not split into groups of 3" in proc.stderr
+    proc = _run(["grpo", "--device", "cpu", "--engine", "vllm", "--rollout_tp", "2"], timeout=120)
+    assert proc.returncode == 2 and "rollout_tp=2: one process has no ranks to group" in proc.stderr
