@@ -34,6 +34,13 @@ def is_sharded(ckpt: Path) -> bool:
     return (Path(ckpt) / SHARDS).is_dir()
 
 
+def weights(ckpt: Path | None) -> Path | None:
+    """What models.load_trained(ckpt=) loads weights from: the checkpoint when it is an HF (or
+    adapter) directory; None when there is none or it holds shards (loaded into the sharded model
+    with its optimiser state: load_trainer_state)."""
+    return None if ckpt is None or is_sharded(ckpt) else ckpt
+
+
 def writes_shards(cfg) -> bool:
     """Whether this run's checkpoints are sharded: under torchrun, full fine-tuning, unless
     --sharded_checkpoints false. (LoRA's checkpoints stay the small PEFT adapter directory.)"""

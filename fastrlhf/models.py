@@ -248,16 +248,15 @@ def check_logprob_fidelity(model, path, *, tol: float = 1e-3) -> float:
 def load_trained(path: str | Path, cfg, device, *, ckpt: Path | None = None, value: bool = False):
     """A model a trainer trains, from the directory `path` or, resuming, from the checkpoint
     directory `ckpt` (which replaces it: full weights, or with LoRA the adapters on path's
-    base; a sharded checkpoint's shards are loaded later, with the optimiser state): float32
+    base; checkpoints.weights(ckpt): a sharded checkpoint's shards are loaded later, with the
+    optimiser state): float32
     master weights, with the run's gradient checkpointing and dropout settings (cfg:
     config.RunFields); with --lora_r the frozen base in the compute dtype and PEFT's adapters
     trained (fastrlhf.lora); sharded with FSDP2 under torchrun (shard); value=True: a scalar-head
     value model."""
-    from fastrlhf import checkpoints, dist
+    from fastrlhf import dist
     from fastrlhf.config import compute_dtype
 
-    if ckpt is not None and checkpoints.is_sharded(ckpt):
-        ckpt = None  # DCP shards: loaded into the sharded model with its optimiser (checkpoints.load_trainer_state)
     load = functools.partial(load_value_model if value else load_causal_lm, device=device,
                              gradient_checkpointing=cfg.gradient_checkpointing, no_dropout=cfg.disable_dropout)
     if lora.enabled(cfg):  # the base frozen in the compute dtype, the adapters fresh or the checkpoint's

@@ -64,9 +64,13 @@ def test_trl_grpo_with_fastrlhf_logprobs_trains_as_trl_does(name, model_dirs, tm
     mine = _run(ours.GRPOTrainer, model_dirs[name], tmp_path / "ours")
     assert len(theirs) == len(mine) == 3
     for a, b in zip(theirs, mine):
+        # the first step's numbers to 1e-5; after two AdamW steps at lr 1e-2 the two log-prob paths'
+        # float32 rounding has moved the weights apart a little (Gemma 2's step-3 KL: 2e-5 relative on an
+        # Intel Xeon, under 1e-5 on an AMD EPYC), so 1e-4 from then on
+        rel = 1e-5 if a["step"] == 1 else 1e-4
         for key in ("loss", "grad_norm", "kl", "entropy", "reward", "clip_ratio/region_mean"):
             if key in a:
-                assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
+                assert b[key] == pytest.approx(a[key], rel=rel, abs=1e-6), (a["step"], key)
     assert any(r["grad_norm"] > 0 for r in theirs) and any(r["kl"] > 0 for r in theirs[1:])
 
 

@@ -88,7 +88,7 @@ def train(cfg: DPOConfig, task: Task) -> dict:
     model_dir, pairs, eval_pairs = prepare_pairs(cfg, task, out)
     ckpt = checkpoints.resume_checkpoint(cfg, out)
     tokenizer = models.load_tokenizer(model_dir)
-    policy = models.load_trained(model_dir, cfg, device, ckpt=ckpt)
+    policy = models.load_trained(model_dir, cfg, device, ckpt=checkpoints.weights(ckpt))
     models.check_max_len(policy, cfg.max_len)
     train_pairs = data.tokenize_pairs(tokenizer, pairs, cfg.max_len, "dpo data")
     eval_tok = data.tokenize_pairs(tokenizer, eval_pairs, cfg.max_len, "dpo eval data")

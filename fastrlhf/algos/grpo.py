@@ -98,7 +98,7 @@ def train(cfg: GRPOConfig, task: Task) -> dict:
     prompts, heldout = online.load_prompt_sets(cfg, task, tokenizer, counters)
     model_dir = runtime.start_model(cfg, task, out)
     ckpt = checkpoints.resume_checkpoint(cfg, out)
-    model = models.load_trained(model_dir, cfg, device, ckpt=ckpt)
+    model = models.load_trained(model_dir, cfg, device, ckpt=checkpoints.weights(ckpt))
     models.check_max_len(model, cfg.max_len)
     ref = models.reference(model, model_dir, device=device, dtype=prec.dtype) if cfg.kl_coef > 0 else None
     rm = models.load_reward_model(cfg.reward_model, device=device, dtype=prec.dtype) if cfg.reward_model else None

@@ -107,10 +107,11 @@ def train(cfg: PPOConfig, task: Task) -> dict:
     prompts, heldout = online.load_prompt_sets(cfg, task, tokenizer, counters)
     model_dir = runtime.start_model(cfg, task, out)
     ckpt = checkpoints.resume_checkpoint(cfg, out)
-    model = models.load_trained(model_dir, cfg, device, ckpt=ckpt)
+    hf_ckpt = checkpoints.weights(ckpt)  # None: no checkpoint, or shards (loaded with the optimisers)
+    model = models.load_trained(model_dir, cfg, device, ckpt=hf_ckpt)
     models.check_max_len(model, cfg.max_len)
     ref = models.reference(model, model_dir, device=device, dtype=prec.dtype)
-    critic_ckpt = ckpt / "critic" if ckpt and not checkpoints.is_sharded(ckpt) else None  # (shards: in ckpt)
+    critic_ckpt = hf_ckpt / "critic" if hf_ckpt else None
     critic = models.load_trained(cfg.critic or cfg.reward_model or model_dir, cfg, device, ckpt=critic_ckpt, value=True)
     rm = models.load_reward_model(cfg.reward_model, device=device, dtype=prec.dtype) if cfg.reward_model else None
     if cfg.token_rewards and (rm is None or rm.config.reward_head != "logprob"):

@@ -70,7 +70,7 @@ def train(cfg: RMConfig, task: Task) -> dict:
     model_dir, pairs, eval_pairs = prepare_pairs(cfg, task, out)
     ckpt = checkpoints.resume_checkpoint(cfg, out)
     tokenizer = models.load_tokenizer(model_dir)
-    model = models.load_trained(model_dir, cfg, device, ckpt=ckpt, value=cfg.head == "value")
+    model = models.load_trained(model_dir, cfg, device, ckpt=checkpoints.weights(ckpt), value=cfg.head == "value")
     if cfg.head == "logprob":
         model.config.reward_beta = cfg.beta  # saved with the model: scorers read both
     model.config.reward_head = cfg.head

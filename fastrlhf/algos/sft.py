@@ -99,7 +99,7 @@ def train(cfg: SFTConfig, task: Task) -> dict:
     model_dir = runtime.start_model(cfg, task, out)
     ckpt = checkpoints.resume_checkpoint(cfg, out)
     tokenizer = models.load_tokenizer(model_dir)
-    model = models.load_trained(model_dir, cfg, device, ckpt=ckpt)
+    model = models.load_trained(model_dir, cfg, device, ckpt=checkpoints.weights(ckpt))
     models.check_max_len(model, cfg.max_len)
     seqs, eval_seqs = tokenize(tokenizer, records, cfg.max_len), tokenize(tokenizer, eval_records, cfg.max_len)
     steps_in = functools.cache(lambda epoch: len(epoch_split(seqs, cfg, epoch)))  # (cheap: no packing)
