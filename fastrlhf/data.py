@@ -239,18 +239,40 @@ def load_preferences(path) -> list[dict]:
     return kept
 
 
+def split_key(record: dict):
+    """What a record is split on (split_heldout): its prompt; a record with no prompt of its own
+    (SFT's {"messages"} and {"text"}) by its content: a conversation by its turns up to and
+    including the first user turn (conversations asking the same first question stay on one side;
+    a shared system prompt does not make them one), a text by itself."""
+    if record.get("prompt"):
+        return record["prompt"]
+    response = record.get("response")
+    if isinstance(response, list):
+        first_user = next((i for i, m in enumerate(response) if m["role"] == "user"), len(response) - 1)
+        return response[: first_user + 1]
+    return response
+
+
 def split_heldout(records: list[dict], share: float = 0.05) -> tuple[list[dict], list[dict]]:
-    """(train, held-out) by a hash of each record's prompt: deterministic, and disjoint by
-    content (a prompt that appears twice lands on one side only, so duplicated records cannot
-    leak into the held-out split). At least one prompt is held out and one kept."""
+    """(train, held-out) by a hash of each record's split_key (its prompt, or for prompt-less SFT
+    records its first user turn or text): deterministic, and disjoint by content (a prompt that
+    appears twice lands on one side only, so duplicated records cannot leak into the held-out
+    split). At least one record is held out and one kept. Records that all share one key (one
+    prompt repeated) are split by position instead, with a warning that the held-out records
+    repeat training content; a single record cannot be split (DataError: give eval data)."""
     import hashlib
 
-    buckets = [int(hashlib.sha256(json.dumps(r["prompt"], sort_keys=True).encode()).hexdigest()[:12], 16)
-               for r in records]  # one per record, equal for equal prompts
+    if len(records) < 2:
+        raise DataError(f"{len(records)} record: nothing to hold out beside it; give eval data (--eval_data)")
+    buckets = [int(hashlib.sha256(json.dumps(split_key(r), sort_keys=True).encode()).hexdigest()[:12], 16)
+               for r in records]  # one per record, equal for equal content
     distinct = sorted(set(buckets))
     if len(distinct) < 2:
-        raise DataError(f"{len(records)} records with {len(distinct)} distinct prompt(s): too few to hold any out; "
-                        "give eval data")
+        warnings.warn(f"{len(records)} records that all share one prompt: the held-out split is by position, so "
+                      "held-out scores repeat training content; give eval data (--eval_data) for a real one",
+                      stacklevel=2)
+        n = max(1, int(share * len(records)))
+        return records[:-n], records[-n:]
     cut = distinct[max(0, min(len(distinct) - 2, int(share * len(distinct)) - 1))]  # the held-out share
     return ([r for r, b in zip(records, buckets) if b > cut], [r for r, b in zip(records, buckets) if b <= cut])
 

@@ -180,6 +180,8 @@ class SampleLog:
 
 
 def _num(v):
+    """A logged number with 7 significant digits (a fixed count of decimals logged a warm-up
+    learning rate of 5e-8 as 0.0 and a sampler gap of 5.74e-5 as 5.7e-05)."""
     if isinstance(v, torch.Tensor):
         v = v.item()
-    return round(v, 6) if isinstance(v, float) else v
+    return float(f"{v:.7g}") if isinstance(v, float) else v

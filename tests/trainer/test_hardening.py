@@ -202,6 +202,34 @@ def test_identical_pairs_are_skipped_and_held_out_splits_are_disjoint(tmp_path):
     assert len(held) == 3 * len({r["prompt"] for r in held})  # a prompt's duplicates stay together
 
 
+def test_prompt_less_sft_records_are_held_out_by_their_content(tmp_path):
+    """{"messages"} and {"text"} records have no prompt of their own: they are split by their first
+    user turn (a system prompt every conversation shares does not make them one) and their text;
+    conversations asking the same first question stay on one side. Before: 'too few to hold any
+    out; give eval data' (every such record's prompt was empty)."""
+    system = {"role": "system", "content": "You are a helpful assistant."}
+    convs = [[system, {"role": "user", "content": f"question {i % 20}"}, {"role": "assistant", "content": f"a{i}"}]
+             for i in range(60)]  # each first question 3 times, answered differently
+    p = tmp_path / "chat.jsonl"
+    p.write_text("".join(json.dumps({"messages": m}) + "\n" for m in convs))
+    records = data.load_sft(p)
+    train, held = data.split_heldout(records)
+    question = lambda r: r["response"][1]["content"]  # noqa: E731
+    assert held and train and not {question(r) for r in train} & {question(r) for r in held}
+    assert len(held) == 3 * len({question(r) for r in held}) and len(train) + len(held) == 60
+    texts = tmp_path / "text.jsonl"
+    texts.write_text("".join(json.dumps({"text": f"line {i % 25}"}) + "\n" for i in range(50)))
+    train, held = data.split_heldout(data.load_sft(texts))
+    assert held and train and not {r["response"] for r in train} & {r["response"] for r in held}
+    # one prompt repeated: split by position, said; a single record: nothing to hold out
+    same = [{"prompt": "q", "response": f"r{i}"} for i in range(40)]
+    with pytest.warns(UserWarning, match="all share one prompt"):
+        train, held = data.split_heldout(same)
+    assert (len(train), len(held)) == (38, 2) and held == same[-2:]
+    with pytest.raises(data.DataError, match="1 record: nothing to hold out"):
+        data.split_heldout(same[:1])
+
+
 def test_duplicate_ids_in_a_labelling_file_are_refused(tmp_path):
     p = tmp_path / "pairs.jsonl"
     p.write_text(json.dumps({"id": "x1", "prompt": "q", "a": "1", "b": "2"}) + "\n"

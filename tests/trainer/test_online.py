@@ -3,11 +3,14 @@ their failures, REINFORCE++ returns, the adaptive KL controller, the state swapp
 rollout engines' sampling log-probs against the trainer's."""
 
 import math
+import random
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from fastrlhf import models
+from fastrlhf import data, models
 from fastrlhf.algos import batch as batch_mod
 from fastrlhf.algos import grpo, online, ppo, update
 from fastrlhf.kernels import policy_loss
@@ -15,6 +18,8 @@ from fastrlhf.memory import StateSwapper, training_state, tensor_bytes
 from fastrlhf.rollout import Colocated, Sample
 from fastrlhf.rollout.hf import HFEngine
 from fastrlhf.tasks import arithmetic as ar
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
 def _sample(p, c, lp=None, i=0):
@@ -151,6 +156,14 @@ def test_evaluate_reports_greedy_and_sampled_accuracy(tiny):
     assert res["eval/accuracy"] == 0.5  # greedy "12": right for the first prompt only
     assert res["eval/sample_accuracy"] == 3 / 8  # 2 of 4 right on the first, 1 of 4 on the second
     assert engine.calls == [(1, 0.0), (ar.EVAL_SAMPLES, 1.0)]
+    # with a scorer: the greedy completions' mean score, and the draws' (prompts without answers too)
+    length = lambda samples, prompts, counters: [setattr(s, "reward", float(len(s.completion_ids))) for s in samples]  # noqa: E731
+    res = online.evaluate(Colocated(_ScriptedEngine(tok), model), heldout, tok, max_new_tokens=4, scorer=length)
+    assert res["eval/reward"] == 3  # greedy "12" + EOS on both prompts
+    assert res["eval/sample_reward"] == (3 + 3 + 3 + 1) / 4  # "12", "12", "13" (+ EOS) and "" (EOS alone)
+    bare = [online.Prompt({"prompt": "5+7="}, tok("5+7=")["input_ids"])]
+    res = online.evaluate(Colocated(_ScriptedEngine(tok), model), bare, tok, max_new_tokens=4, scorer=length)
+    assert set(res) == {"eval/reward", "eval/sample_reward"}
 
 
 class _Recorder:
@@ -309,6 +322,35 @@ def test_vllm_engine_push_and_logprobs(tiny, tmp_path):
     diff_old = b.sampler_gap(b.logprobs(model, 256, 1.0)).item()
     assert diff_new < 1e-3 < diff_old
     assert [s.completion_ids for g in before for s in g] != [s.completion_ids for s in samples]
+
+
+def test_vllm_generates_more_prompt_tokens_than_a_scheduler_step_holds(tmp_path, monkeypatch):
+    """Realistic prompt lengths and request counts: 64 chat prompts of ~70 tokens x 4 samples is 18k
+    prompt tokens, over the CPU backend's 4096-token step budget. With chunked prefill (vLLM's
+    default) a prompt split over steps rewinds its seeded generator, which CPU generators cannot:
+    "CPU Generator does not use offset" (SmolLM2's held-out evaluation, 48 prompts x 4, failed
+    so). Every sample must come back, and its log-probs must be the trainer's."""
+    pytest.importorskip("vllm")
+    from fastrlhf.rollout.vllm import VLLMEngine
+    from tests import archs
+
+    monkeypatch.setenv("FASTRLHF_KERNEL_IMPL", "torch")  # 20k tokens: the interpreter would take minutes
+
+    d = archs.save_arch("llama", tmp_path / "llama")
+    tok, model = models.load_tokenizer(d), models.load_causal_lm(d)
+    rng = random.Random(0)
+    prompts = [data.prompt_ids(tok, [{"role": "system", "content": "You are a helpful assistant."},
+                                     {"role": "user", "content": " ".join(rng.choice(archs._WORDS) for _ in range(40))}])
+               for _ in range(64)]
+    assert sum(map(len, prompts)) * 4 > 4096 and min(map(len, prompts)) > 40
+    engine = VLLMEngine(d, device="cpu", dtype=torch.float32, max_model_len=256, seed=0,
+                        gpu_memory_utilization=0.05, enforce_eager=True)
+    groups = engine.generate(prompts, n=4, temperature=1.0, max_tokens=12, seed=3)
+    samples = [s for g in groups for s in g]
+    assert len(samples) == 256 and all(s.completion_ids for s in samples)
+    assert [s.prompt_ids for g in groups for s in g[:1]] == prompts
+    b = batch_mod.RolloutBatch.build(samples, "cpu")
+    assert b.sampler_gap(b.logprobs(model, 4096, 1.0)).item() < 1e-3
 
 
 def test_vllm_start_failures_say_which_setting_to_change():
