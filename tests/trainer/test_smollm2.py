@@ -176,7 +176,7 @@ def test_reward_model_and_dpo_on_conversational_pairs(smollm2, tmp_path):
     """Conversational preference pairs (the right sum chosen, a wrong one rejected). Reward model:
     a fresh value head scores every response 0, so the first step's loss is ln 2 exactly, and
     its held-out pairs are scored. DPO: the policy starts as its reference, so the first step's
-    loss is ln 2 and every implicit reward 0; after four steps on these pairs the margin is
+    loss is ln 2 and every implicit reward 0; after three steps on these pairs the margin is
     positive."""
     pairs = [{"prompt": p["prompt"], "chosen": [{"role": "assistant", "content": f"The answer is {p['answer']}."}],
               "rejected": [{"role": "assistant", "content": f"The answer is {int(p['answer']) + 3}."}]}
@@ -188,7 +188,7 @@ def test_reward_model_and_dpo_on_conversational_pairs(smollm2, tmp_path):
     rm = _rows(tmp_path / "rm")
     assert rm[0]["start/loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert rm[1]["loss/rm"] == pytest.approx(math.log(2), abs=1e-6) and "eval/accuracy" in rm[1]
-    cli.train("dpo", common + ["--output_dir", str(tmp_path / "dpo"), "--max_steps", "4", "--eval_every", "4",
+    cli.train("dpo", common + ["--output_dir", str(tmp_path / "dpo"), "--max_steps", "3", "--eval_every", "3",
                                "--lr", "2e-5"])
     dpo = _rows(tmp_path / "dpo")
     assert dpo[0]["loss/dpo"] == pytest.approx(math.log(2), abs=1e-5)
@@ -196,9 +196,9 @@ def test_reward_model_and_dpo_on_conversational_pairs(smollm2, tmp_path):
     assert dpo[-1]["rewards/margin"] > 0 and dpo[-1]["loss/dpo"] < math.log(2)
 
 
-def _grpo_args(model, tmp_path, out, *extra):
+def _grpo_args(model, tmp_path, out, *extra, heldout: int = 8):
     train = _write(tmp_path / "prompts.jsonl", chat_sums.prompts(64, "train"))
-    heldout = _write(tmp_path / "heldout.jsonl", chat_sums.prompts(48, "test"))
+    heldout = _write(tmp_path / f"heldout{heldout}.jsonl", chat_sums.prompts(heldout, "test"))
     return ["--model", model, "--data", str(train), "--eval_data", str(heldout), "--reward_fn", REWARD,
             "--output_dir", str(out), "--max_len", "160", "--max_new_tokens", "16", "--save_every", "0",
             "--enforce_eager", "true", "--gpu_memory_utilization", "0.05", "--lr", "1e-5", *extra]
@@ -213,7 +213,7 @@ def test_grpo_on_vllm_at_realistic_prompt_lengths_and_counts(smollm2, tmp_path):
     greedy and the sampled completions."""
     out = tmp_path / "grpo"
     cli.train("grpo", _grpo_args(smollm2, tmp_path, out, "--engine", "vllm", "--prompts_per_step", "8",
-                                 "--group_size", "4", "--steps", "2", "--eval_every", "2"))
+                                 "--group_size", "4", "--steps", "2", "--eval_every", "2", heldout=48))
     rows = _rows(out)
     assert [r["step"] for r in rows] == [0, 1, 2]
     for r in (rows[0], rows[2]):
@@ -225,18 +225,19 @@ def test_grpo_on_vllm_at_realistic_prompt_lengths_and_counts(smollm2, tmp_path):
 def test_grpo_hf_engine_ppo_and_lora_on_the_real_model(smollm2, tmp_path):
     """The other online paths, one step each: GRPO generating with transformers; PPO on vLLM (a
     critic from the policy, a KL penalty to it); GRPO with LoRA adapters on vLLM (the merged weights
-    pushed every step): the sampler's log-probs are the trainer's after each push, and LoRA's final/
-    is the merged model with the PEFT adapter beside it."""
+    pushed every step); PPO with LoRA on transformers generate: the sampler's log-probs are the
+    trainer's after each push, and LoRA's final/ is the merged model with the PEFT adapter beside it."""
     small = ["--prompts_per_step", "4", "--group_size", "2", "--steps", "1", "--eval_every", "1"]
     runs = {"hf": ("grpo", ["--engine", "hf"]), "ppo": ("ppo", ["--engine", "vllm"]),
-            "lora": ("grpo", ["--engine", "vllm", "--lora_r", "8"])}
+            "lora": ("grpo", ["--engine", "vllm", "--lora_r", "8"]),
+            "ppo_lora_hf": ("ppo", ["--engine", "hf", "--lora_r", "8"])}
     for name, (trainer, extra) in runs.items():
         out = tmp_path / name
         cli.train(trainer, _grpo_args(smollm2, tmp_path, out, *small, *extra))
         step = _rows(out)[1]
         assert 0 < step["rollout/logprob_diff_max"] <= 1e-3, name
         assert math.isfinite(step["grad_norm"]) and math.isfinite(step["loss/policy"]), name
-    assert "loss/value" in _rows(tmp_path / "ppo")[1]
+    assert "loss/value" in _rows(tmp_path / "ppo")[1] and "loss/value" in _rows(tmp_path / "ppo_lora_hf")[1]
     assert (tmp_path / "lora" / "final" / "adapter" / "adapter_config.json").exists()
     models.load_causal_lm(tmp_path / "lora" / "final")
 

@@ -287,3 +287,33 @@ def test_logprob_reward_head_is_beta_times_the_response_loglikelihood(base_dir, 
     (out / "config.json").write_text(json.dumps({**cfg, "reward_head": "pairwise"}))
     with pytest.raises(ValueError, match="config.json: reward_head 'pairwise'"):
         models.load_reward_model(out)
+
+
+def test_chat_sums_splits_are_disjoint_sums_and_the_verifier_reads_the_last_number():
+    """The real-model task: train and test prompts never share a question, each answer is the sum
+    its question asks for (read back from the text), and the reward is the last number's match."""
+    import re
+
+    from fastrlhf.tasks import chat_sums
+
+    train, test = chat_sums.prompts(300, "train"), chat_sums.prompts(60, "test")
+    questions = lambda rows: [r["prompt"][0]["content"] for r in rows]  # noqa: E731
+    assert len(set(questions(train))) == 300 and not set(questions(train)) & set(questions(test))
+    assert chat_sums.prompts(60, "test") == test  # deterministic
+    for r in train + test:
+        a, b = map(int, re.findall(r"\d+", r["prompt"][0]["content"])[:2])
+        assert r["answer"] == str(a + b)
+    # bare sums and word problems drawn alternately, until the 144 bare sums' training share runs out
+    assert 40 <= sum("How many" in q for q in questions(train)[:100]) <= 60
+    assert sum("How many" not in q for q in questions(train)) <= 144
+    with pytest.raises(ValueError, match="split 'dev'"):
+        chat_sums.prompts(1, "dev")
+    replies = ["3 + 5 = 8", "It is 8, not 9.", "1,008", "The answer is eight.", [{"role": "assistant", "content": "8"}]]
+    assert chat_sums.reward(None, replies, ["8", "8", "1008", "8", "8"]) == [1.0, 0.0, 1.0, 0.0, 1.0]
+    pairs = [{"prompt": json.dumps([{"role": "user", "content": "What is 3 + 5?"}]), "a": "7", "b": "so 8", "answer": "8"},
+             {"prompt": "What is 1 + 1?", "a": "2", "b": "2", "answer": "2"},
+             {"prompt": "What is 2 + 2?", "a": "4", "b": "5", "answer": "4"}]
+    prefs, dropped = chat_sums.label_pairs(pairs)
+    assert dropped == 1 and [(p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in prefs] == \
+        [("so 8", "7"), ("4", "5")]
+    assert prefs[0]["prompt"] == [{"role": "user", "content": "What is 3 + 5?"}] and prefs[1]["prompt"] == "What is 2 + 2?"
