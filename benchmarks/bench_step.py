@@ -135,8 +135,6 @@ def _packed_tokens(model, batch, *a, **k) -> int:
 
 
 def run_fastrlhf(engine: str, args, model_dir: str, data: tuple | None, out: Path) -> dict:
-    import torch
-
     from fastrlhf import cli, logs, models, optim
     from fastrlhf.algos import online
     from fastrlhf.rollout import hf as hf_engine
@@ -183,7 +181,6 @@ def run_fastrlhf(engine: str, args, model_dir: str, data: tuple | None, out: Pat
                        "--lr", "1e-5", "--gpu_memory_utilization", "0.1", "--is_cap", "2.0",
                        "--max_len", str(args.max_new_tokens + prompt_len), "--tokens_per_micro_batch", "4096",
                        *data_args])
-    del torch
     return {**phases.summary(), **sizes, "peak_mem_mb": _peak_mb()}
 
 

@@ -161,11 +161,6 @@ def draw_report(out: Path, summary: dict) -> Path:
     return path
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> Path:
-    files.write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 def _chat_engine(model_dir: str, policy, tok, max_len: int, fast: bool):
     from fastrlhf.rollout import make_engine
 
@@ -198,8 +193,8 @@ def chat_pairs(model_dir: str, prompts: list[dict], out: Path, max_new_tokens: i
         a, b = (right[0], wrong[0]) if right and wrong else (texts[0], texts[1])
         rows.append({"prompt": json.dumps(rec["prompt"]), "a": a, "b": b, "answer": rec["answer"]})
     prefs, dropped = chat_sums.label_pairs(rows)
-    _write_jsonl(out / "pairs.jsonl", rows)
-    _write_jsonl(out / "prefs.jsonl", prefs)
+    ar.write_jsonl(rows, out / "pairs.jsonl")
+    ar.write_jsonl(prefs, out / "prefs.jsonl")
     del engine, policy
     import gc
 
@@ -243,9 +238,9 @@ def chat_demo(args) -> dict:
     model = hub.resolve(args.model)  # a name or GGUF: converted once, before any stage
     fast = args.fast
     n_eval = 8 if fast else CHAT_EVAL_PROMPTS
-    train_path = _write_jsonl(out / "data" / "train.jsonl", chat_sums.prompts(64 if fast else CHAT_TRAIN_PROMPTS, "train"))
+    train_path = ar.write_jsonl(chat_sums.prompts(64 if fast else CHAT_TRAIN_PROMPTS, "train"), out / "data" / "train.jsonl")
     heldout = chat_sums.prompts(n_eval, "test")
-    heldout_path = _write_jsonl(out / "data" / "heldout.jsonl", heldout)
+    heldout_path = ar.write_jsonl(heldout, out / "data" / "heldout.jsonl")
     common = ["--device", args.device]
     times: dict = {}
     run_stage("chat-grpo", common + ["--model", model, "--data", str(train_path), "--eval_data", str(heldout_path),
