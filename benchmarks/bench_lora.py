@@ -8,7 +8,8 @@ Measured: a Qwen2-shaped model built from its config (by default hidden 384, 6 l
 path (models.load_trained: float32 masters; with --lora_r the base in the compute dtype and
 PEFT adapters on every decoder linear, fastrlhf.lora), one SFT optimiser step per repetition
 under the run's autocast (bf16 on CUDA): a packed micro-batch of --tokens tokens (sequences of
-128), fused log-probs, backward, AdamW. On CUDA the peak allocated GPU memory is reported too. Modes: full fine-tuning, LoRA r, LoRA r + the
+128), fused log-probs, backward, AdamW. On CUDA the peak allocated GPU memory is reported too. Modes:
+full fine-tuning, LoRA r, LoRA r + the
 output layer trained (--lora_train_head). Each mode runs in its own child process (its peak RSS
 is that mode's, torch's runtime included), the modes alternating over --rounds so that the step
 times are measured side by side; reported: trainable / total parameters, the training state
@@ -134,7 +135,8 @@ def serve(mode: str, model_dir: str, adapter: str, new_tokens: int) -> dict:
         outs = llm.generate(prompts, sp, lora_request=req, use_tqdm=False)
         times.append(time.perf_counter() - t0)
     n = sum(len(o.outputs[0].token_ids) for o in outs)
-    return {"mode": mode, "tokens": n, "gen_s": statistics.median(times[1:]), "tokens_per_s": n / statistics.median(times[1:])}
+    gen_s = statistics.median(times[1:])
+    return {"mode": mode, "tokens": n, "gen_s": gen_s, "tokens_per_s": n / gen_s}
 
 
 def measure_serving(args) -> list[dict]:
@@ -179,7 +181,7 @@ def measure(args) -> list[dict]:
                                                                 "tokens"))]
                 runs[mode].append(_child_json(cmd, mode))
     rows = []
-    for mode, rs in runs.items():
+    for rs in runs.values():
         row = {**rs[0], "step_s": statistics.median(t for r in rs for t in r["step_s"]),
                "peak_rss_mb": max(r["peak_rss_mb"] for r in rs)}
         row["state_mb"] = row["trained_mb"] + row["grads_mb"] + row["adam_mb"]
@@ -208,7 +210,7 @@ def table(r: int = 16) -> list[dict]:
     rows = []
     print(f"\nmodelled memory on one GPU, GB: full fine-tuning vs LoRA r={r} on every linear (bf16 base), "
           "(+ a colocated vLLM engine's bf16 weights)")
-    for name, (params, H, layers, inter, kv, V) in QWEN.items():
+    for name, (params, H, layers, inter, kv, _V) in QWEN.items():
         adapter = layers * r * ((H + H) * 2 + (H + kv) * 2 + (H + inter) * 2 + (inter + H))  # q o k v gate up down
         full, lora = 16 * params / 1e9, (2 * params + 16 * adapter) / 1e9
         vllm = 2 * params / 1e9

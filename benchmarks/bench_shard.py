@@ -55,7 +55,8 @@ def child(args) -> None:
     params = list(model.parameters())
     row = {"rank": dist.rank(), "params_mb": nbytes(params) / 2**20,
            "grads_mb": nbytes(p.grad for p in params if p.grad is not None) / 2**20,
-           "adam_mb": nbytes(v for st in opt.state.values() for k, v in st.items() if k in ("exp_avg", "exp_avg_sq")) / 2**20,
+           "adam_mb": nbytes(v for st in opt.state.values() for k, v in st.items()
+                             if k in ("exp_avg", "exp_avg_sq")) / 2**20,
            "peak_rss_mb": common._rss_kb("VmHWM") / 1024}
     rows = [None] * dist.world_size()
     if dist.world_size() > 1:
@@ -87,7 +88,8 @@ def measure(args) -> list[dict]:
         for row in json.loads(proc.stdout.strip().splitlines()[-1]):
             results.append({"ranks": n, **row})
     print(f"\ntraining state per rank, built-in Llama {args.model_size}, one SFT step, gloo on CPU")
-    print(f"  {'ranks':>5} {'rank':>4} {'params MB':>10} {'grads MB':>9} {'AdamW MB':>9} {'state MB':>9} {'peak RSS MB':>12}")
+    print(f"  {'ranks':>5} {'rank':>4} {'params MB':>10} {'grads MB':>9} {'AdamW MB':>9} {'state MB':>9} "
+          f"{'peak RSS MB':>12}")
     for r in results:
         state = r["params_mb"] + r["grads_mb"] + r["adam_mb"]
         print(f"  {r['ranks']:>5} {r['rank']:>4} {r['params_mb']:>10.2f} {r['grads_mb']:>9.2f} {r['adam_mb']:>9.2f} "
@@ -107,9 +109,11 @@ def table() -> list[dict]:
             state = 16 * params / n / 1e9
             in_flight = 2 * 2 * params / layers / 1e9  # two decoder layers, bf16, gathered
             vllm = 2 * params / 1e9
-            rows.append({"model": name, "ranks": n, "train_gb": state + in_flight, "with_vllm_gb": state + in_flight + vllm,
+            rows.append({"model": name, "ranks": n, "train_gb": state + in_flight,
+                         "with_vllm_gb": state + in_flight + vllm,
                          "with_vllm_tp_gb": state + in_flight + vllm / n})
-            cells.append(f"{state + in_flight:5.1f} ({state + in_flight + vllm:5.1f} | {state + in_flight + vllm / n:5.1f})")
+            train = state + in_flight
+            cells.append(f"{train:5.1f} ({train + vllm:5.1f} | {train + vllm / n:5.1f})")
         print(f"  {name:>6} " + " ".join(f"{c:>22}" for c in cells))
     return rows
 

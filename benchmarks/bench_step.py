@@ -211,7 +211,8 @@ def run_trl(args, model_dir: str, data: tuple | None, out: Path) -> dict:
                      gradient_checkpointing=False, use_vllm=False, use_cpu=not torch.cuda.is_available(),
                      bf16=torch.cuda.is_available(), logging_steps=1, report_to=[], save_strategy="no",
                      seed=0, dataloader_num_workers=0, disable_tqdm=True)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     tok = AutoTokenizer.from_pretrained(model_dir)
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=cfg, train_dataset=ds, processing_class=tok)
     phases = Phases()
@@ -275,7 +276,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     argv = sys.argv[1:] if argv is None else argv
     p = common.arg_parser(__doc__, ["grpo_step"], PROVIDERS, ["full"])
     p.add_argument("--model", "--model-size", dest="model", default="small", choices=["tiny", "small", "smollm2"],
-                   help="the built-in model at a size (random init, the built-in task) or smollm2 (the real model, chat sums)")
+                   help="the built-in model at a size (random init, the built-in task) "
+                        "or smollm2 (the real model, chat sums)")
     p.add_argument("--prompts", type=int, default=32)
     p.add_argument("--group", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=8)

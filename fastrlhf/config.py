@@ -261,7 +261,8 @@ class RolloutFields:
                                  "the sequence (TRL's sequence_* modes)")
     head_lr: float = arg(0.0, "learning rate of the policy's output layer (lm_head), as nanochat's unembedding_lr; "
                               "0: lr")
-    log_samples_every: int = arg(10, "write log_samples prompts, completions and rewards to samples.jsonl every k steps")
+    log_samples_every: int = arg(10, "write log_samples prompts, completions and rewards to samples.jsonl every "
+                                     "k steps")
     log_samples: int = arg(4, "samples per samples.jsonl write (0: none)")
     task_prompts: int = arg(4000, "built-in task: training prompts")
     task_eval_prompts: int = arg(200, "built-in task: held-out prompts")
@@ -303,7 +304,8 @@ RULES = {
     "lr": POSITIVE, "critic_lr": POSITIVE, "head_lr": NON_NEGATIVE, "weight_decay": NON_NEGATIVE,
     "grad_clip": POSITIVE, "warmup_steps": NON_NEGATIVE, "max_steps": NON_NEGATIVE, "save_every": NON_NEGATIVE,
     "epochs": _range(1), "eval_every": _range(1), "steps": _range(1), "prompts_per_step": _range(1),
-    "group_size": _range(1), "rollout_tp": _range(1), "ppo_epochs": _range(1), "minibatches": _range(1), "max_len": _range(2),
+    "group_size": _range(1), "rollout_tp": _range(1), "ppo_epochs": _range(1), "minibatches": _range(1),
+    "max_len": _range(2),
     "max_new_tokens": _range(1), "tokens_per_micro_batch": _range(1), "tokens_per_step": _range(1),
     "pairs_per_step": _range(1), "log_samples": NON_NEGATIVE, "log_samples_every": _range(1),
     "critic_warmup": NON_NEGATIVE, "kl_horizon": _range(1), "temperature": POSITIVE,
@@ -321,7 +323,8 @@ RULES = {
     "kl_kind": _choices("k1", "k2", "k3"), "surrogate": _choices("clip", "cispo", "sapo"),
     "sapo_tau_pos": POSITIVE, "sapo_tau_neg": POSITIVE,
     "ratio_level": _choices("token", "sequence"), "is_mode": _choices("truncate", "mask"),
-    "is_level": _choices("token", "sequence"), "is_floor": NON_NEGATIVE, "task_model_size": _choices("tiny", "small", "medium"),
+    "is_level": _choices("token", "sequence"), "is_floor": NON_NEGATIVE,
+    "task_model_size": _choices("tiny", "small", "medium"),
     "loss_agg": _choices("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"),
     "dtype": _choices("auto", *DTYPES), "resume": _choices("auto", "never", "must"),
     "device": lambda v: None if v == "auto" or re.fullmatch(r"cpu|cuda(:\d+)?", v) else "auto, cpu or cuda[:N]",

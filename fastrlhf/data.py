@@ -323,7 +323,8 @@ def conversation(tokenizer, messages: list[dict], train_from: int = 0) -> tuple[
     """(input_ids, labels) of a conversation rendered by the chat template, labels = the token
     on assistant turns at index >= train_from (what the template writes for the turn up to and
     including its first EOS, the end-of-turn token generation stops at) and IGNORE elsewhere
-    (system, user, tool turns, each assistant turn's header, what follows its EOS). Found by rendering each prefix of the conversation: the template
+    (system, user, tool turns, each assistant turn's header, what follows its EOS). Found by
+    rendering each prefix of the conversation: the template
     must render a conversation as a continuation of its shorter prefixes (ChatML, Llama 3,
     Mistral, Gemma and Phi-3 templates do; a template that rewrites earlier turns, e.g. drops
     their reasoning, is refused with the turn it changed)."""

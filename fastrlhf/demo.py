@@ -69,7 +69,8 @@ FAST = {
     "sft": {"task_model_size": "tiny", "task_examples": 300, "epochs": 1, "tokens_per_step": 128,
             "warmup_steps": 2, "eval_every": 1000, "task_eval_prompts": 16},
     "rm": {"task_pairs": 128, "task_eval_pairs": 32, "pairs_per_step": 32, "epochs": 1, "warmup_steps": 1},
-    "ppo": {"prompts_per_step": 8, "steps": 2, "critic_warmup": 1, "eval_every": 1, "task_prompts": 64, "task_eval_prompts": 16,
+    "ppo": {"prompts_per_step": 8, "steps": 2, "critic_warmup": 1, "eval_every": 1, "task_prompts": 64,
+            "task_eval_prompts": 16,
             "enforce_eager": True, "gpu_memory_utilization": 0.05},
     "dpo": {"task_pairs": 64, "task_eval_pairs": 16, "pairs_per_step": 16, "epochs": 1, "warmup_steps": 1,
             "task_eval_prompts": 16},
@@ -238,7 +239,8 @@ def chat_demo(args) -> dict:
     model = hub.resolve(args.model)  # a name or GGUF: converted once, before any stage
     fast = args.fast
     n_eval = 8 if fast else CHAT_EVAL_PROMPTS
-    train_path = ar.write_jsonl(chat_sums.prompts(64 if fast else CHAT_TRAIN_PROMPTS, "train"), out / "data" / "train.jsonl")
+    train_prompts = chat_sums.prompts(64 if fast else CHAT_TRAIN_PROMPTS, "train")
+    train_path = ar.write_jsonl(train_prompts, out / "data" / "train.jsonl")
     heldout = chat_sums.prompts(n_eval, "test")
     heldout_path = ar.write_jsonl(heldout, out / "data" / "heldout.jsonl")
     common = ["--device", args.device]

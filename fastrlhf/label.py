@@ -164,7 +164,8 @@ def load_pairs(path: str | Path) -> list[dict]:
                 raise data.DataError(f"{where}: missing field {key!r} (a pair needs prompt, a, b)")
             if not isinstance(rec[key], str):
                 raise data.DataError(f"{where}: field {key!r} must be a string, got {type(rec[key]).__name__}")
-        pid = str(rec.get("id") or hashlib.sha256(json.dumps([rec["prompt"], rec["a"], rec["b"]]).encode()).hexdigest()[:16])
+        content = json.dumps([rec["prompt"], rec["a"], rec["b"]]).encode()
+        pid = str(rec.get("id") or hashlib.sha256(content).hexdigest()[:16])
         if pid in seen:
             raise data.DataError(f"{where}: pair id {pid!r} was already used at {seen[pid]} (ids must be unique; "
                                  "drop the field to derive ids from the content)")
@@ -192,7 +193,8 @@ PAGE = """<!doctype html>
  pre { background: #1d2228; color: #e8eaed; padding: 10px; border-radius: 6px; overflow-x: auto; white-space: pre; }
  code { font-family: ui-monospace, monospace; font-size: 13px; }
  .buttons { display: flex; gap: 10px; justify-content: center; margin: 18px 0; }
- button { font-size: 15px; padding: 9px 18px; border-radius: 6px; border: 1px solid #9aa3ad; background: #fff; cursor: pointer; }
+ button { font-size: 15px; padding: 9px 18px; border-radius: 6px; border: 1px solid #9aa3ad; background: #fff;
+          cursor: pointer; }
  button.pick { background: #2857d6; color: #fff; border-color: #2857d6; }
  kbd { font-size: 11px; border: 1px solid #bbb; border-radius: 3px; padding: 0 4px; margin-left: 6px; }
  #status { text-align: center; color: #5b6470; min-height: 1.4em; }
@@ -276,7 +278,8 @@ async function choose(choice) {
   await next();
 }
 document.addEventListener('keydown', e => {
-  const k = {'1': 'a', 'ArrowLeft': 'a', '2': 'b', 'ArrowRight': 'b', '3': 'tie', 'ArrowDown': 'tie', '0': 'skip', 's': 'skip'}[e.key];
+  const k = {'1': 'a', 'ArrowLeft': 'a', '2': 'b', 'ArrowRight': 'b', '3': 'tie', 'ArrowDown': 'tie',
+             '0': 'skip', 's': 'skip'}[e.key];
   if (k) { e.preventDefault(); choose(k); }
 });
 next();
@@ -433,7 +436,8 @@ def make_server(store: Store, host: str = "127.0.0.1", port: int = 8000, token: 
             if self.path == "/api/next":
                 pair = store.next_pair()
                 return self._send(204) if pair is None else self._send(200, pair)
-            if not isinstance(body, dict) or not isinstance(body.get("id"), str) or not isinstance(body.get("choice"), str):
+            if not (isinstance(body, dict) and isinstance(body.get("id"), str)
+                    and isinstance(body.get("choice"), str)):
                 return self._send(400, {"error": "expected {\"id\": str, \"choice\": \"a\"|\"b\"|\"tie\"|\"skip\"}"})
             who = body.get("labeller", "")
             if not isinstance(who, str) or len(who) > 100:

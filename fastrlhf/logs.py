@@ -146,7 +146,8 @@ class MetricsLog:
             return
         frac = step / max(1, self.total)
         bar = "#" * int(20 * frac)
-        shown = {k: v for k, v in row.items() if k.startswith(("loss", "eval/", "reward/mean")) and isinstance(v, float)}
+        shown = {k: v for k, v in row.items()
+                 if k.startswith(("loss", "eval/", "reward/mean")) and isinstance(v, float)}
         text = " ".join(f"{k}={v:.4g}" for k, v in shown.items())
         end = "\r" if sys.stderr.isatty() and step != self.total else "\n"
         print(f"{self.desc} [{bar:<20}] {step}/{self.total} {time.time() - self.t0:.0f}s {text}",

@@ -242,7 +242,8 @@ def check_logprob_fidelity(model, path, *, tol: float = 1e-3) -> float:
         suspects = sorted(k for k, v in config.to_dict().items() if v not in (None, False) and any(
             w in k for w in ("softcap", "scal", "multiplier", "window", "logit", "sink")))
         raise ValueError(f"{path}: fastrlhf's log-probs for {type(model).__name__} differ from transformers' own "
-                         f"forward by {worst:.3g} nats (config fields that may be why: {', '.join(suspects) or 'none'}); "
+                         f"forward by {worst:.3g} nats (config fields that may be why: "
+                         f"{', '.join(suspects) or 'none'}); "
                          "refusing to train on wrong log-probs")
     return worst
 

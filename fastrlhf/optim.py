@@ -62,7 +62,9 @@ def _can_fuse(params) -> bool:
 def lr_metrics(opt) -> dict:
     """The learning rates a step used: lr (the body's), and lr/head when the output layer has its own."""
     out = {"lr": opt.param_groups[0]["lr"]}
-    out.update({"lr/head": g["lr"] for g in opt.param_groups if g.get("name") == "head"})
+    for g in opt.param_groups:
+        if g.get("name") == "head":
+            out["lr/head"] = g["lr"]
     return out
 
 

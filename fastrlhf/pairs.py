@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--prompts", required=True, help="prompts JSONL/parquet ({\"prompt\": ...})")
     p.add_argument("--out", required=True, help="PAIRS.jsonl for fastrlhf label")
     p.add_argument("--engine", default="auto", choices=["auto", "vllm", "hf"])
-    p.add_argument("--samples", type=int, default=4, help="responses drawn per prompt (the first two distinct are kept)")
+    p.add_argument("--samples", type=int, default=4,
+                   help="responses drawn per prompt (the first two distinct are kept)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)

@@ -188,7 +188,7 @@ def build_model(name: str, *, seed: int = 0, tokenizer=None, init_std: float = 0
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():  # biases and norms start at 0 / 1: give them random values too
-        for n, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 1:
                 p.add_(torch.randn_like(p) * init_std)
     return model

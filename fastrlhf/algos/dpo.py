@@ -33,7 +33,10 @@ from fastrlhf.task import Task
 class DPOConfig(config.PairFields, config.EpochFields, config.LoraFields, config.OptimFields, config.RunFields):
     """fastrlhf dpo: optimise the policy directly on preference pairs."""
 
-    data: str = config.override(config.RunFields, "data", help="preferences (prompt + chosen + rejected as strings or messages, TRL's implicit-prompt chosen + rejected, or a ranking): JSONL / JSON / parquet / datasets directory; empty: the built-in annotator's pairs")
+    data: str = config.override(config.RunFields, "data", help=(
+        "preferences (prompt + chosen + rejected as strings or messages, TRL's "
+        "implicit-prompt chosen + rejected, or a ranking): JSONL / JSON / parquet / datasets directory; empty: the "
+        "built-in annotator's pairs"))
     output_dir: str = config.override(config.RunFields, "output_dir", "runs/dpo")
     lr: float = config.override(config.OptimFields, "lr", 1e-6)
     loss_type: str = config.arg("sigmoid", "sigmoid (DPO) | robust | ipo | hinge | simpo")
@@ -41,7 +44,8 @@ class DPOConfig(config.PairFields, config.EpochFields, config.LoraFields, config
     label_smoothing: float = config.arg(0.0, "cDPO / rDPO label noise eps (sigmoid, robust, simpo)")
     gamma: float = config.arg(0.5, "SimPO target margin")
     precompute_ref: bool = config.arg(True, "reference log-probs once before training (else every step)")
-    log_samples: int = config.arg(4, "at each evaluation, greedy completions of this many held-out prompts into samples.jsonl (0: none)")
+    log_samples: int = config.arg(4, "at each evaluation, greedy completions of this many held-out prompts into "
+                                     "samples.jsonl (0: none)")
     task_eval_prompts: int = config.arg(200, "built-in task: held-out prompts for eval/accuracy")
 
     RULES = {"gamma": config._range()}  # SimPO's target margin: any finite number (not a discount)
@@ -97,7 +101,8 @@ def train(cfg: DPOConfig, task: Task) -> dict:
     train_ref = eval_ref = None  # [(chosen, rejected)] per pair when precomputed
     if ref is not None and cfg.precompute_ref:
         with prec.autocast():
-            train_ref, eval_ref = reference_logps(ref, train_pairs, cfg, device), reference_logps(ref, eval_tok, cfg, device)
+            train_ref = reference_logps(ref, train_pairs, cfg, device)
+            eval_ref = reference_logps(ref, eval_tok, cfg, device)
         ref = None  # the reference model is no longer needed: free it (LoRA: it was the policy, adapters off)
     accuracy = lambda prefix: {f"{prefix}/{k}": v for k, v in task.evaluate(policy, tokenizer, sampled=True).items()}  # noqa: E731
     indexed = list(range(len(train_pairs)))

@@ -54,7 +54,8 @@ class GRPOConfig(config.RolloutFields, config.LoraFields, config.OptimFields, co
     output_dir: str = config.override(config.RunFields, "output_dir", "runs/grpo")
     advantage: str = config.arg("grpo", "grpo | dr_grpo | rloo | reinforce_pp")
     gamma: float = config.arg(1.0, "discount (reinforce_pp)")
-    kl_coef: float = config.arg(0.0, "KL to the frozen reference: in the loss (grpo/dr_grpo/rloo) or the reward (reinforce_pp)")
+    kl_coef: float = config.arg(0.0, "KL to the frozen reference: in the loss (grpo/dr_grpo/rloo) or the reward "
+                                     "(reinforce_pp)")
     kl_kind: str = config.arg("k3", "KL estimator in the loss: k1 | k2 | k3")
     overlong_filter: bool = config.arg(False, "do not train on samples that hit max_new_tokens")
 

@@ -229,13 +229,15 @@ def check_processes(cfg) -> None:
     if dist.launched() and cfg.engine == "hf":
         raise ValueError("on several processes each rank generates with its own vLLM engine: engine=vllm (or auto)")
     if cfg.prompts_per_step < dist.launched_size():
-        raise ValueError(f"prompts_per_step={cfg.prompts_per_step}: fewer prompts than the {dist.launched_size()} ranks")
+        raise ValueError(f"prompts_per_step={cfg.prompts_per_step}: fewer prompts than the "
+                         f"{dist.launched_size()} ranks")
     tp, n = cfg.rollout_tp, dist.launched_size()
     if tp > 1 and (n == 1 or n % tp):
         where = "one process has no ranks to group" if n == 1 else f"the {n} ranks do not split into groups of {tp}"
         raise ValueError(f"rollout_tp={tp}: {where}; expected a divisor of torchrun's --nproc_per_node")
     if tp > 1 and cfg.engine != "vllm":
-        raise ValueError(f"rollout_tp={tp}: tensor-parallel generation is vLLM's; set engine=vllm (engine={cfg.engine})")
+        raise ValueError(f"rollout_tp={tp}: tensor-parallel generation is vLLM's; "
+                         f"set engine=vllm (engine={cfg.engine})")
 
 
 def step_prompts(prompts: list, cfg, step: int) -> list:
@@ -299,7 +301,8 @@ def evaluate(colocated, heldout: list[Prompt], tokenizer, max_new_tokens: int, s
                                 max_tokens=max_new_tokens, seed=0, indices=mine) \
             if with_answers or scorer is not None else None
     text = lambda s: tokenizer.decode(s.completion_ids, skip_special_tokens=True).strip()  # noqa: E731
-    counts = [0, 0, 0, 0, 0.0, 0, 0.0, 0]  # greedy hits, prompts, sampled hits, draws, reward sum, scored (greedy, sampled)
+    # greedy hits, prompts, sampled hits, draws, reward sum, scored (greedy, sampled)
+    counts = [0, 0, 0, 0, 0.0, 0, 0.0, 0]
     if with_answers:
         hits = [text(s) == p.record["answer"] for g, p in zip(drawn, prompts) for s in g]
         counts[:4] = [sum(text(g[0]) == p.record["answer"] for g, p in zip(groups, prompts)), len(prompts),

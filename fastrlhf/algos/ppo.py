@@ -53,7 +53,8 @@ class PPOConfig(config.RolloutFields, config.LoraFields, config.OptimFields, con
     group_size: int = config.override(config.RolloutFields, "group_size", 1)
     ppo_epochs: int = config.override(config.RolloutFields, "ppo_epochs", 2)
     minibatches: int = config.override(config.RolloutFields, "minibatches", 2)
-    token_rewards: bool = config.arg(False, "logprob reward model: each completion token's beta * log p is its own reward (a process reward), not their sum at the last token")
+    token_rewards: bool = config.arg(False, "logprob reward model: each completion token's beta * log p is its own "
+                                            "reward (a process reward), not their sum at the last token")
     critic: str = config.arg("", "critic initialisation; empty: the reward model, else the policy with a zero head")
     gamma: float = config.arg(1.0, "discount")
     lam: float = config.arg(0.95, "GAE lambda")
@@ -62,7 +63,8 @@ class PPOConfig(config.RolloutFields, config.LoraFields, config.OptimFields, con
     kl_target: float = config.arg(0.0, "adaptive beta towards this KL per sample (0: fixed beta)")
     kl_horizon: int = config.arg(10000, "adaptive KL controller horizon in samples")
     critic_lr: float = config.arg(1e-5, "critic learning rate")
-    critic_warmup: int = config.arg(0, "first steps train only the critic, so the policy's first update has informed advantages")
+    critic_warmup: int = config.arg(0, "first steps train only the critic, so the policy's first update has "
+                                       "informed advantages")
 
 
 def adapt_kl(beta: float, kl: float, cfg: PPOConfig, n: int) -> float:

@@ -37,9 +37,13 @@ from fastrlhf.task import Task
 class RMConfig(config.PairFields, config.EpochFields, config.LoraFields, config.OptimFields, config.RunFields):
     """fastrlhf rm: train a reward model on preference pairs (Bradley-Terry)."""
 
-    data: str = config.override(config.RunFields, "data", help="preferences (prompt + chosen + rejected as strings or messages, TRL's implicit-prompt chosen + rejected, or a ranking of responses): JSONL / JSON / parquet / datasets directory; empty: the built-in annotator's pairs")
+    data: str = config.override(config.RunFields, "data", help=(
+        "preferences (prompt + chosen + rejected as strings or messages, TRL's "
+        "implicit-prompt chosen + rejected, or a ranking of responses): JSONL / JSON / parquet / datasets directory; "
+        "empty: the built-in annotator's pairs"))
     output_dir: str = config.override(config.RunFields, "output_dir", "runs/rm")
-    head: str = config.arg("value", "value (scalar head at the last token) | logprob (beta * the response's log-likelihood)")
+    head: str = config.arg("value", "value (scalar head at the last token) | logprob (beta * the response's "
+                                    "log-likelihood)")
     beta: float = config.arg(1.0, "logprob head: the reward is beta * log p(response | prompt)")
 
 

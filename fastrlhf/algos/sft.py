@@ -30,14 +30,20 @@ from fastrlhf.task import Task
 class SFTConfig(config.EpochFields, config.LoraFields, config.OptimFields, config.RunFields):
     """fastrlhf sft: supervised fine-tuning on demonstrations."""
 
-    data: str = config.override(config.RunFields, "data", help="SFT data (prompt + response or completion, messages, or text): JSONL / JSON / parquet / datasets directory; empty: the built-in task's demonstrations")
-    eval_data: str = config.override(config.RunFields, "eval_data", help="held-out SFT data for eval/loss; empty: split 5% off")
+    data: str = config.override(config.RunFields, "data", help=(
+        "SFT data (prompt + response or completion, messages, or text): JSONL / JSON / "
+        "parquet / datasets directory; empty: the built-in task's demonstrations"))
+    eval_data: str = config.override(config.RunFields, "eval_data",
+                                     help="held-out SFT data for eval/loss; empty: split 5% off")
     output_dir: str = config.override(config.RunFields, "output_dir", "runs/sft")
     epochs: int = config.override(config.EpochFields, "epochs", 2)
     lr: float = config.override(config.OptimFields, "lr", 2e-5)
-    disable_dropout: bool = config.override(config.RunFields, "disable_dropout", False, help="set every dropout of the model to 0 (SFT keeps the model's own, as TRL)")
+    disable_dropout: bool = config.override(config.RunFields, "disable_dropout", False,
+                                            help="set every dropout of the model to 0 (SFT keeps the model's own, "
+                                                 "as TRL)")
     tokens_per_step: int = config.arg(8192, "response tokens per optimiser step (gradient accumulation)")
-    log_samples: int = config.arg(4, "at each evaluation, greedy completions of this many held-out prompts into samples.jsonl (0: none)")
+    log_samples: int = config.arg(4, "at each evaluation, greedy completions of this many held-out prompts into "
+                                     "samples.jsonl (0: none)")
     task_model_size: str = config.arg("small", "built-in model when --model is empty: tiny | small | medium")
     task_examples: int = config.arg(4000, "built-in task: demonstrations to generate")
     task_error_rate: float = config.arg(0.15, "built-in task: share of wrong demonstrations")

@@ -91,7 +91,8 @@ def update(cfg, batch: RolloutBatch, policy, opt, sched, prec, counters: dict, m
                 lp, ent = models.token_logprobs(policy, mb.inputs, temperature=cfg.temperature, return_entropy=True)
                 lp, ent = mb.rows(lp), mb.rows(ent)  # (b, T_mb)
                 if exact and mb.T:
-                    metrics.maximum("rollout/logprob_diff_max", torch.where(mask, (sampler - lp.detach()).abs(), 0.0).max())
+                    diff = torch.where(mask, (sampler - lp.detach()).abs(), 0.0)
+                    metrics.maximum("rollout/logprob_diff_max", diff.max())
                 old = lp.detach() if exact else mb.view(batch.old)
                 is_w = None
                 if cfg.is_cap > 0:

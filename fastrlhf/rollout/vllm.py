@@ -3,7 +3,8 @@
 The call sequence (driven by rollout.colocate.Colocated): start once with sleep mode on CUDA,
 then every phase  wake_up(["weights"]) -> push the policy's weights in place with
 collective_rpc("reload_weights") -> wake_up(["kv_cache"]) -> reset_prefix_cache() (at the first
-generate after a push) -> generate -> sleep(). The push never reloads from disk: vLLM's own weight loaders copy the tensors into
+generate after a push) -> generate -> sleep(). The push never reloads from disk: vLLM's own weight
+loaders copy the tensors into
 its (possibly fused, e.g. qkv / gate_up) parameters. On CPU sleep mode does not exist and
 sleep/wake are skipped; everything else runs as on a GPU.
 """
