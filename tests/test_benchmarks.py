@@ -21,6 +21,7 @@ def _rows(path):
         return list(reader)
 
 
+@pytest.mark.slow
 def test_bench_logprob_writes_csv_and_plot(results, capsys):
     rows = bench_logprob.main(["--sizes", "64,32,512", "--providers", "fastrlhf-torch,torch-eager",
                                "--reps", "1"])
@@ -36,6 +37,7 @@ def test_bench_logprob_writes_csv_and_plot(results, capsys):
                                                                          "logprob_from_logits.png"}
 
 
+@pytest.mark.slow
 def test_bench_losses_runs_every_op(results):
     rows = bench_losses.main(["--tokens", "2048", "--providers", "torch-eager", "--reps", "1",
                               "--no-save"])
@@ -83,6 +85,7 @@ def test_shard_memory_model_by_hand():
 
 
 @pytest.mark.slow
+@pytest.mark.distributed
 def test_shard_benchmark_halves_the_state_on_two_ranks():
     from benchmarks import bench_shard
 

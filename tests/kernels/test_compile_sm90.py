@@ -14,6 +14,9 @@ from pathlib import Path
 
 import pytest
 
+# one compile of every kernel for sm_90 (a subprocess, ~20 s on 2 cores), shared by the three tests
+pytestmark = pytest.mark.slow
+
 HERE = Path(__file__).parent
 SHARED_LIMIT = 227 * 1024
 

@@ -138,7 +138,7 @@ def test_every_op_is_registered_and_called():
         "linear_logprob", "linear_logprob_backward", "logprob_from_logits", "logprob_from_logits_backward"}
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", [pytest.param(i, marks=pytest.mark.slow) if i == "triton" else i for i in IMPLS])
 def test_opcheck_every_call(impl):
     """torch.library.opcheck on each recorded call: schema, fake vs real metadata, autograd
     registration, AOT dispatch with dynamic shapes. A forward op's differentiable inputs keep

@@ -16,6 +16,8 @@ import torch
 
 from fastrlhf import models
 
+pytestmark = pytest.mark.distributed
+
 SFT = ["sft", "--task_model_size", "tiny", "--task_examples", "96", "--tokens_per_step", "96", "--epochs", "1",
        "--max_len", "64", "--tokens_per_micro_batch", "48", "--eval_every", "3", "--task_eval_prompts", "8",
        "--log_samples", "1", "--lr", "1e-3", "--warmup_steps", "1", "--device", "cpu"]
@@ -31,7 +33,8 @@ def _run(args: list[str], nproc: int = 1, timeout: int = 300) -> subprocess.Comp
     env = {**os.environ, "OMP_NUM_THREADS": "1", "FASTRLHF_KERNEL_IMPL": "torch", "PYTHONWARNINGS": "ignore"}
     env.pop("TRITON_INTERPRET", None)
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
-              "127.0.0.1", "--master_port", str(_port()), "-m", "fastrlhf"] if nproc > 1 else [sys.executable, "-m", "fastrlhf"]
+              "127.0.0.1", "--master_port", str(_port()), "-m", "fastrlhf"] if nproc > 1 else [sys.executable, "-m",
+                                                                                               "fastrlhf"]
     return subprocess.run(launch + args, capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -205,10 +208,12 @@ PAIRS = ["--task_pairs", "45", "--task_eval_pairs", "13", "--pairs_per_step", "1
 @pytest.mark.slow
 @pytest.mark.parametrize("args", [["rm", "--head", "value"], ["rm", "--head", "logprob"],
                                   ["dpo", "--task_eval_prompts", "4", "--log_samples", "1"],
-                                  ["dpo", "--precompute_ref", "false", "--loss_type", "ipo", "--task_eval_prompts", "0"],
+                                  ["dpo", "--precompute_ref", "false", "--loss_type", "ipo", "--task_eval_prompts",
+                                   "0"],
                                   ["dpo", "--precompute_ref", "false", "--lora_r", "8", "--task_eval_prompts", "0"],
                                   ["rm", "--head", "value", "--lora_r", "8"]],
-                         ids=["rm-value", "rm-logprob", "dpo", "dpo-ipo-live-ref", "dpo-lora-adapters-off-ref", "rm-lora"])
+                         ids=["rm-value", "rm-logprob", "dpo", "dpo-ipo-live-ref", "dpo-lora-adapters-off-ref",
+                              "rm-lora"])
 def test_pair_trainers_on_two_ranks_train_the_one_process_batch(args, tmp_path):
     """15 pairs a step over 2 ranks (8 and 7, packed into different numbers of micro-batches):
     each rank scores its share, the scores are gathered, and the loss, the pairwise metrics and
@@ -322,6 +327,7 @@ GRPO = ["grpo", "--task_prompts", "64", "--task_eval_prompts", "7", "--prompts_p
                                    ["--advantage", "grpo", "--lora_r", "8", "--lora_train_head", "true",
                                     "--kl_coef", "0.1", "--ppo_epochs", "2", "--lr", "1e-2"]],
                          ids=["grpo", "reinforce_pp", "grpo-lora-kl"])
+@pytest.mark.vllm
 def test_grpo_on_two_ranks_with_an_engine_each_trains_the_one_process_batch(extra, tmp_path):
     """5 prompts x 4 samples a step over 2 ranks (3 and 2 prompts, whole groups), each rank with
     its own in-process vLLM engine fed the gathered weights after every step and sampling its
@@ -360,15 +366,17 @@ def test_grpo_on_two_ranks_with_an_engine_each_trains_the_one_process_batch(extr
             assert b.get("rollout/logprob_diff_max", 0.0) <= 1e-3
 
 
+@pytest.mark.vllm
 @pytest.mark.slow
 def test_ppo_on_two_ranks_with_an_engine_each_trains_the_one_process_batch(tmp_path):
     """PPO with its critic (sharded too, initialised from the policy) and the KL-penalised rewards,
     GAE whitened over both ranks' tokens, the critic warmed up for a step, then a second run
     resumes from the two-rank checkpoint: every logged number is the one-process run's."""
     pytest.importorskip("vllm")
-    args = [a if a != "grpo" else "ppo" for a in GRPO] + ["--group_size", "1", "--ppo_epochs", "1", "--minibatches", "1",
-                                                           "--critic_warmup", "1", "--critic_lr", "1e-3",
-                                                           "--kl_coef", "0.1", "--save_every", "2"]
+    args = [a if a != "grpo" else "ppo" for a in GRPO] + ["--group_size", "1", "--ppo_epochs", "1",
+                                                          "--minibatches", "1", "--critic_warmup", "1",
+                                                          "--critic_lr", "1e-3", "--kl_coef", "0.1",
+                                                          "--save_every", "2"]
     rows = {}
     for n in (1, 2):
         proc = _run(args + ["--output_dir", str(tmp_path / f"n{n}")], nproc=n, timeout=600)
@@ -409,6 +417,7 @@ def test_ppo_on_two_ranks_with_an_engine_each_trains_the_one_process_batch(tmp_p
                 assert b[key] == pytest.approx(value, rel=1e-5, abs=1e-7), (a["step"], key)
 
 
+@pytest.mark.vllm
 @pytest.mark.slow
 def test_online_trainers_refuse_what_cannot_run_sharded():
     proc = _run(["grpo", "--device", "cpu", "--engine", "hf"], nproc=2, timeout=120)

@@ -46,17 +46,20 @@ def test_settings_are_refused_before_anything_is_written(flag, message, tmp_path
 
 def test_every_trainer_validates_its_fields(tmp_path, capsys):
     for command, flag, message in (("rm", ["--beta", "0"], "beta=0.0: expected > 0"),
-                                   ("dpo", ["--label_smoothing", "0.5"], "label_smoothing=0.5: expected >= 0 and < 0.5"),
+                                   ("dpo", ["--label_smoothing", "0.5"],
+                                    "label_smoothing=0.5: expected >= 0 and < 0.5"),
                                    ("grpo", ["--top_p", "0"], "top_p=0.0: expected > 0 and <= 1"),
                                    ("ppo", ["--lam", "1.5"], "lam=1.5: expected >= 0 and <= 1"),
-                                   ("grpo", ["--dual_clip", "0.5"], "dual_clip=0.5: expected 0 (off) or a finite number > 1")):
+                                   ("grpo", ["--dual_clip", "0.5"],
+                                    "dual_clip=0.5: expected 0 (off) or a finite number > 1")):
         assert cli.main([command, "--output-dir", str(tmp_path / command), *flag]) == 2
         assert message in capsys.readouterr().err, (command, flag)
 
 
 def _checkpointed_run(tmp_path, name="a", steps=4):
     out = tmp_path / name
-    cli.train("sft", TINY + ["--output_dir", str(out), "--max_steps", str(steps), "--save_every", "2", "--eval_every", "100"])
+    cli.train("sft", TINY + ["--output_dir", str(out), "--max_steps", str(steps), "--save_every", "2", "--eval_every",
+                             "100"])
     return out
 
 
@@ -85,7 +88,8 @@ def test_a_run_whose_steps_are_all_skipped_stops_without_final(tmp_path, monkeyp
     assert "every one of the 3 optimiser steps was skipped" in capsys.readouterr().err
     assert not (out / "final").exists()
     monkeypatch.setattr(optim, "MAX_SKIPPED_IN_A_ROW", 2)  # a long run stops as soon as it is hopeless
-    assert cli.main(["sft", *TINY, "--output-dir", str(tmp_path / "n2"), "--max_steps", "50", "--eval_every", "100"]) == 2
+    assert cli.main(["sft", *TINY, "--output-dir", str(tmp_path / "n2"), "--max_steps", "50", "--eval_every",
+                     "100"]) == 2
     assert "2 optimiser steps in a row had a non-finite loss" in capsys.readouterr().err
 
 
@@ -99,7 +103,8 @@ def test_a_damaged_checkpoint_is_set_aside_and_the_previous_one_resumed(damage, 
     shutil.copy(full / "metrics.jsonl", out / "metrics.jsonl")
     victim = out / "checkpoints" / "step-4" / ("model.safetensors" if damage == "weights" else "trainer_state.pt")
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
-    assert checkpoints.damaged(out / "checkpoints" / "step-4") and checkpoints.damaged(out / "checkpoints" / "step-2") is None
+    assert checkpoints.damaged(out / "checkpoints" / "step-4")
+    assert checkpoints.damaged(out / "checkpoints" / "step-2") is None
     cli.train("sft", TINY + ["--output_dir", str(out), "--max_steps", "6", "--save_every", "2", "--eval_every", "100"])
     assert "step-4 is damaged" in capsys.readouterr().err
     assert (out / "checkpoints" / "step-4.damaged").exists()
@@ -245,7 +250,8 @@ def test_the_demo_says_before_it_starts_when_it_cannot_draw(tmp_path, monkeypatc
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
-    monkeypatch.setattr(demo, "run_stage", lambda *a, **k: (_ for _ in ()).throw(SystemExit("stopped at the first stage")))
+    monkeypatch.setattr(demo, "run_stage", lambda *a,
+                        **k: (_ for _ in ()).throw(SystemExit("stopped at the first stage")))
     with pytest.raises(SystemExit, match="stopped at the first stage"):
         demo.main(["--output-dir", str(tmp_path / "d"), "--fast"])
     assert "matplotlib is not installed" in capsys.readouterr().err

@@ -121,7 +121,8 @@ def test_saved_adapter_and_merged_final_reload_to_the_trainers_logprobs(dirs, tm
             assert (models.token_logprobs(loaded, mb) - want).abs().max() <= 1e-5
     # an adapter directory wherever a model directory goes (a frozen reference, `fastrlhf pairs`): merged on load
     with torch.no_grad():
-        assert (models.token_logprobs(models.load_causal_lm(tmp_path / "final" / "adapter"), mb) - want).abs().max() <= 1e-5
+        assert (models.token_logprobs(models.load_causal_lm(tmp_path / "final" / "adapter"),
+                                      mb) - want).abs().max() <= 1e-5
     # an adapter directory as --model: the run starts from its base with the adapter merged in
     start = models.start_dir(str(tmp_path / "final" / "adapter"), tmp_path / "run")
     assert start == str(tmp_path / "run" / "base")
@@ -132,7 +133,8 @@ def test_saved_adapter_and_merged_final_reload_to_the_trainers_logprobs(dirs, tm
 def test_the_trainable_parameters_are_the_adapters(dirs):
     model = models.load_trained(dirs["toy"], _cfg(), torch.device("cpu"))
     c = model.config
-    H, I, kv = c.hidden_size, c.intermediate_size, c.num_key_value_heads * c.hidden_size // c.num_attention_heads
+    kv = c.num_key_value_heads * c.hidden_size // c.num_attention_heads
+    H, I = c.hidden_size, c.intermediate_size  # noqa: E741 (the config's names)
     per_layer = 4 * ((H + H) + (H + kv) + (H + kv) + (H + H)) + 4 * ((H + I) + (H + I) + (I + H))  # r (in + out)
     n = lora.counts(model)
     assert n["params/trainable"] == c.num_hidden_layers * per_layer
@@ -229,9 +231,9 @@ def test_lora_dpo_starts_at_ln2_and_its_per_step_reference_is_the_base(tmp_path,
     for pre in ("true", "false"):
         out = tmp_path / pre
         cli.train("dpo", ["--model", str(dirs["toy"]), "--output_dir", str(out), "--task_pairs", "96",
-                          "--task_eval_pairs", "16", "--pairs_per_step", "32", "--max_steps", "3", "--warmup_steps", "1",
-                          "--lr", "1e-2", "--eval_every", "3", "--task_eval_prompts", "8", "--device", "cpu",
-                          "--lora_r", "8", "--precompute_ref", pre, *TOY])
+                          "--task_eval_pairs", "16", "--pairs_per_step", "32", "--max_steps", "3",
+                          "--warmup_steps", "1", "--lr", "1e-2", "--eval_every", "3", "--task_eval_prompts", "8",
+                          "--device", "cpu", "--lora_r", "8", "--precompute_ref", pre, *TOY])
         runs[pre] = _metrics(out)
     assert runs["true"][0]["loss/dpo"] == pytest.approx(math.log(2), rel=1e-5)
     assert runs["true"][-1]["loss/dpo"] < math.log(2) - 0.01  # it moved away from its reference
@@ -277,6 +279,7 @@ def test_lora_ppo_trains_policy_and_critic_adapters(tmp_path, dirs):
     assert critic.score.weight.abs().sum() > 0 and (out / "critic" / "adapter").is_dir()
 
 
+@pytest.mark.vllm
 @pytest.mark.slow
 def test_lora_grpo_on_vllm_after_lora_sft_of_a_tied_real_model(tmp_path, dirs):
     """LoRA SFT of a tied Qwen2 with its output layer (= embedding) trained; GRPO with new

@@ -157,7 +157,11 @@ def test_evaluate_reports_greedy_and_sampled_accuracy(tiny):
     assert res["eval/sample_accuracy"] == 3 / 8  # 2 of 4 right on the first, 1 of 4 on the second
     assert engine.calls == [(1, 0.0), (ar.EVAL_SAMPLES, 1.0)]
     # with a scorer: the greedy completions' mean score, and the draws' (prompts without answers too)
-    length = lambda samples, prompts, counters: [setattr(s, "reward", float(len(s.completion_ids))) for s in samples]  # noqa: E731
+
+    def length(samples, prompts, counters):
+        for s in samples:
+            s.reward = float(len(s.completion_ids))
+
     res = online.evaluate(Colocated(_ScriptedEngine(tok), model), heldout, tok, max_new_tokens=4, scorer=length)
     assert res["eval/reward"] == 3  # greedy "12" + EOS on both prompts
     assert res["eval/sample_reward"] == (3 + 3 + 3 + 1) / 4  # "12", "12", "13" (+ EOS) and "" (EOS alone)
@@ -252,7 +256,8 @@ def test_group_advantage_estimators():
     b = batch_mod.RolloutBatch.build(samples, "cpu")
     a = lambda kind: grpo.advantages(grpo.GRPOConfig(advantage=kind, group_size=4), b)[:, 0].tolist()  # noqa: E731
     std = math.sqrt(0.25)  # unbiased std of [1, 0, 0, 0]: sqrt(0.75 / 3)
-    assert a("grpo") == pytest.approx([0.75 / (std + 1e-6), -0.25 / (std + 1e-6)] + [-0.25 / (std + 1e-6)] * 2, rel=1e-5)
+    assert a("grpo") == pytest.approx([0.75 / (std + 1e-6), -0.25 / (std + 1e-6)] + [-0.25 / (std + 1e-6)] * 2,
+                                      rel=1e-5)
     assert a("dr_grpo") == pytest.approx([0.75, -0.25, -0.25, -0.25])
     assert a("rloo") == pytest.approx([1.0, -1 / 3, -1 / 3, -1 / 3])
 
@@ -300,6 +305,7 @@ def test_hf_engine_logprobs_match_the_trainer(tiny):
     assert b.sampler_gap(b.logprobs(model, 256, 0.7)).item() < 1e-4
 
 
+@pytest.mark.vllm
 def test_vllm_engine_push_and_logprobs(tiny, tmp_path):
     pytest.importorskip("vllm")
     from fastrlhf.rollout.vllm import VLLMEngine
@@ -324,6 +330,7 @@ def test_vllm_engine_push_and_logprobs(tiny, tmp_path):
     assert [s.completion_ids for g in before for s in g] != [s.completion_ids for s in samples]
 
 
+@pytest.mark.vllm
 def test_vllm_generates_more_prompt_tokens_than_a_scheduler_step_holds(tmp_path, monkeypatch):
     """Realistic prompt lengths and request counts: 64 chat prompts of ~70 tokens x 4 samples is 18k
     prompt tokens, over the CPU backend's 4096-token step budget. With chunked prefill (vLLM's
@@ -340,7 +347,8 @@ def test_vllm_generates_more_prompt_tokens_than_a_scheduler_step_holds(tmp_path,
     tok, model = models.load_tokenizer(d), models.load_causal_lm(d)
     rng = random.Random(0)
     prompts = [data.prompt_ids(tok, [{"role": "system", "content": "You are a helpful assistant."},
-                                     {"role": "user", "content": " ".join(rng.choice(archs._WORDS) for _ in range(40))}])
+                                     {"role": "user",
+                                      "content": " ".join(rng.choice(archs._WORDS) for _ in range(40))}])
                for _ in range(64)]
     assert sum(map(len, prompts)) * 4 > 4096 and min(map(len, prompts)) > 40
     engine = VLLMEngine(d, device="cpu", dtype=torch.float32, max_model_len=256, seed=0,

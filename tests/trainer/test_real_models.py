@@ -200,6 +200,7 @@ def batched_reward(prompts, completions, completion_ids, **kwargs):
     return [len(ids) / 16 for ids in completion_ids]
 
 
+@pytest.mark.vllm
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [a for a in archs.ARCHS if a != "phi"])
 def test_grpo_on_vllm_after_sft_on_chat_data(name, arch_dirs, tmp_path):
@@ -225,6 +226,7 @@ def test_grpo_on_vllm_after_sft_on_chat_data(name, arch_dirs, tmp_path):
     gc.collect()  # the engine goes before the next one starts
 
 
+@pytest.mark.vllm
 def test_phi_generates_with_transformers_when_vllm_would_patch_its_classes(arch_dirs, tmp_path, capsys):
     """vLLM 0.32 has no Phi of its own: its Transformers backend would patch transformers'
     PhiModel in this process. engine=auto falls back to transformers generate and says why;
@@ -254,7 +256,8 @@ def test_dropout_is_off_in_rl_so_sampler_and_trainer_agree(arch_dirs, tmp_path):
     for flag in ("true", "false"):
         out = tmp_path / flag
         cli.train("grpo", common + ["--output_dir", str(out), "--disable_dropout", flag])
-        diff[flag] = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][1]["rollout/logprob_diff_max"]
+        step = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][1]
+        diff[flag] = step["rollout/logprob_diff_max"]
     assert diff["true"] < 1e-4 and diff["false"] > 0.05, diff
 
 
@@ -265,7 +268,8 @@ def test_a_tokenizer_without_a_pad_token_pads_with_eos(tmp_path):
     assert tok.pad_token == tok.eos_token
     from fastrlhf.rollout.hf import HFEngine
 
-    groups = HFEngine(models.load_causal_lm(d), tok).generate([tok("Hi")["input_ids"], tok("What is 1+1?")["input_ids"]],
+    groups = HFEngine(models.load_causal_lm(d), tok).generate([tok("Hi")["input_ids"],
+                                                               tok("What is 1+1?")["input_ids"]],
                                                                n=2, temperature=1.0, max_tokens=4, seed=0)
     assert [len(g) for g in groups] == [2, 2]
 

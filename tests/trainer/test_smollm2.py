@@ -22,6 +22,8 @@ import torch
 from fastrlhf import cli, data, hub, models
 from fastrlhf.tasks import chat_sums
 
+# every SmolLM2 test is in this file: `make test` (xdist --dist loadfile) runs them on one worker, one
+# at a time, so the suite's peak memory is that of one of them
 pytestmark = pytest.mark.real_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -105,8 +107,9 @@ def test_fused_logprobs_equal_float64_on_real_weights_and_chat_text(smollm2):
     float64 forward. Measured: 3.4e-5 nats (transformers' own float32 forward: 2.8e-5)."""
     model, tok = models.load_causal_lm(smollm2), models.load_tokenizer(smollm2)
     convs = [[{"role": "user", "content": "Write a short poem about the sea, in four lines."},
-              {"role": "assistant", "content": "The sea is wide, the sky is blue,\nThe waves roll in, the clouds pass "
-                                               "through.\nThe gulls cry out above the foam,\nAnd every tide comes home."}],
+              {"role": "assistant", "content": "The sea is wide, the sky is blue,\nThe waves roll in, the clouds "
+                                               "pass through.\nThe gulls cry out above the foam,\nAnd every tide "
+                                               "comes home."}],
              [chat_sums.prompts(2, "test")[1]["prompt"][0], {"role": "assistant", "content": "She has 13 books now."}],
              [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name three colours."},
               {"role": "assistant", "content": "Red, blue and yellow."}],
@@ -161,7 +164,7 @@ def test_sft_on_messages_completions_and_text_without_eval_data(smollm2, tmp_pat
                       "--lr", "1e-5", "--warmup_steps", "0"])
     row = _rows(out)[0]
     nll, count = 0.0, 0
-    for (ids, labels), ref in zip(seqs, _float64_logprobs(smollm2, [ids for ids, _ in seqs])):
+    for (_, labels), ref in zip(seqs, _float64_logprobs(smollm2, [ids for ids, _ in seqs])):
         keep = torch.tensor(labels[1:]) != data.IGNORE
         nll -= ref[keep].sum().item()
         count += int(keep.sum())
@@ -192,56 +195,66 @@ def test_reward_model_and_dpo_on_conversational_pairs(smollm2, tmp_path):
                                "--lr", "2e-5"])
     dpo = _rows(tmp_path / "dpo")
     assert dpo[0]["loss/dpo"] == pytest.approx(math.log(2), abs=1e-5)
-    assert dpo[0]["rewards/chosen"] == pytest.approx(0, abs=1e-5) and dpo[0]["rewards/margin"] == pytest.approx(0, abs=1e-5)
+    assert dpo[0]["rewards/chosen"] == pytest.approx(0, abs=1e-5)
+    assert dpo[0]["rewards/margin"] == pytest.approx(0, abs=1e-5)
     assert dpo[-1]["rewards/margin"] > 0 and dpo[-1]["loss/dpo"] < math.log(2)
 
 
-def _grpo_args(model, tmp_path, out, *extra, heldout: int = 8):
+def _grpo_args(model, tmp_path, out, *extra, heldout: int = 8, max_new: int = 16):
     train = _write(tmp_path / "prompts.jsonl", chat_sums.prompts(64, "train"))
     heldout = _write(tmp_path / f"heldout{heldout}.jsonl", chat_sums.prompts(heldout, "test"))
     return ["--model", model, "--data", str(train), "--eval_data", str(heldout), "--reward_fn", REWARD,
-            "--output_dir", str(out), "--max_len", "160", "--max_new_tokens", "16", "--save_every", "0",
+            "--output_dir", str(out), "--max_len", "160", "--max_new_tokens", str(max_new), "--save_every", "0",
             "--enforce_eager", "true", "--gpu_memory_utilization", "0.05", "--lr", "1e-5", *extra]
 
 
+@pytest.mark.vllm
 @pytest.mark.slow
 def test_grpo_on_vllm_at_realistic_prompt_lengths_and_counts(smollm2, tmp_path):
     """The first thing a user does: GRPO on the vLLM engine with 48 held-out chat prompts, each
     evaluation 48 greedy + 4 x 48 sampled requests of 45-60 prompt tokens, over the CPU scheduler's
     4096-token step (failed before at the first evaluation: "CPU Generator does not use offset").
-    The sampler agrees with the trainer after every push; the evaluation reports the reward of the
-    greedy and the sampled completions."""
+    The sampler agrees with the trainer after the push; both evaluations (before and after the
+    step) report the reward of the greedy and the sampled completions."""
     out = tmp_path / "grpo"
     cli.train("grpo", _grpo_args(smollm2, tmp_path, out, "--engine", "vllm", "--prompts_per_step", "8",
-                                 "--group_size", "4", "--steps", "2", "--eval_every", "2", heldout=48))
+                                 "--group_size", "4", "--steps", "1", "--eval_every", "1", heldout=48))
     rows = _rows(out)
-    assert [r["step"] for r in rows] == [0, 1, 2]
-    for r in (rows[0], rows[2]):
+    assert [r["step"] for r in rows] == [0, 1]
+    for r in rows:
         assert 0 <= r["eval/sample_reward"] <= 1 and 0 <= r["eval/reward"] <= 1
     assert all(r["rollout/engine"] == "vllm" and 0 < r["rollout/logprob_diff_max"] <= 1e-3 for r in rows[1:])
 
 
+ONLINE_PATHS = {"grpo-hf": ("grpo", ["--engine", "hf"]), "ppo-vllm": ("ppo", ["--engine", "vllm"]),
+                "grpo-lora-vllm": ("grpo", ["--engine", "vllm", "--lora_r", "8"]),
+                "ppo-lora-hf": ("ppo", ["--engine", "hf", "--lora_r", "8"])}
+
+
+@pytest.mark.vllm
 @pytest.mark.slow
-def test_grpo_hf_engine_ppo_and_lora_on_the_real_model(smollm2, tmp_path):
-    """The other online paths, one step each: GRPO generating with transformers; PPO on vLLM (a
+@pytest.mark.parametrize("name", ONLINE_PATHS)
+def test_grpo_hf_engine_ppo_and_lora_on_the_real_model(name, smollm2, tmp_path):
+    """The other online paths, one step each (2 held-out prompts, 8-token completions: what is
+    asserted is the step, not the evaluation): GRPO generating with transformers; PPO on vLLM (a
     critic from the policy, a KL penalty to it); GRPO with LoRA adapters on vLLM (the merged weights
     pushed every step); PPO with LoRA on transformers generate: the sampler's log-probs are the
     trainer's after each push, and LoRA's final/ is the merged model with the PEFT adapter beside it."""
-    small = ["--prompts_per_step", "4", "--group_size", "2", "--steps", "1", "--eval_every", "1"]
-    runs = {"hf": ("grpo", ["--engine", "hf"]), "ppo": ("ppo", ["--engine", "vllm"]),
-            "lora": ("grpo", ["--engine", "vllm", "--lora_r", "8"]),
-            "ppo_lora_hf": ("ppo", ["--engine", "hf", "--lora_r", "8"])}
-    for name, (trainer, extra) in runs.items():
-        out = tmp_path / name
-        cli.train(trainer, _grpo_args(smollm2, tmp_path, out, *small, *extra))
-        step = _rows(out)[1]
-        assert 0 < step["rollout/logprob_diff_max"] <= 1e-3, name
-        assert math.isfinite(step["grad_norm"]) and math.isfinite(step["loss/policy"]), name
-    assert "loss/value" in _rows(tmp_path / "ppo")[1] and "loss/value" in _rows(tmp_path / "ppo_lora_hf")[1]
-    assert (tmp_path / "lora" / "final" / "adapter" / "adapter_config.json").exists()
-    models.load_causal_lm(tmp_path / "lora" / "final")
+    trainer, extra = ONLINE_PATHS[name]
+    out = tmp_path / name
+    cli.train(trainer, _grpo_args(smollm2, tmp_path, out, "--prompts_per_step", "4", "--group_size", "2",
+                                  "--steps", "1", "--eval_every", "1", *extra, heldout=2, max_new=8))
+    step = _rows(out)[1]
+    assert 0 < step["rollout/logprob_diff_max"] <= 1e-3
+    assert math.isfinite(step["grad_norm"]) and math.isfinite(step["loss/policy"])
+    assert ("loss/value" in step) == (trainer == "ppo")
+    if "--lora_r" in extra:
+        assert (out / "final" / "adapter" / "adapter_config.json").exists()
+        models.load_causal_lm(out / "final")
 
 
+@pytest.mark.vllm
+@pytest.mark.distributed
 @pytest.mark.slow
 def test_grpo_under_torchrun_trains_the_one_process_batch(smollm2, tmp_path):
     """Two ranks (FSDP2, a vLLM engine each, gloo): the same global batch as one process, so the
@@ -256,8 +269,9 @@ def test_grpo_under_torchrun_trains_the_one_process_batch(smollm2, tmp_path):
         out = tmp_path / f"n{n}"
         launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
                   "127.0.0.1", "--master_port", str(_port())] if n == 2 else [sys.executable]
-        proc = subprocess.run(launch + ["-m", "fastrlhf", "grpo", *_grpo_args(smollm2, tmp_path, out, *args)],
-                              capture_output=True, text=True, timeout=900, env=env)
+        grpo = _grpo_args(smollm2, tmp_path, out, *args, max_new=8)
+        proc = subprocess.run(launch + ["-m", "fastrlhf", "grpo", *grpo], capture_output=True, text=True,
+                              timeout=900, env=env)
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs[n] = _rows(out)
     for a, b in zip(runs[1], runs[2]):
@@ -273,3 +287,31 @@ def _port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_the_real_model_demo_fast_runs_every_stage(smollm2, tmp_path, monkeypatch):
+    """--fast on SmolLM2: GRPO, the model's own comparisons labelled by the verifier, DPO on them,
+    and the one evaluation of the three (rewards of 8 held-out prompts: multiples of 1/8 greedy,
+    1/32 sampled)."""
+    monkeypatch.setenv("FASTRLHF_KERNEL_IMPL", "torch")
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--model", "smollm2", "--fast", "--output-dir", str(out), "--device", "cpu"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    for name in ("base", "grpo", "dpo"):
+        assert (summary[f"{name}_reward"] * 8) % 1 == pytest.approx(0, abs=1e-9), name
+        assert (summary[f"{name}_sample_reward"] * 32) % 1 == pytest.approx(0, abs=1e-9), name
+    prefs = [json.loads(x) for x in (out / "data" / "prefs.jsonl").read_text().splitlines()]
+    assert len(prefs) == summary["pairs_labelled"]
+    assert summary["pairs_labelled"] + summary["pairs_without_preference"] == 16
+    from fastrlhf.tasks import chat_sums
+
+    answers = {json.dumps(p["prompt"]): p["answer"] for p in chat_sums.prompts(16, "train")}
+    for p in prefs:  # the annotator chose the reply the verifier accepts
+        answer = answers[json.dumps(p["prompt"])]
+        chosen, rejected = (chat_sums.last_number(p[k][0]["content"]) for k in ("chosen", "rejected"))
+        assert chosen == answer != rejected
+    for stage in ("grpo", "dpo"):
+        assert (out / stage / "final" / "config.json").exists()
+    assert summary["chat-grpo_seconds"] > 0 and summary["chat-dpo_seconds"] > 0 and summary["pairs_seconds"] > 0

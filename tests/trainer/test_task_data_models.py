@@ -98,7 +98,8 @@ def test_tokenizer_round_trip(base_dir):
 def test_malformed_jsonl_names_file_and_line(tmp_path):
     p = tmp_path / "sft.jsonl"
     p.write_text('{"prompt": "1+1=", "response": "2"}\n{"prompt": "1+2=", "response": 3}\n')
-    with pytest.raises(data.DataError, match=r"sft.jsonl:2: field 'response' must be a string or a list of messages, got int"):
+    with pytest.raises(data.DataError,
+                       match=r"sft.jsonl:2: field 'response' must be a string or a list of messages, got int"):
         data.load_sft(p)
     p.write_text('{"prompt": "1+1=", "response": "2"}\n\n{"prompt": "1+2=" "response"}\n')
     with pytest.raises(data.DataError, match=r"sft.jsonl:3: invalid JSON"):
@@ -310,10 +311,12 @@ def test_chat_sums_splits_are_disjoint_sums_and_the_verifier_reads_the_last_numb
         chat_sums.prompts(1, "dev")
     replies = ["3 + 5 = 8", "It is 8, not 9.", "1,008", "The answer is eight.", [{"role": "assistant", "content": "8"}]]
     assert chat_sums.reward(None, replies, ["8", "8", "1008", "8", "8"]) == [1.0, 0.0, 1.0, 0.0, 1.0]
-    pairs = [{"prompt": json.dumps([{"role": "user", "content": "What is 3 + 5?"}]), "a": "7", "b": "so 8", "answer": "8"},
+    pairs = [{"prompt": json.dumps([{"role": "user", "content": "What is 3 + 5?"}]), "a": "7", "b": "so 8",
+              "answer": "8"},
              {"prompt": "What is 1 + 1?", "a": "2", "b": "2", "answer": "2"},
              {"prompt": "What is 2 + 2?", "a": "4", "b": "5", "answer": "4"}]
     prefs, dropped = chat_sums.label_pairs(pairs)
     assert dropped == 1 and [(p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in prefs] == \
         [("so 8", "7"), ("4", "5")]
-    assert prefs[0]["prompt"] == [{"role": "user", "content": "What is 3 + 5?"}] and prefs[1]["prompt"] == "What is 2 + 2?"
+    assert prefs[0]["prompt"] == [{"role": "user",
+                                   "content": "What is 3 + 5?"}] and prefs[1]["prompt"] == "What is 2 + 2?"

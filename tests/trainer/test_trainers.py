@@ -51,6 +51,7 @@ def test_sft_first_loss_is_uniform_then_falls_and_resume_is_exact(tmp_path):
         assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_sft_epochs_of_different_step_counts_each_train_on_every_example(tmp_path):
     # packing by a token budget after a fresh shuffle gives each epoch its own number of steps;
     # the schedule counts them all (it once took epoch 0's count for every epoch: an epoch with
@@ -61,7 +62,8 @@ def test_sft_epochs_of_different_step_counts_each_train_on_every_example(tmp_pat
     ar.write_jsonl(rows, train)
     ar.write_jsonl(rows[:4], held)
     args = ["--data", str(train), "--eval_data", str(held), "--task_model_size", "tiny", "--tokens_per_step", "20",
-            "--epochs", "3", "--warmup_steps", "1", "--eval_every", "1000", "--save_every", "0", "--device", "cpu", *TOY]
+            "--epochs", "3", "--warmup_steps", "1", "--eval_every", "1000", "--save_every", "0",
+            "--device", "cpu", *TOY]
     cfg = config.load_config(sft.SFTConfig, args)
     seqs = sft.tokenize(ar.build_tokenizer(), rows, cfg.max_len)
     counts = [len(sft.epoch_split(seqs, cfg, e)) for e in range(3)]
@@ -114,7 +116,8 @@ def test_head_lr_gives_the_output_layer_its_own_step_size(head_lr):
     sched.step()
     for n, p in model.named_parameters():
         lr = (head_lr or 1e-3) if n == "lm_head.weight" else 1e-3
-        assert (p.detach() - before[n]).abs() == pytest.approx(torch.full_like(p, lr / 4), rel=1e-3), n  # float32 rounding of p + step
+        assert (p.detach() - before[n]).abs() == pytest.approx(torch.full_like(p, lr / 4),
+                                                               rel=1e-3), n  # float32 rounding of p + step
     assert optim.lr_metrics(opt)["lr"] == pytest.approx(5e-4)
 
 
@@ -254,7 +257,8 @@ def test_simpo_trains_without_a_reference(tmp_path, tiny_base, monkeypatch):
     real = models.load_causal_lm
     monkeypatch.setattr(models, "load_causal_lm", lambda *a, **k: loaded.append(a) or real(*a, **k))
     out = tmp_path / "simpo"
-    cli.train("dpo", TINY_PAIRS + ["--task_pairs", "32", "--model", tiny_base, "--output_dir", str(out), "--max_steps", "3",
+    cli.train("dpo", TINY_PAIRS + ["--task_pairs", "32", "--model", tiny_base, "--output_dir", str(out), "--max_steps",
+                                   "3",
                            "--loss_type", "simpo", "--beta", "2.0", "--gamma", "0.5", "--lr", "1e-3",
                            "--eval_every", "100", "--task_eval_prompts", "0"])
     rows = _metrics(out)

@@ -125,8 +125,10 @@ def test_the_update_equals_the_minibatch_loss_written_out(tiny, monkeypatch, var
     mb = batch.micro_batches(list(range(16)), 10_000)[0]  # the whole batch in one forward
     lp, ent = models.token_logprobs(policy, mb.inputs, temperature=1.0, return_entropy=True)
     lp, ent = mb.rows(lp), mb.rows(ent)
-    loss, _ = policy_loss(lp, lp.detach(), mb.view(batch.advantages), mb.view(batch.mask), ref_logprobs=mb.view(batch.ref),
-                          kl_coef=cfg.kl_coef, entropy=ent, is_weights=torch.exp(lp.detach() - mb.view(batch.sampler)).clamp(max=2.0),
+    loss, _ = policy_loss(lp, lp.detach(), mb.view(batch.advantages), mb.view(batch.mask),
+                          ref_logprobs=mb.view(batch.ref),
+                          kl_coef=cfg.kl_coef, entropy=ent,
+                          is_weights=torch.exp(lp.detach() - mb.view(batch.sampler)).clamp(max=2.0),
                           loss_agg=cfg.loss_agg, **variant)
     loss.backward()
     assert metrics["loss/policy"] == pytest.approx(loss.item(), rel=1e-4, abs=1e-6)  # cispo's value is -A w log p

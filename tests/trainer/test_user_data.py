@@ -121,8 +121,10 @@ def test_sft_formats_as_trl_reads_them(tmp_path):
     assert got[1] == got[2] == {"prompt": [{"role": "user", "content": "hi"}],
                                 "response": [{"role": "assistant", "content": "yo"}]}
     assert got[3]["prompt"] == [] and got[4] == {"prompt": "", "response": "plain language modelling"}
-    with pytest.raises(data.DataError, match=r"s2.jsonl:1: 'completion' is a list of messages but 'prompt' is a string"):
-        data.load_sft(_jsonl(tmp_path / "s2.jsonl", [{"prompt": "q", "completion": [{"role": "assistant", "content": "a"}]}]))
+    with pytest.raises(data.DataError,
+                       match=r"s2.jsonl:1: 'completion' is a list of messages but 'prompt' is a string"):
+        data.load_sft(_jsonl(tmp_path / "s2.jsonl", [{"prompt": "q", "completion": [{"role": "assistant",
+                                                                                     "content": "a"}]}]))
     with pytest.raises(data.DataError, match=r"s3.jsonl:1: 'messages' has no assistant turn"):
         data.load_sft(_jsonl(tmp_path / "s3.jsonl", [{"messages": [{"role": "user", "content": "a"}]}]))
 
@@ -266,7 +268,8 @@ def test_bf16_compute_keeps_float32_master_weights(tmp_path, monkeypatch):
     runs = {}
     for dtype in ("float32", "bfloat16"):
         out = tmp_path / dtype
-        cli.train("sft", ["--model", str(base), "--output_dir", str(out), "--task_examples", "64", "--tokens_per_step", "64",
+        cli.train("sft", ["--model", str(base), "--output_dir", str(out), "--task_examples", "64", "--tokens_per_step",
+                          "64",
                   "--max_steps", "1", "--lr", "1e-6", "--warmup_steps", "0", "--schedule", "constant",
                   "--eval_every", "1", "--log_samples", "0", "--device", "cpu", "--dtype", dtype, *TOY])
         cfg = json.loads((out / "final" / "config.json").read_text())
@@ -281,7 +284,8 @@ def test_bf16_compute_keeps_float32_master_weights(tmp_path, monkeypatch):
     assert fp32_moved > 0.7
     # the bf16 run's update, measured on its float32 masters (a checkpoint keeps them)
     masters = tmp_path / "bf16-masters"
-    cli.train("sft", ["--model", str(base), "--output_dir", str(masters), "--task_examples", "64", "--tokens_per_step", "64",
+    cli.train("sft", ["--model", str(base), "--output_dir", str(masters), "--task_examples", "64", "--tokens_per_step",
+                      "64",
               "--max_steps", "2", "--save_every", "1", "--lr", "1e-6", "--warmup_steps", "0", "--schedule", "constant",
               "--eval_every", "5", "--log_samples", "0", "--device", "cpu", "--dtype", "bfloat16", *TOY])
     step1 = models.load_causal_lm(masters / "checkpoints" / "step-1", verify=False)
@@ -338,7 +342,8 @@ def test_a_checkpoint_written_on_a_gpu_resumes_on_a_cpu(tmp_path, monkeypatch):
     ckpt.mkdir()
     with monkeypatch.context() as m:  # what torch.save writes for tensors on cuda:0
         m.setattr(ser, "location_tag", lambda storage: "cuda:0")
-        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "python_rng": __import__("random").getstate(),
+        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                    "python_rng": __import__("random").getstate(),
                     "torch_rng": torch.get_rng_state(), "step": 1, "counters": {}}, ckpt / "trainer_state.pt")
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="CUDA"):
