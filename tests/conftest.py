@@ -54,7 +54,7 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
-_SPENT: dict = {}
+_SETUP_S = pytest.StashKey[float]()
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -65,10 +65,10 @@ def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
     if call.when == "setup":
-        _SPENT[item.nodeid] = call.duration
+        item.stash[_SETUP_S] = call.duration
     if call.when != "call" or report.outcome != "passed" or FAST_BUDGET_S <= 0 or item.get_closest_marker("slow"):
         return
-    spent = _SPENT.pop(item.nodeid, 0.0) + call.duration
+    spent = item.stash.get(_SETUP_S, 0.0) + call.duration
     if spent > FAST_BUDGET_S:
         report.outcome = "failed"
         report.longrepr = (f"{item.nodeid} is not marked slow but took {spent:.1f} s (set-up and call), over the "

@@ -231,9 +231,9 @@ ONLINE_PATHS = {"grpo-hf": ("grpo", ["--engine", "hf"]), "ppo-vllm": ("ppo", ["-
                 "ppo-lora-hf": ("ppo", ["--engine", "hf", "--lora_r", "8"])}
 
 
-@pytest.mark.vllm
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ONLINE_PATHS)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.vllm) if "vllm" in extra else n
+                                  for n, (_, extra) in ONLINE_PATHS.items()])
 def test_grpo_hf_engine_ppo_and_lora_on_the_real_model(name, smollm2, tmp_path):
     """The other online paths, one step each (2 held-out prompts, 8-token completions: what is
     asserted is the step, not the evaluation): GRPO generating with transformers; PPO on vLLM (a
