@@ -32,9 +32,10 @@ def _port() -> int:
 def _run(args: list[str], nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "FASTRLHF_KERNEL_IMPL": "torch", "PYTHONWARNINGS": "ignore"}
     env.pop("TRITON_INTERPRET", None)
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
-              "127.0.0.1", "--master_port", str(_port()), "-m", "fastrlhf"] if nproc > 1 else [sys.executable, "-m",
-                                                                                               "fastrlhf"]
+    launch = [sys.executable, "-m", "fastrlhf"]
+    if nproc > 1:
+        launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+                  "127.0.0.1", "--master_port", str(_port()), "-m", "fastrlhf"]
     return subprocess.run(launch + args, capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -208,8 +209,8 @@ PAIRS = ["--task_pairs", "45", "--task_eval_pairs", "13", "--pairs_per_step", "1
 @pytest.mark.slow
 @pytest.mark.parametrize("args", [["rm", "--head", "value"], ["rm", "--head", "logprob"],
                                   ["dpo", "--task_eval_prompts", "4", "--log_samples", "1"],
-                                  ["dpo", "--precompute_ref", "false", "--loss_type", "ipo", "--task_eval_prompts",
-                                   "0"],
+                                  ["dpo", "--precompute_ref", "false", "--loss_type", "ipo",
+                                   "--task_eval_prompts", "0"],
                                   ["dpo", "--precompute_ref", "false", "--lora_r", "8", "--task_eval_prompts", "0"],
                                   ["rm", "--head", "value", "--lora_r", "8"]],
                          ids=["rm-value", "rm-logprob", "dpo", "dpo-ipo-live-ref", "dpo-lora-adapters-off-ref",

@@ -58,8 +58,8 @@ def test_every_trainer_validates_its_fields(tmp_path, capsys):
 
 def _checkpointed_run(tmp_path, name="a", steps=4):
     out = tmp_path / name
-    cli.train("sft", TINY + ["--output_dir", str(out), "--max_steps", str(steps), "--save_every", "2", "--eval_every",
-                             "100"])
+    cli.train("sft", TINY + ["--output_dir", str(out), "--max_steps", str(steps), "--save_every", "2",
+                             "--eval_every", "100"])
     return out
 
 
@@ -88,8 +88,8 @@ def test_a_run_whose_steps_are_all_skipped_stops_without_final(tmp_path, monkeyp
     assert "every one of the 3 optimiser steps was skipped" in capsys.readouterr().err
     assert not (out / "final").exists()
     monkeypatch.setattr(optim, "MAX_SKIPPED_IN_A_ROW", 2)  # a long run stops as soon as it is hopeless
-    assert cli.main(["sft", *TINY, "--output-dir", str(tmp_path / "n2"), "--max_steps", "50", "--eval_every",
-                     "100"]) == 2
+    assert cli.main(["sft", *TINY, "--output-dir", str(tmp_path / "n2"), "--max_steps", "50",
+                     "--eval_every", "100"]) == 2
     assert "2 optimiser steps in a row had a non-finite loss" in capsys.readouterr().err
 
 
@@ -250,8 +250,8 @@ def test_the_demo_says_before_it_starts_when_it_cannot_draw(tmp_path, monkeypatc
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
-    monkeypatch.setattr(demo, "run_stage", lambda *a,
-                        **k: (_ for _ in ()).throw(SystemExit("stopped at the first stage")))
+    monkeypatch.setattr(demo, "run_stage",
+                        lambda *a, **k: (_ for _ in ()).throw(SystemExit("stopped at the first stage")))
     with pytest.raises(SystemExit, match="stopped at the first stage"):
         demo.main(["--output-dir", str(tmp_path / "d"), "--fast"])
     assert "matplotlib is not installed" in capsys.readouterr().err

@@ -61,8 +61,8 @@ def test_grpo_reward_rises_and_resume_is_exact(tiny, tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_grpo_reward_failures_are_counted_and_multi_epoch_ratios_move(tiny, tmp_path):
     out = tmp_path / "f"
-    summary = cli.train("grpo", _grpo_args(tiny, out, "--steps", "2", "--reward_fn",
-                                           "tests.trainer.rewards_for_tests:flaky",
+    summary = cli.train("grpo", _grpo_args(tiny, out, "--steps", "2",
+                                           "--reward_fn", "tests.trainer.rewards_for_tests:flaky",
                                    "--ppo_epochs", "2", "--minibatches", "2", "--advantage", "rloo",
                                    "--kl_coef", "0.1", "--eval_every", "100"))
     rows = _metrics(out)[1:]

@@ -257,8 +257,8 @@ def test_simpo_trains_without_a_reference(tmp_path, tiny_base, monkeypatch):
     real = models.load_causal_lm
     monkeypatch.setattr(models, "load_causal_lm", lambda *a, **k: loaded.append(a) or real(*a, **k))
     out = tmp_path / "simpo"
-    cli.train("dpo", TINY_PAIRS + ["--task_pairs", "32", "--model", tiny_base, "--output_dir", str(out), "--max_steps",
-                                   "3",
+    cli.train("dpo", TINY_PAIRS + ["--task_pairs", "32", "--model", tiny_base, "--output_dir", str(out),
+                                   "--max_steps", "3",
                            "--loss_type", "simpo", "--beta", "2.0", "--gamma", "0.5", "--lr", "1e-3",
                            "--eval_every", "100", "--task_eval_prompts", "0"])
     rows = _metrics(out)

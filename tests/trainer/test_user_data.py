@@ -268,8 +268,8 @@ def test_bf16_compute_keeps_float32_master_weights(tmp_path, monkeypatch):
     runs = {}
     for dtype in ("float32", "bfloat16"):
         out = tmp_path / dtype
-        cli.train("sft", ["--model", str(base), "--output_dir", str(out), "--task_examples", "64", "--tokens_per_step",
-                          "64",
+        cli.train("sft", ["--model", str(base), "--output_dir", str(out), "--task_examples", "64",
+                          "--tokens_per_step", "64",
                   "--max_steps", "1", "--lr", "1e-6", "--warmup_steps", "0", "--schedule", "constant",
                   "--eval_every", "1", "--log_samples", "0", "--device", "cpu", "--dtype", dtype, *TOY])
         cfg = json.loads((out / "final" / "config.json").read_text())
@@ -284,8 +284,8 @@ def test_bf16_compute_keeps_float32_master_weights(tmp_path, monkeypatch):
     assert fp32_moved > 0.7
     # the bf16 run's update, measured on its float32 masters (a checkpoint keeps them)
     masters = tmp_path / "bf16-masters"
-    cli.train("sft", ["--model", str(base), "--output_dir", str(masters), "--task_examples", "64", "--tokens_per_step",
-                      "64",
+    cli.train("sft", ["--model", str(base), "--output_dir", str(masters), "--task_examples", "64",
+                      "--tokens_per_step", "64",
               "--max_steps", "2", "--save_every", "1", "--lr", "1e-6", "--warmup_steps", "0", "--schedule", "constant",
               "--eval_every", "5", "--log_samples", "0", "--device", "cpu", "--dtype", "bfloat16", *TOY])
     step1 = models.load_causal_lm(masters / "checkpoints" / "step-1", verify=False)
