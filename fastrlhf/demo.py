@@ -83,7 +83,7 @@ EVAL_PROMPTS = 200  # held-out prompts for the final comparison (FAST: 16)
 # the real-model demo (--model): prompts, samples per prompt for the comparisons, held-out prompts
 CHAT_TRAIN_PROMPTS, PAIR_PROMPTS, PAIR_SAMPLES, CHAT_EVAL_PROMPTS = 400, 400, 8, 64
 CHAT_STAGES = ("chat-grpo", "chat-dpo")  # examples/<stage>.yaml
-CHAT_FAST = {"chat-grpo": {"steps": 2, "eval_every": 2, "prompts_per_step": 4, "group_size": 4,
+CHAT_FAST = {"chat-grpo": {"steps": 1, "eval_every": 1, "prompts_per_step": 4, "group_size": 4,
                            "max_new_tokens": 16, "enforce_eager": True, "gpu_memory_utilization": 0.05},
              "chat-dpo": {"epochs": 1, "pairs_per_step": 4, "max_steps": 2}}
 
@@ -184,7 +184,7 @@ def chat_pairs(model_dir: str, prompts: list[dict], out: Path, max_new_tokens: i
     policy = models.load_frozen(model_dir, device="cpu", dtype=torch.float32)
     ids = [data.prompt_ids(tok, r["prompt"]) for r in prompts]
     engine = _chat_engine(model_dir, policy, tok, max(map(len, ids)) + max_new_tokens, fast)
-    with Colocated(engine, policy).generating() as gen:
+    with Colocated(engine, policy) as colocated, colocated.generating() as gen:
         groups = gen.generate(ids, n=PAIR_SAMPLES, temperature=1.0, max_tokens=max_new_tokens, seed=1)
     rows = []
     for rec, group in zip(prompts, groups):
@@ -196,10 +196,6 @@ def chat_pairs(model_dir: str, prompts: list[dict], out: Path, max_new_tokens: i
     prefs, dropped = chat_sums.label_pairs(rows)
     ar.write_jsonl(rows, out / "pairs.jsonl")
     ar.write_jsonl(prefs, out / "prefs.jsonl")
-    del engine, policy
-    import gc
-
-    gc.collect()
     return {"pairs_labelled": len(prefs), "pairs_without_preference": dropped}
 
 
@@ -226,6 +222,7 @@ def evaluate_chat_policies(dirs: dict[str, str], heldout: list[dict], max_new_to
         out[f"{name}_reward"], out[f"{name}_sample_reward"] = res["eval/reward"], res["eval/sample_reward"]
         print(f"{name}: greedy reward {res['eval/reward']:.3f}, sampled {res['eval/sample_reward']:.3f}",
               file=sys.stderr, flush=True)
+    engine.close()
     return out
 
 

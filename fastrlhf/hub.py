@@ -110,7 +110,8 @@ def cached_dir(gguf: Path) -> Path:
 
 def resolve(spec: str | os.PathLike) -> str:
     """The HF directory to load for --model spec (see the module docstring): spec itself, or the
-    GGUF's conversion, made on the main process the first time (torchrun: the others wait for it)."""
+    GGUF's conversion, made on the main process the first time (torchrun: the others wait for it;
+    other processes converting the same file wait on its lock file beside the cache entry)."""
     gguf = gguf_file(spec)
     if gguf is None:
         return str(spec)
@@ -120,8 +121,15 @@ def resolve(spec: str | os.PathLike) -> str:
     from fastrlhf import dist
 
     def make() -> str:
-        if not (out / "config.json").exists():  # (another process may have made it meanwhile)
-            convert(gguf, out)
+        import fcntl
+
+        # one conversion at a time per cache entry, across processes (two runs, or two test workers,
+        # starting at once): the second waits for the first's lock, then finds the directory made
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out.with_name(out.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (out / "config.json").exists():
+                convert(gguf, out)
         return str(out)
     return dist.on_main(make) if dist.world_size() > 1 else make()
 

@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
     engine = make_engine(args.engine, model_dir=args.model, policy=policy, tokenizer=tok, max_model_len=max_len,
                          dtype=prec.dtype,
                          seed=args.seed, gpu_memory_utilization=args.gpu_memory_utilization)
-    with Colocated(engine, policy).generating() as gen:
+    with Colocated(engine, policy) as colocated, colocated.generating() as gen:
         groups = gen.generate(ids, n=args.samples, temperature=args.temperature, max_tokens=args.max_new_tokens,
                               seed=args.seed)
     lines, same = [], 0

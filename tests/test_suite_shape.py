@@ -33,15 +33,31 @@ def test_an_unmarked_test_over_the_fast_budget_fails_naming_its_time(pytester, m
         def test_fails_on_its_own():
             time.sleep(0.6)
             assert False, "its own failure"
+
+        @pytest.fixture(scope="session")
+        def built_once():
+            time.sleep(0.6)  # the suite's cost: not counted to the first test that needs it
+
+        @pytest.fixture
+        def built_for_the_test():
+            time.sleep(0.6)  # the test's own set-up: counted
+
+        def test_needs_a_session_fixture(built_once):
+            pass
+
+        def test_overruns_in_its_own_fixture(built_for_the_test):
+            pass
     """)
     monkeypatch.setenv("FASTRLHF_FAST_BUDGET_S", "0.3")
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:xdist")
-    result.assert_outcomes(passed=2, failed=2)
+    result.assert_outcomes(passed=3, failed=3)
     out = result.stdout.str()
     assert re.search(r"test_overruns is not marked slow but took \d+\.\d s .*over the fast tier's 0\.3 s budget", out)
+    assert re.search(r"test_overruns_in_its_own_fixture is not marked slow but took \d+\.\d s", out)
+    assert "test_needs_a_session_fixture is not marked slow" not in out
     assert "its own failure" in out  # a test's own failure is reported as it is, not as the budget's
     monkeypatch.setenv("FASTRLHF_FAST_BUDGET_S", "0")  # off
-    pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:xdist").assert_outcomes(passed=3, failed=1)
+    pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:xdist").assert_outcomes(passed=5, failed=1)
 
 
 # what each marker says a test needs, as its source shows it

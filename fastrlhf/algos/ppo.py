@@ -138,7 +138,7 @@ def train(cfg: PPOConfig, task: Task) -> dict:
     colocated = Colocated(engine, model, swappers)  # every generation, rollouts and evaluations, goes through it
     samples_log = logs.SampleLog(out, resume_step=step if ckpt else None)
 
-    with prec.autocast():
+    with colocated, prec.autocast():  # the engine is released at the end, or on an error
         summary = online.start_evaluation(colocated, heldout, tokenizer, cfg, scorer, log) if step == 0 \
             else state["summary"]
         while step < cfg.steps:

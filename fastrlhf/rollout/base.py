@@ -5,11 +5,13 @@
         sampled with a seed from (s, indices[i] or i): a rank's share of a global batch (torchrun)
         samples what one process sampling the whole batch would
     engine.update_weights(named_tensors)   the policy's current weights, pushed in place
-    engine.sleep() / engine.wake_up()      hand accelerator memory to training and back
+    engine.sleep() / engine.wake_up(tags)  hand accelerator memory to training and back (tags:
+                                           "weights", "kv_cache"; None: both)
+    engine.close()                         release everything it holds (the run's end)
     engine.name                            "vllm" | "hf" (logged as rollout/engine)
 
 The HF engine (hf.py) and in-process vLLM (vllm.py) implement it; another engine (SGLang) would
-implement these five members and nothing else. Who calls them, and in which order around the
+implement these six members and nothing else. Who calls them, and in which order around the
 training state, is rollout.colocate.Colocated's business alone.
 """
 
@@ -48,4 +50,6 @@ class Engine(Protocol):
 
     def sleep(self) -> None: ...
 
-    def wake_up(self) -> None: ...
+    def wake_up(self, tags: list[str] | None = None) -> None: ...
+
+    def close(self) -> None: ...

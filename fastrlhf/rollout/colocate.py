@@ -11,7 +11,8 @@ Every generation a trainer does, a training rollout or an evaluation, goes throu
     3. yields the engine for any number of generate() calls,
     4. puts the engine to sleep (its weights and KV cache released on CUDA) and brings the
        training state back,
-and records seconds and memory per phase. No other code wakes, pushes or sleeps an engine, so
+and records seconds and memory per phase; `with Colocated(...) as colocated:` (or close())
+releases the engine at the end. No other code wakes, pushes or sleeps an engine, so
 an evaluation can no more wake the KV cache beside resident optimiser state than a rollout can.
 """
 
@@ -32,6 +33,16 @@ class Colocated:
     @property
     def name(self) -> str:
         return self.engine.name
+
+    def close(self) -> None:
+        """The end of the run's generation: the engine releases everything it holds."""
+        self.engine.close()
+
+    def __enter__(self) -> Colocated:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def _add(self, stats: dict) -> None:
         for k, v in stats.items():

@@ -27,6 +27,9 @@ class HFEngine:
     def update_weights(self, named_tensors) -> None:
         pass  # generate() runs on the live policy
 
+    def close(self) -> None:
+        pass  # it owns nothing but a reference to the policy
+
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], *, n: int, temperature: float, max_tokens: int,
                  seed: int, top_p: float = 1.0, indices: list[int] | None = None) -> list[list[Sample]]:

@@ -79,6 +79,25 @@ class VLLMEngine:
         self.asleep, self.awake, self.stale_prefixes = False, {"weights", "kv_cache"}, False
         self.sleep()
 
+    def close(self) -> None:
+        """Release the engine: its weights, KV cache and scheduler. vLLM's in-process engine core
+        freezes the garbage collector's heap at start-up (gc.freeze: every object alive then is
+        never collected) and undoes it only in its shutdown: an engine merely dropped kept its
+        memory (measured: a process 5.1 GB after one SmolLM2 GRPO run, +1.7 and +1.2 GB after a
+        second and a third; with close(), 3.9 GB, +1.6, +1.3: vLLM still keeps about 1.3 GB a
+        SmolLM2 engine, none for a tiny model). Under torchrun nothing is done: vLLM's shutdown,
+        and its engine's destructors, end the trainer's default process group (final/ is still to
+        be gathered), and the process ends with the run."""
+        from fastrlhf import dist
+
+        if self.llm is None or dist.launched():
+            return
+        self.llm.llm_engine.engine_core.shutdown()  # (and vLLM's own world of one)
+        self.llm = None
+        import gc
+
+        gc.collect()
+
     def sleep(self) -> None:
         """Free the KV cache and the weights' memory for the training phase (CUDA only)."""
         if self.on_cuda and not self.asleep:

@@ -39,6 +39,47 @@ def _run(args: list[str], nproc: int = 1, timeout: int = 300) -> subprocess.Comp
     return subprocess.run(launch + args, capture_output=True, text=True, timeout=timeout, env=env)
 
 
+def _here(args: list[str]) -> int:
+    """`fastrlhf ARGS` in one process, this one (the suite's worker has torch and transformers
+    imported already: a process start saved), as each rank computes: the kernels' torch path,
+    one thread (the same reduction order as OMP_NUM_THREADS=1). Its exit status."""
+    from fastrlhf import cli
+
+    # (a vLLM engine leaves the thread count as it finds it only when it does not bind its threads)
+    env = {"FASTRLHF_KERNEL_IMPL": "torch", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+    threads, before = torch.get_num_threads(), {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    torch.set_num_threads(1)
+    try:
+        return cli.main(args)
+    finally:
+        torch.set_num_threads(threads)
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
+
+
+# several runs, one after another, in the same two torchrun processes: one start-up for them all
+MANY = """
+import json, os, sys
+from fastrlhf import cli
+for args in json.load(open(sys.argv[1])):
+    code = cli.main(args)
+    if code:
+        break
+sys.stdout.flush(), sys.stderr.flush()
+os._exit(code)  # as python -m fastrlhf leaves a torchrun rank (fastrlhf/__main__.py)
+"""
+
+
+def _run_many(tmp_path, runs: list[list[str]], timeout: int = 600) -> subprocess.CompletedProcess:
+    """Each argument list of runs as `torchrun --nproc_per_node 2 -m fastrlhf ARGS`, in order, in one launch."""
+    (tmp_path / "runs.json").write_text(json.dumps(runs))
+    return _run_script(tmp_path / "many.py", MANY, [str(tmp_path / "runs.json")], timeout)
+
+
 def _run_script(path, text: str, args: list[str], timeout: int) -> subprocess.CompletedProcess:
     """The Python script `text`, written to path, on 2 torchrun processes with args."""
     path.write_text(text)
@@ -60,8 +101,12 @@ def one_and_two(tmp_path_factory):
     done = {}
     for n in (1, 2):
         out = root / f"n{n}"
-        proc = _run(SFT + ["--output_dir", str(out), "--save_every", "2"], nproc=n)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        args = SFT + ["--output_dir", str(out), "--save_every", "2"]
+        if n == 1:
+            assert _here(args) == 0
+        else:
+            proc = _run(args, nproc=n)
+            assert proc.returncode == 0, proc.stderr[-3000:]
         done[n] = out
     return done
 
@@ -86,7 +131,7 @@ def test_sft_on_two_ranks_trains_the_one_process_batch(one_and_two):
 
 
 @pytest.mark.slow
-def test_fsdp_cpu_offload_trains_as_without_it_and_is_refused_on_one_process(one_and_two, tmp_path):
+def test_fsdp_cpu_offload_trains_as_without_it_and_is_refused_on_one_process(one_and_two, tmp_path, capfd):
     """--fsdp_offload (FSDP2's CPUOffloadPolicy: shards, gradients and AdamW's state in host
     memory, the step on the CPU): the two-rank run's losses, gradient norms and final weights are
     those without it (on a CPU the arithmetic is the same; what it saves is GPU memory); with
@@ -110,13 +155,13 @@ def test_fsdp_cpu_offload_trains_as_without_it_and_is_refused_on_one_process(one
     w2 = models.load_causal_lm(out / "final").state_dict()
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-5, atol=1e-6, msg=k)
-    alone = _run(SFT + ["--output_dir", str(tmp_path / "alone"), "--fsdp_offload", "true"])
-    assert alone.returncode != 0 and "fsdp_offload: offloads FSDP2's shards" in alone.stderr
+    assert _here(SFT + ["--output_dir", str(tmp_path / "alone"), "--fsdp_offload", "true"]) == 2
+    assert "fsdp_offload: offloads FSDP2's shards" in capfd.readouterr().err
     assert not (tmp_path / "alone" / "metrics.jsonl").exists()
 
 
 @pytest.mark.slow
-def test_checkpoints_resume_across_rank_counts(one_and_two, tmp_path):
+def test_checkpoints_resume_across_rank_counts(one_and_two, tmp_path, capfd):
     """The two-rank run's step-2 checkpoint is DCP shards (a file per rank, nothing gathered); it
     continues on two ranks and in one process exactly as the runs that wrote it did, and the
     one-process checkpoint (an HF directory) continues on two ranks; `fastrlhf export` makes an HF
@@ -134,8 +179,12 @@ def test_checkpoints_resume_across_rank_counts(one_and_two, tmp_path):
         out = tmp_path / f"from{written}on{resumed_on}"
         shutil.copytree(one_and_two[written] / "checkpoints" / "step-2", out / "checkpoints" / "step-2")
         shutil.copy(one_and_two[written] / "config.json", out / "config.json")
-        proc = _run(SFT + ["--output_dir", str(out), "--save_every", "2"], nproc=resumed_on)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        args = SFT + ["--output_dir", str(out), "--save_every", "2"]
+        if resumed_on == 1:
+            assert _here(args) == 0
+        else:
+            proc = _run(args, nproc=resumed_on)
+            assert proc.returncode == 0, proc.stderr[-3000:]
         ref = {r["step"]: r for r in _rows(one_and_two[resumed_on])}
         rows = _rows(out)
         assert rows[0]["step"] == 3 and len(rows) == len(ref) - 2
@@ -143,17 +192,15 @@ def test_checkpoints_resume_across_rank_counts(one_and_two, tmp_path):
             for key in ("loss/sft", "grad_norm"):
                 assert r[key] == pytest.approx(ref[r["step"]][key], rel=1e-5), (written, resumed_on, r["step"], key)
 
-    proc = subprocess.run([sys.executable, "-m", "fastrlhf", "export", str(sharded), str(tmp_path / "exported")],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _here(["export", str(sharded), str(tmp_path / "exported")]) == 0
     got = models.load_causal_lm(tmp_path / "exported").state_dict()
     want = models.load_causal_lm(one_and_two[1] / "checkpoints" / "step-2").state_dict()
     assert got.keys() == want.keys()
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5, msg=k)
-    refused = subprocess.run([sys.executable, "-m", "fastrlhf", "export", str(tmp_path / "exported"),
-                              str(tmp_path / "again")], capture_output=True, text=True, timeout=120)
-    assert refused.returncode == 2 and "an HF directory already" in refused.stderr
+    capfd.readouterr()
+    assert _here(["export", str(tmp_path / "exported"), str(tmp_path / "again")]) == 2
+    assert "an HF directory already" in capfd.readouterr().err
 
     cut = tmp_path / "cut"
     shutil.copytree(sharded, cut)
@@ -173,9 +220,9 @@ def test_lora_on_two_ranks_trains_the_one_process_batch_and_resumes_on_one(tmp_p
     import shutil
 
     args = SFT + ["--lr", "1e-2", "--lora_r", "8", "--lora_train_head", "true", "--save_every", "2"]
-    for n in (1, 2):
-        proc = _run(args + ["--output_dir", str(tmp_path / f"n{n}")], nproc=n)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _here(args + ["--output_dir", str(tmp_path / "n1")]) == 0
+    proc = _run(args + ["--output_dir", str(tmp_path / "n2")], nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = _rows(tmp_path / "n1"), _rows(tmp_path / "n2")
     assert len(one) == len(two) >= 4
     for a, b in zip(one, two):
@@ -192,8 +239,7 @@ def test_lora_on_two_ranks_trains_the_one_process_batch_and_resumes_on_one(tmp_p
     out = tmp_path / "resumed"
     shutil.copytree(ckpt, out / "checkpoints" / "step-2")
     shutil.copy(tmp_path / "n2" / "config.json", out / "config.json")
-    proc = _run(args + ["--output_dir", str(out)], nproc=1)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _here(args + ["--output_dir", str(out)]) == 0
     ref = {r["step"]: r for r in one}
     rows = _rows(out)
     assert rows[0]["step"] == 3
@@ -206,25 +252,34 @@ PAIRS = ["--task_pairs", "45", "--task_eval_pairs", "13", "--pairs_per_step", "1
          "--warmup_steps", "1", "--save_every", "0", "--device", "cpu"]
 
 
+PAIR_RUNS = {"rm-value": ["rm", "--head", "value"], "rm-logprob": ["rm", "--head", "logprob"],
+             "dpo": ["dpo", "--task_eval_prompts", "4", "--log_samples", "1"],
+             "dpo-ipo-live-ref": ["dpo", "--precompute_ref", "false", "--loss_type", "ipo", "--task_eval_prompts", "0"],
+             "dpo-lora-adapters-off-ref": ["dpo", "--precompute_ref", "false", "--lora_r", "8",
+                                           "--task_eval_prompts", "0"],
+             "rm-lora": ["rm", "--head", "value", "--lora_r", "8"]}
+
+
+@pytest.fixture(scope="module")
+def pair_runs(tmp_path_factory):
+    """Every pair-trainer setting, in one process (here) and on two ranks (one torchrun launch for all)."""
+    root = tmp_path_factory.mktemp("pairs")
+    for name, args in PAIR_RUNS.items():
+        assert _here(args + PAIRS + ["--output_dir", str(root / name / "n1")]) == 0, name
+    proc = _run_many(root, [args + PAIRS + ["--output_dir", str(root / name / "n2")]
+                            for name, args in PAIR_RUNS.items()])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("args", [["rm", "--head", "value"], ["rm", "--head", "logprob"],
-                                  ["dpo", "--task_eval_prompts", "4", "--log_samples", "1"],
-                                  ["dpo", "--precompute_ref", "false", "--loss_type", "ipo",
-                                   "--task_eval_prompts", "0"],
-                                  ["dpo", "--precompute_ref", "false", "--lora_r", "8", "--task_eval_prompts", "0"],
-                                  ["rm", "--head", "value", "--lora_r", "8"]],
-                         ids=["rm-value", "rm-logprob", "dpo", "dpo-ipo-live-ref", "dpo-lora-adapters-off-ref",
-                              "rm-lora"])
-def test_pair_trainers_on_two_ranks_train_the_one_process_batch(args, tmp_path):
+@pytest.mark.parametrize("name", list(PAIR_RUNS))
+def test_pair_trainers_on_two_ranks_train_the_one_process_batch(name, pair_runs):
     """15 pairs a step over 2 ranks (8 and 7, packed into different numbers of micro-batches):
     each rank scores its share, the scores are gathered, and the loss, the pairwise metrics and
     the gradient norm are the one-process run's (with LoRA: the reference is the sharded policy
     with its adapters off, computed every step)."""
-    rows = {}
-    for n in (1, 2):
-        proc = _run(args + PAIRS + ["--output_dir", str(tmp_path / f"n{n}")], nproc=n)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        rows[n] = _rows(tmp_path / f"n{n}")
+    rows = {n: _rows(pair_runs / name / f"n{n}") for n in (1, 2)}
     assert [r["step"] for r in rows[1]] == [r["step"] for r in rows[2]] and len(rows[1]) >= 3
     for a, b in zip(rows[1], rows[2]):
         for key, value in a.items():
@@ -350,8 +405,12 @@ def test_grpo_on_two_ranks_with_an_engine_each_trains_the_one_process_batch(extr
         stale.write_bytes(b"\0" * 4096)
     rows = {}
     for name, (n, more) in runs.items():
-        proc = _run(GRPO + extra + more + ["--output_dir", str(tmp_path / f"n{name}")], nproc=n, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        args = GRPO + extra + more + ["--output_dir", str(tmp_path / f"n{name}")]
+        if n == 1:
+            assert _here(args) == 0
+        else:
+            proc = _run(args, nproc=n, timeout=600)
+            assert proc.returncode == 0, proc.stderr[-3000:]
         rows[name] = _rows(tmp_path / f"n{name}")
     if "tp2" in runs and shm.is_dir():
         assert not list(shm.glob("*cpushm*"))
@@ -380,8 +439,11 @@ def test_ppo_on_two_ranks_with_an_engine_each_trains_the_one_process_batch(tmp_p
                                                           "--save_every", "2"]
     rows = {}
     for n in (1, 2):
-        proc = _run(args + ["--output_dir", str(tmp_path / f"n{n}")], nproc=n, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        if n == 1:
+            assert _here(args + ["--output_dir", str(tmp_path / "n1")]) == 0
+        else:
+            proc = _run(args + ["--output_dir", str(tmp_path / "n2")], nproc=2, timeout=600)
+            assert proc.returncode == 0, proc.stderr[-3000:]
         rows[n] = _rows(tmp_path / f"n{n}")
         assert (tmp_path / f"n{n}" / "critic" / "model.safetensors").exists()
     assert len(rows[1]) == len(rows[2]) == 4

@@ -217,7 +217,7 @@ def test_grpo_on_vllm_after_sft_on_chat_data(name, arch_dirs, tmp_path):
     cli.train("grpo", ["--model", str(tmp_path / "sft" / "final"), "--data", str(prompts), "--eval_data", str(prompts),
                "--reward_fn", "tests.trainer.test_real_models:batched_reward", "--engine", "vllm",
                "--enforce_eager", "true", "--gpu_memory_utilization", "0.03", "--max_len", "96",
-               "--max_new_tokens", "16", "--prompts_per_step", "4", "--group_size", "4", "--steps", "1",
+               "--max_new_tokens", "8", "--prompts_per_step", "4", "--group_size", "4", "--steps", "1",
                "--lr", "1e-4", "--eval_every", "1", "--device", "cpu", "--output_dir", str(out)])
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["rollout/engine"] == "vllm" and "eval/reward" in rows[0]
