@@ -21,28 +21,58 @@ def _rows(path):
         return list(reader)
 
 
+@pytest.fixture(scope="module")
+def gpu_dry_run(tmp_path_factory):
+    """The GPU session's one command, run once as CI can (`gpu_suite.sh --dry-run`): every part but
+    the sm_90 compile (tested on its own), on the CPU with tiny shapes. Its logprob and losses parts
+    are the kernel benchmarks' own runs (the tests below read them): one start-up each, not two."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path_factory.mktemp("gpu")
+    proc = subprocess.run(["bash", str(root / "benchmarks" / "gpu_suite.sh"), "--dry-run", "--out", str(out),
+                           "--parts", "install,tests,logprob,losses,train,grpo,lora"],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHON": sys.executable})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return out
+
+
+def _part_output(out, part: str) -> str:
+    """What one part of the GPU suite printed (its section of log.txt)."""
+    return (out / "log.txt").read_text().split(f"==== {part}: ", 1)[1].split("\n==== ", 1)[0]
+
+
+def _csv_rows(out, ops) -> list[dict]:
+    return [r for r in _rows(next(out.glob("*.csv"))) if r["op"] in ops]
+
+
 @pytest.mark.slow
-def test_bench_logprob_writes_csv_and_plot(results, capsys):
-    rows = bench_logprob.main(["--sizes", "64,32,512", "--providers", "fastrlhf-torch,torch-eager",
-                               "--reps", "1"])
-    out = capsys.readouterr().out
+def test_bench_logprob_writes_csv_and_plot(gpu_dry_run):
+    """bench_logprob as the suite's dry run calls it (sizes 64,32,512; fastrlhf-torch and torch-eager)."""
+    out = _part_output(gpu_dry_run, "logprob")
+    assert "bench_logprob --sizes 64,32,512" in out.splitlines()[0]
     assert "x torch-eager" in out and "linear_logprob" in out
-    csvs = list(results.glob("*.csv"))
-    assert len(csvs) == 1
-    written = _rows(csvs[0])
-    assert len(written) == len(rows) == 2 * 2 * 3  # ops x providers x modes
+    written = _csv_rows(gpu_dry_run, {"linear_logprob", "logprob_from_logits"})
+    assert len(written) == 2 * 2 * 3  # ops x providers x modes
     assert {r["size"] for r in written} == {"N=64,H=32,V=512", "N=64,V=512"}
+    assert {r["provider"] for r in written} == {"fastrlhf-torch", "torch-eager"}
     assert all(float(r["median_ms"]) > 0 and r["device"].startswith("cpu") for r in written)
-    assert {p.name.rsplit("-", 1)[-1] for p in results.glob("*.png")} == {"linear_logprob.png",
-                                                                         "logprob_from_logits.png"}
+    assert {p.name.rsplit("-", 1)[-1] for p in gpu_dry_run.glob("*.png")} >= {"linear_logprob.png",
+                                                                              "logprob_from_logits.png"}
 
 
 @pytest.mark.slow
-def test_bench_losses_runs_every_op(results):
-    rows = bench_losses.main(["--tokens", "2048", "--providers", "torch-eager", "--reps", "1",
-                              "--no-save"])
-    assert {r["op"] for r in rows} == set(bench_losses.OPS) - {"grpo_from_logits"}  # CUDA only
-    assert not list(results.glob("*.csv"))
+def test_bench_losses_runs_every_op(gpu_dry_run):
+    """bench_losses as the suite's dry run calls it: every op (but the CUDA-only one) measured and
+    written; the parts run with --no-save (grpo, lora) wrote nothing."""
+    assert "bench_losses --tokens 2048" in _part_output(gpu_dry_run, "losses").splitlines()[0]
+    ops = {r["op"] for r in _rows(next(gpu_dry_run.glob("*.csv")))}
+    assert ops - {"linear_logprob", "logprob_from_logits", "train_step"} == \
+        set(bench_losses.OPS) - {"grpo_from_logits"}  # CUDA only
+    assert not ops & {"grpo_step", "lora_step"}
 
 
 def test_cli_bench_selects_a_suite(results, monkeypatch):
@@ -99,19 +129,9 @@ def test_shard_benchmark_halves_the_state_on_two_ranks():
 
 
 @pytest.mark.slow
-def test_gpu_suite_dry_run_writes_its_summary_within_the_file_limits(tmp_path):
-    """The GPU session's one command, run as CI can: every part (but the sm_90 compile, tested on
-    its own) on the CPU with tiny shapes; each part's status in summary.md, at most 8 files."""
-    import subprocess
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    out = tmp_path / "gpu"
-    proc = subprocess.run(["bash", str(root / "benchmarks" / "gpu_suite.sh"), "--dry-run", "--out", str(out),
-                           "--parts", "install,tests,logprob,losses,train,grpo,lora"],
-                          capture_output=True, text=True, timeout=600, env={**__import__("os").environ,
-                                                                             "PYTHON": __import__("sys").executable})
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+def test_gpu_suite_dry_run_writes_its_summary_within_the_file_limits(gpu_dry_run):
+    """Each part's status in summary.md, the environment, at most 8 files, the headline plot kept first."""
+    out = gpu_dry_run
     summary = (out / "summary.md").read_text()
     for part in ("install", "tests", "logprob", "losses", "train", "grpo", "lora"):
         assert f"| {part} | ok |" in summary, part
