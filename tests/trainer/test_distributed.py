@@ -61,6 +61,15 @@ def _here(args: list[str]) -> int:
                 os.environ[k] = v
 
 
+def _train(args: list[str], nproc: int) -> None:
+    """`fastrlhf ARGS` on nproc processes, which must succeed: one process here (_here), more under torchrun."""
+    if nproc == 1:
+        assert _here(args) == 0
+    else:
+        proc = _run(args, nproc=nproc, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 # several runs, one after another, in the same two torchrun processes: one start-up for them all
 MANY = """
 import json, os, sys
@@ -101,12 +110,7 @@ def one_and_two(tmp_path_factory):
     done = {}
     for n in (1, 2):
         out = root / f"n{n}"
-        args = SFT + ["--output_dir", str(out), "--save_every", "2"]
-        if n == 1:
-            assert _here(args) == 0
-        else:
-            proc = _run(args, nproc=n)
-            assert proc.returncode == 0, proc.stderr[-3000:]
+        _train(SFT + ["--output_dir", str(out), "--save_every", "2"], n)
         done[n] = out
     return done
 
@@ -179,12 +183,7 @@ def test_checkpoints_resume_across_rank_counts(one_and_two, tmp_path, capfd):
         out = tmp_path / f"from{written}on{resumed_on}"
         shutil.copytree(one_and_two[written] / "checkpoints" / "step-2", out / "checkpoints" / "step-2")
         shutil.copy(one_and_two[written] / "config.json", out / "config.json")
-        args = SFT + ["--output_dir", str(out), "--save_every", "2"]
-        if resumed_on == 1:
-            assert _here(args) == 0
-        else:
-            proc = _run(args, nproc=resumed_on)
-            assert proc.returncode == 0, proc.stderr[-3000:]
+        _train(SFT + ["--output_dir", str(out), "--save_every", "2"], resumed_on)
         ref = {r["step"]: r for r in _rows(one_and_two[resumed_on])}
         rows = _rows(out)
         assert rows[0]["step"] == 3 and len(rows) == len(ref) - 2
@@ -220,9 +219,8 @@ def test_lora_on_two_ranks_trains_the_one_process_batch_and_resumes_on_one(tmp_p
     import shutil
 
     args = SFT + ["--lr", "1e-2", "--lora_r", "8", "--lora_train_head", "true", "--save_every", "2"]
-    assert _here(args + ["--output_dir", str(tmp_path / "n1")]) == 0
-    proc = _run(args + ["--output_dir", str(tmp_path / "n2")], nproc=2)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    for n in (1, 2):
+        _train(args + ["--output_dir", str(tmp_path / f"n{n}")], n)
     one, two = _rows(tmp_path / "n1"), _rows(tmp_path / "n2")
     assert len(one) == len(two) >= 4
     for a, b in zip(one, two):
@@ -405,12 +403,7 @@ def test_grpo_on_two_ranks_with_an_engine_each_trains_the_one_process_batch(extr
         stale.write_bytes(b"\0" * 4096)
     rows = {}
     for name, (n, more) in runs.items():
-        args = GRPO + extra + more + ["--output_dir", str(tmp_path / f"n{name}")]
-        if n == 1:
-            assert _here(args) == 0
-        else:
-            proc = _run(args, nproc=n, timeout=600)
-            assert proc.returncode == 0, proc.stderr[-3000:]
+        _train(GRPO + extra + more + ["--output_dir", str(tmp_path / f"n{name}")], n)
         rows[name] = _rows(tmp_path / f"n{name}")
     if "tp2" in runs and shm.is_dir():
         assert not list(shm.glob("*cpushm*"))
@@ -439,11 +432,7 @@ def test_ppo_on_two_ranks_with_an_engine_each_trains_the_one_process_batch(tmp_p
                                                           "--save_every", "2"]
     rows = {}
     for n in (1, 2):
-        if n == 1:
-            assert _here(args + ["--output_dir", str(tmp_path / "n1")]) == 0
-        else:
-            proc = _run(args + ["--output_dir", str(tmp_path / "n2")], nproc=2, timeout=600)
-            assert proc.returncode == 0, proc.stderr[-3000:]
+        _train(args + ["--output_dir", str(tmp_path / f"n{n}")], n)
         rows[n] = _rows(tmp_path / f"n{n}")
         assert (tmp_path / f"n{n}" / "critic" / "model.safetensors").exists()
     assert len(rows[1]) == len(rows[2]) == 4
@@ -468,8 +457,7 @@ def test_ppo_on_two_ranks_with_an_engine_each_trains_the_one_process_batch(tmp_p
     out = tmp_path / "resumed"
     shutil.copytree(ckpt, out / "checkpoints" / "step-2")
     shutil.copy(tmp_path / "n2" / "config.json", out / "config.json")
-    proc = _run(args + ["--output_dir", str(out)], nproc=2, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _train(args + ["--output_dir", str(out)], 2)
     resumed = _rows(out)
     later = [r for r in rows[2] if r["step"] > 2]
     assert [r["step"] for r in resumed] == [r["step"] for r in later] and later
