@@ -52,7 +52,8 @@ def test_sft_first_loss_is_uniform_then_falls_and_resume_is_exact(tmp_path):
 
 
 @pytest.mark.slow
-def test_sft_epochs_of_different_step_counts_each_train_on_every_example(tmp_path):
+def test_sft_epochs_of_different_step_counts_each_train_on_every_example(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTRLHF_KERNEL_IMPL", "torch")  # SFT's kernels run interpreted in the test above
     # packing by a token budget after a fresh shuffle gives each epoch its own number of steps;
     # the schedule counts them all (it once took epoch 0's count for every epoch: an epoch with
     # fewer steps crashed, one with more lost its tail)
@@ -155,12 +156,16 @@ def tiny_base(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("loss_type,first_loss,precompute", [
-    ("sigmoid", math.log(2), "true"),   # policy == reference at step 1: m = 0, -log sigmoid(0) = ln 2
-    ("sigmoid", math.log(2), "false"),  # same, with reference log-probs computed every step
-    ("ipo", 25.0, "true"),              # (0 - 1 / (2 * 0.1))^2
+@pytest.mark.parametrize("loss_type,first_loss,precompute,impl", [
+    ("sigmoid", math.log(2), "true", "triton"),  # policy == reference at step 1: m = 0, -log sigmoid(0) = ln 2
+    ("sigmoid", math.log(2), "false", "torch"),  # same, with reference log-probs computed every step
+    ("ipo", 25.0, "true", "torch"),              # (0 - 1 / (2 * 0.1))^2
 ])
-def test_dpo_starts_at_the_hand_derived_loss(tmp_path, tiny_base, loss_type, first_loss, precompute):
+def test_dpo_starts_at_the_hand_derived_loss(tmp_path, tiny_base, loss_type, first_loss, precompute, impl,
+                                             monkeypatch):
+    """The first param runs DPO's kernels interpreted (Triton: 15 s), the others on their torch path
+    (0.5 s): the kernels' loss types and options meet float64 in tests/kernels."""
+    monkeypatch.setenv("FASTRLHF_KERNEL_IMPL", impl)
     out = tmp_path / "dpo"
     summary = cli.train("dpo", TINY_PAIRS + ["--model", tiny_base, "--output_dir", str(out), "--max_steps", "3",
                                      "--loss_type", loss_type, "--precompute_ref", precompute,
@@ -253,6 +258,7 @@ def test_logprob_reward_model_scores_by_likelihood_and_learns(tmp_path, tiny_bas
 
 @pytest.mark.slow
 def test_simpo_trains_without_a_reference(tmp_path, tiny_base, monkeypatch):
+    monkeypatch.setenv("FASTRLHF_KERNEL_IMPL", "torch")  # DPO's kernels run interpreted above
     loaded = []
     real = models.load_causal_lm
     monkeypatch.setattr(models, "load_causal_lm", lambda *a, **k: loaded.append(a) or real(*a, **k))
