@@ -64,10 +64,11 @@ class MicroBatch:
         """This micro-batch's rows of a (B, T) batch tensor: (b, T_mb)."""
         return None if x is None else x[self.index, : self.T]
 
-    def share(self, loss_agg: str, total_tokens: int, total_rows: int) -> float:
+    def loss_fraction(self, loss_agg: str, total_tokens: int, total_rows: int) -> float:
         """Weight of this micro-batch's aggregated loss so that the sum over the micro-batches of a
         minibatch equals the loss aggregated over the whole minibatch (policy_loss aggregates
-        within one call): its share of the tokens, of the non-empty rows or of the rows."""
+        within one call): its fraction of the tokens, of the non-empty rows or of the rows. (Not
+        dist.share, which is a rank's slice of a batch.)"""
         if loss_agg == "token-mean":
             return self.n_tokens / max(1, total_tokens)
         if loss_agg == "seq-mean-token-mean":

@@ -9,7 +9,7 @@ critic beside it.
             masked, per token or per sequence)
             policy_loss(clip_low, clip_high, dual_clip, [kl_coef * KL to batch.ref], entropy bonus,
                         loss_agg) [+ value_loss of the critic's values against batch.returns]
-            backward of the loss times the micro-batch's share of the slice (MicroBatch.share)
+            backward of the loss times the micro-batch's fraction of the slice (MicroBatch.loss_fraction)
         one optimiser step per model (the policy's skipped during PPO's critic warm-up)
 
 No value is read back to the host inside the micro-batch loop: each optimiser step makes one
@@ -99,9 +99,9 @@ def update(cfg, batch: RolloutBatch, policy, opt, sched, prec, counters: dict, m
                     is_w, raw, dropped = importance_weights(old, sampler, mask, cap=cfg.is_cap, floor=cfg.is_floor,
                                                             mode=cfg.is_mode, level=cfg.is_level)
                     raw, n_tok = torch.where(mask, raw, 0.0), mask.sum().clamp(min=1)
-                    is_share = mb.share("token-mean", total_tokens, total_rows) * mb.weight
-                    metrics.add("rollout/is_ratio_mean", raw.sum() / n_tok * is_share)
-                    metrics.add("rollout/is_masked_frac", dropped.sum() / n_tok * is_share)
+                    is_frac = mb.loss_fraction("token-mean", total_tokens, total_rows) * mb.weight
+                    metrics.add("rollout/is_ratio_mean", raw.sum() / n_tok * is_frac)
+                    metrics.add("rollout/is_masked_frac", dropped.sum() / n_tok * is_frac)
                     if mb.T:
                         metrics.maximum("rollout/is_ratio_max", raw.max())
                     means.update(("rollout/is_ratio_mean", "rollout/is_masked_frac"))
@@ -113,24 +113,24 @@ def update(cfg, batch: RolloutBatch, policy, opt, sched, prec, counters: dict, m
                                       max_len=cfg.max_new_tokens, surrogate=cfg.surrogate,
                                       ratio_level=cfg.ratio_level, sapo_tau_pos=cfg.sapo_tau_pos,
                                       sapo_tau_neg=cfg.sapo_tau_neg)
-            share = mb.share(cfg.loss_agg, total_tokens, total_rows) * mb.weight  # of the global minibatch
+            frac = mb.loss_fraction(cfg.loss_agg, total_tokens, total_rows) * mb.weight  # of the global minibatch
             finite.append(torch.isfinite(loss))
-            metrics.add("loss/policy", loss.detach() * share)
+            metrics.add("loss/policy", loss.detach() * frac)
             for key, v in m.items():
                 if key != "kl" or kl_coef:  # kl: only with a KL term in the loss
-                    metrics.add(key, v * share)
+                    metrics.add(key, v * frac)
                     means.add(key)
-            total = loss * (share * ranks) if train_policy else None  # (FSDP averages the ranks' gradients)
+            total = loss * (frac * ranks) if train_policy else None  # (FSDP averages the ranks' gradients)
             if critic is not None:
                 v = mb.rows(models.token_values(critic, mb.inputs))
                 v_loss, vm = value_loss(v, mb.view(batch.values), mb.view(batch.returns), mask, clip=cfg.value_clip)
-                v_share = mb.share("token-mean", total_tokens, total_rows) * mb.weight
+                v_frac = mb.loss_fraction("token-mean", total_tokens, total_rows) * mb.weight
                 finite.append(torch.isfinite(v_loss))
-                metrics.add("loss/value", v_loss.detach() * v_share)
-                metrics.add("value/clipfrac", vm["clipfrac"] * v_share)
-                metrics.add("value/mean", vm["vpred_mean"] * v_share)
+                metrics.add("loss/value", v_loss.detach() * v_frac)
+                metrics.add("value/clipfrac", vm["clipfrac"] * v_frac)
+                metrics.add("value/mean", vm["vpred_mean"] * v_frac)
                 means.update(("loss/value", "value/clipfrac", "value/mean"))
-                v_total = v_loss * (v_share * ranks)
+                v_total = v_loss * (v_frac * ranks)
                 total = v_total if total is None else total + v_total  # disjoint parameters: one backward
             if total is not None:
                 prec.backward(total)

@@ -69,7 +69,7 @@ def test_micro_batch_shares_reproduce_the_minibatch_loss(loss_agg):
         assert mb.seq == part
         m = mb.view(mask)  # each micro-batch is padded to its own longest
         loss = policy_loss(mb.view(lp), mb.view(old), adv[part], m, **kw)[0]
-        total += loss * mb.share(loss_agg, sum(lengths), B)
+        total += loss * mb.loss_fraction(loss_agg, sum(lengths), B)
     assert total.item() == pytest.approx(whole.item(), rel=1e-6)
 
 
