@@ -38,9 +38,9 @@ def torch_kernels(monkeypatch):
 @pytest.fixture(autouse=True)
 def give_memory_back():
     """After each test, what its run freed goes back to the OS: glibc keeps a freed heap for the
-    process (measured: 6.7 GB resident after three in-process SmolLM2 GRPO runs, 4.7 GB after
-    malloc_trim), and this worker's resident memory is what the next test's processes, and the
-    other worker's, compete with on 23 GB."""
+    process (docs/results-log.md, 2026-12-08: 2 GB after three in-process SmolLM2 GRPO runs), and
+    this worker's resident memory is what the next test's processes, and the other worker's,
+    compete with on 23 GB."""
     yield
     import ctypes
     import gc
