@@ -10,9 +10,9 @@ engine), distributed (several processes: torchrun / gloo), gpu (needs CUDA; skip
 (`--dist loadfile`): each worker computes on cores / workers threads; the in-process real-model
 tests, all in tests/trainer/test_smollm2.py, run one at a time on one worker, the SmolLM2 torchrun
 test (test_smollm2_torchrun.py) beside them on the other, and both start first, then the
-distributed ones: the longest files. Every test not marked
-slow must finish (set-up and call) within FAST_BUDGET_S, or it fails saying so: the quick subset
-`make test-fast` stays quick only if nothing slow joins it unmarked.
+distributed ones: the longest files. Every test not marked slow must finish (set-up and call)
+within FAST_BUDGET_S, or it fails saying so: the quick subset `make test-fast` stays quick only if
+nothing slow joins it unmarked.
 """
 
 import os

@@ -83,9 +83,9 @@ class VLLMEngine:
         """Release the engine: its weights, KV cache and scheduler. vLLM's in-process engine core
         freezes the garbage collector's heap at start-up (gc.freeze: every object alive then is
         never collected) and undoes it only in its shutdown: an engine merely dropped kept its
-        memory (measured in docs/results-log.md, 2026-12-08). Under torchrun nothing is done: vLLM's shutdown,
-        and its engine's destructors, end the trainer's default process group (final/ is still to
-        be gathered), and the process ends with the run."""
+        memory (measured in docs/results-log.md, 2026-12-08). Under torchrun nothing is done:
+        vLLM's shutdown, and its engine's destructors, end the trainer's default process group
+        (final/ is still to be gathered), and the process ends with the run."""
         from fastrlhf import dist
 
         if self.llm is None or dist.launched():

@@ -45,20 +45,16 @@ def _here(args: list[str]) -> int:
     one thread (the same reduction order as OMP_NUM_THREADS=1). Its exit status."""
     from fastrlhf import cli
 
-    # (a vLLM engine leaves the thread count as it finds it only when it does not bind its threads)
-    env = {"FASTRLHF_KERNEL_IMPL": "torch", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
-    threads, before = torch.get_num_threads(), {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    torch.set_num_threads(1)
-    try:
-        return cli.main(args)
-    finally:
-        torch.set_num_threads(threads)
-        for k, v in before.items():
-            if v is None:
-                os.environ.pop(k)
-            else:
-                os.environ[k] = v
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FASTRLHF_KERNEL_IMPL", "torch")
+        # (a vLLM engine leaves the thread count as it finds it only when it does not bind its threads)
+        mp.setenv("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+        torch.set_num_threads(1)
+        try:
+            return cli.main(args)
+        finally:
+            torch.set_num_threads(threads)
 
 
 def _train(args: list[str], nproc: int) -> None:

@@ -4,13 +4,9 @@ Its own file so that the suite's two workers run it beside test_smollm2.py's in-
 than after them (both start first; its processes, one then three, hold about 8 GB at most, the other
 worker's SmolLM2 run about 5 GB, on the 23 GB reference machine)."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 
-from tests.trainer.test_distributed import _port
+from tests.trainer.test_distributed import _run
 from tests.trainer.test_smollm2 import _grpo_args, _rows
 
 pytestmark = pytest.mark.real_model
@@ -25,16 +21,10 @@ def test_grpo_under_torchrun_trains_the_one_process_batch(smollm2, tmp_path):
     agrees with each rank's trainer after every push."""
     args = ["--engine", "vllm", "--prompts_per_step", "4", "--group_size", "2", "--steps", "2", "--eval_every", "2",
             "--device", "cpu"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "FASTRLHF_KERNEL_IMPL": "torch", "PYTHONWARNINGS": "ignore"}
-    env.pop("TRITON_INTERPRET", None)
     runs = {}
-    for n in (1, 2):
+    for n in (1, 2):  # the one process a subprocess too: its memory leaves with it
         out = tmp_path / f"n{n}"
-        launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                  "127.0.0.1", "--master_port", str(_port())] if n == 2 else [sys.executable]
-        grpo = _grpo_args(smollm2, tmp_path, out, *args, heldout=2, max_new=8)
-        proc = subprocess.run(launch + ["-m", "fastrlhf", "grpo", *grpo], capture_output=True, text=True,
-                              timeout=900, env=env)
+        proc = _run(["grpo", *_grpo_args(smollm2, tmp_path, out, *args, heldout=2, max_new=8)], nproc=n, timeout=900)
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs[n] = _rows(out)
     for a, b in zip(runs[1], runs[2]):
